@@ -1,0 +1,3 @@
+//! The `mindroom-billing` server binary.
+
+fn main() {}

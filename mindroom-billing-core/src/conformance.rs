@@ -1,0 +1,376 @@
+//! The store conformance suite (feature `test-util`): every [`Store`] implementation must pass it.
+//!
+//! ```ignore
+//! mindroom_billing_core::conformance::run_all(|| async { Arc::new(MyStore::fresh().await) as Arc<dyn Store> }).await;
+//! ```
+//! Each check gets a fresh, empty store from the factory.
+
+#![allow(clippy::missing_panics_doc, clippy::unwrap_used)]
+
+use std::future::Future;
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+
+use crate::model::{
+    AccountPatch, Claim, Commit, CommitResult, EventStatus, Grace, InstanceRecord, InstanceStatus, JobFinish, JobKind,
+    JobResolution, JobState, NewEvent, NewJob, Outcome, Recorded, SubscriptionState, UsageKey,
+};
+use crate::ports::{EventFilter, JobFilter, Store, StoreError};
+use crate::tier::{Limit, Metric, Tier};
+
+/// A fixed instant the checks work around.
+pub fn t0() -> DateTime<Utc> {
+    Utc.timestamp_opt(1_785_000_000, 0).unwrap()
+}
+
+/// A `NewEvent` for tests.
+pub fn new_event<'a>(id: &'a str, payload: &'a str, received_at: DateTime<Utc>) -> NewEvent<'a> {
+    NewEvent {
+        id,
+        event_type: "customer.subscription.updated",
+        created: t0(),
+        api_version: Some("2026-07-29.dahlia"),
+        livemode: false,
+        payload,
+        received_at,
+    }
+}
+
+/// A job for tests.
+pub fn job(key: &str, group: Option<&str>, run_after: DateTime<Utc>) -> NewJob {
+    NewJob {
+        key: key.to_owned(),
+        group: group.map(str::to_owned),
+        kind: JobKind::Reconcile { subscription_id: group.unwrap_or("sub_x").to_owned() },
+        run_after,
+    }
+}
+
+fn commit_for(event_id: Option<&str>, subscription: Option<SubscriptionState>, jobs: Vec<NewJob>) -> Commit {
+    Commit {
+        now: t0(),
+        event_id: event_id.map(str::to_owned),
+        outcome: Outcome::Applied,
+        subscription,
+        account: None,
+        jobs,
+    }
+}
+
+/// Runs every check, each on a fresh store from `fresh`.
+pub async fn run_all<F, Fut>(fresh: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    record_event_is_idempotent_and_byte_exact(fresh().await).await;
+    concurrent_records_yield_one_fresh(fresh().await).await;
+    commit_is_compare_and_swap(fresh().await).await;
+    commit_marks_event_once(fresh().await).await;
+    failed_events_stay_pending(fresh().await).await;
+    jobs_dedup_order_and_lease(fresh().await).await;
+    concurrent_claimers_run_each_job_once(fresh().await).await;
+    finish_job_records_instance_and_dead(fresh().await).await;
+    usage_is_atomic_and_limited(fresh().await).await;
+    grace_and_unapplied_queries(fresh().await).await;
+    accounts_and_listing(fresh().await).await;
+}
+
+/// Recording twice stores one event, keeps the bytes exactly and reports the second as pending.
+pub async fn record_event_is_idempotent_and_byte_exact(store: Arc<dyn Store>) {
+    // Key order, whitespace and unicode escapes must survive (jsonb would reorder them).
+    let payload = "{\"z\":1,  \"a\":\"\\u00e9\u{e9}\",\n\"n\":12345678901234567890}\n";
+    let first = store.record_event(&new_event("evt_a", payload, t0())).await.unwrap();
+    assert_eq!(first, Recorded::Fresh);
+    let again = store.record_event(&new_event("evt_a", "{}", t0())).await.unwrap();
+    assert_eq!(again, Recorded::Pending(EventStatus::Received));
+    let stored = store.load_event("evt_a").await.unwrap().expect("stored");
+    assert_eq!(stored.payload, payload, "payload must be byte-exact");
+    assert_eq!(stored.status, EventStatus::Received);
+    assert_eq!(stored.deliveries, 2);
+    assert!(store.load_event("evt_missing").await.unwrap().is_none());
+}
+
+/// Many concurrent recorders of one id: exactly one gets `Fresh`.
+pub async fn concurrent_records_yield_one_fresh(store: Arc<dyn Store>) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let store = Arc::clone(&store);
+        tasks.spawn(async move { store.record_event(&new_event("evt_race", "{}", t0())).await.unwrap() });
+    }
+    let mut fresh = 0;
+    while let Some(r) = tasks.join_next().await {
+        if r.unwrap() == Recorded::Fresh {
+            fresh += 1;
+        }
+    }
+    assert_eq!(fresh, 1);
+}
+
+fn state(id: &str) -> SubscriptionState {
+    SubscriptionState::new(id, "cus_1")
+}
+
+/// Commits are compare-and-swap on the version.
+pub async fn commit_is_compare_and_swap(store: Arc<dyn Store>) {
+    assert_eq!(store.commit(&commit_for(None, Some(state("sub_1")), vec![])).await.unwrap(), CommitResult::Committed);
+    let loaded = store.load_subscription("sub_1").await.unwrap().expect("stored");
+    assert_eq!(loaded.version, 1);
+    // A second "create" loses.
+    let lost = store.commit(&commit_for(None, Some(state("sub_1")), vec![job("j_lost", None, t0())])).await;
+    assert!(matches!(lost, Err(StoreError::Conflict(_))), "{lost:?}");
+    // Nothing of the losing commit was written.
+    assert!(store.list_jobs(&JobFilter { state: None, limit: 10 }).await.unwrap().is_empty());
+    // Two writers from version 1: one wins.
+    let mut a = loaded.clone();
+    a.grace_expiry_handled = true;
+    let b = loaded.clone();
+    let (ca, cb) = (commit_for(None, Some(a), vec![]), commit_for(None, Some(b), vec![]));
+    let (ra, rb) = tokio::join!(store.commit(&ca), store.commit(&cb));
+    assert_eq!(usize::from(ra.is_ok()) + usize::from(rb.is_ok()), 1, "{ra:?} {rb:?}");
+    let after = store.load_subscription("sub_1").await.unwrap().unwrap();
+    assert_eq!(after.version, 2);
+    // Round trip of every field.
+    let mut full = after.clone();
+    full.failures = vec![t0() + Duration::seconds(5)];
+    full.good_standing_at = Some(t0());
+    full.grace = Some(Grace { started_at: t0() + Duration::seconds(5), ends_at: t0() + Duration::days(7) });
+    store.commit(&commit_for(None, Some(full.clone()), vec![])).await.unwrap();
+    let mut expected = full;
+    expected.version = 3;
+    assert_eq!(store.load_subscription("sub_1").await.unwrap().unwrap(), expected);
+}
+
+/// The event is marked in the same commit; a second commit for a done event writes nothing.
+pub async fn commit_marks_event_once(store: Arc<dyn Store>) {
+    store.record_event(&new_event("evt_1", "{}", t0())).await.unwrap();
+    let first =
+        commit_for(Some("evt_1"), Some(state("sub_1")), vec![job("reconcile:sub_1:evt_1", Some("sub_1"), t0())]);
+    assert_eq!(store.commit(&first).await.unwrap(), CommitResult::Committed);
+    let mut second = commit_for(Some("evt_1"), None, vec![job("other", None, t0())]);
+    second.outcome = Outcome::Stale;
+    assert_eq!(store.commit(&second).await.unwrap(), CommitResult::AlreadyDone);
+    let jobs = store.list_jobs(&JobFilter { state: None, limit: 10 }).await.unwrap();
+    assert_eq!(jobs.len(), 1, "the duplicate's jobs must not be enqueued");
+    let stored = store.load_event("evt_1").await.unwrap().unwrap();
+    assert_eq!(stored.status, EventStatus::Applied);
+    assert!(stored.processed_at.is_some());
+    assert_eq!(
+        store.record_event(&new_event("evt_1", "{}", t0())).await.unwrap(),
+        Recorded::Done(EventStatus::Applied)
+    );
+}
+
+/// A failed event keeps its reason and can be applied later.
+pub async fn failed_events_stay_pending(store: Arc<dyn Store>) {
+    store.record_event(&new_event("evt_f", "{}", t0())).await.unwrap();
+    let mut failed = commit_for(Some("evt_f"), None, vec![job("alert:x", None, t0())]);
+    failed.outcome = Outcome::Failed("unknown price price_x".into());
+    store.commit(&failed).await.unwrap();
+    let stored = store.load_event("evt_f").await.unwrap().unwrap();
+    assert_eq!((stored.status, stored.reason.as_deref()), (EventStatus::Failed, Some("unknown price price_x")));
+    assert_eq!(
+        store.record_event(&new_event("evt_f", "{}", t0())).await.unwrap(),
+        Recorded::Pending(EventStatus::Failed)
+    );
+    let listed = store.list_events(&EventFilter { status: Some(EventStatus::Failed), limit: 10 }).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    // Replayed after the fix: applied.
+    assert_eq!(store.commit(&commit_for(Some("evt_f"), None, vec![])).await.unwrap(), CommitResult::Committed);
+    assert_eq!(store.load_event("evt_f").await.unwrap().unwrap().status, EventStatus::Applied);
+}
+
+/// Keys deduplicate; `run_after`, group order and leases are honoured.
+pub async fn jobs_dedup_order_and_lease(store: Arc<dyn Store>) {
+    let lease = Duration::seconds(30);
+    store
+        .enqueue(&[
+            job("g1", Some("sub_a"), t0()),
+            job("g2", Some("sub_a"), t0()),
+            job("later", None, t0() + Duration::seconds(100)),
+            job("g1", Some("sub_a"), t0()),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(store.list_jobs(&JobFilter { state: None, limit: 10 }).await.unwrap().len(), 3, "keys deduplicate");
+    let claim = |now, limit| Claim { now, lease, limit };
+    let first = store.claim_jobs(&claim(t0(), 10)).await.unwrap();
+    assert_eq!(first.iter().map(|j| j.key.as_str()).collect::<Vec<_>>(), ["g1"], "g2 waits for g1; later is not due");
+    assert_eq!((first[0].attempts, first[0].state), (1, JobState::Running));
+    assert!(store.claim_jobs(&claim(t0() + Duration::seconds(1), 10)).await.unwrap().is_empty(), "lease holds");
+    // The lease expires: another worker takes g1 over; the first worker's finish is refused.
+    let again = store.claim_jobs(&claim(t0() + Duration::seconds(31), 1)).await.unwrap();
+    assert_eq!((again[0].key.as_str(), again[0].attempts), ("g1", 2));
+    let finish = |job_id, attempt, resolution| JobFinish {
+        job_id,
+        attempt,
+        now: t0() + Duration::seconds(32),
+        resolution,
+        instance: None,
+        enqueue: vec![],
+    };
+    assert!(!store.finish_job(&finish(first[0].id, 1, JobResolution::Done)).await.unwrap(), "stale lease refused");
+    let retry = JobResolution::Retry { run_after: t0() + Duration::seconds(60), error: "boom".into() };
+    assert!(store.finish_job(&finish(again[0].id, 2, retry)).await.unwrap());
+    assert!(
+        store.claim_jobs(&claim(t0() + Duration::seconds(40), 10)).await.unwrap().is_empty(),
+        "g1 backs off, g2 waits"
+    );
+    let g1 = store.claim_jobs(&claim(t0() + Duration::seconds(61), 10)).await.unwrap();
+    assert_eq!(g1.iter().map(|j| (j.key.as_str(), j.attempts)).collect::<Vec<_>>(), [("g1", 3)]);
+    assert!(store.finish_job(&finish(g1[0].id, 3, JobResolution::Done)).await.unwrap());
+    let rest = store.claim_jobs(&claim(t0() + Duration::seconds(200), 10)).await.unwrap();
+    let mut keys: Vec<&str> = rest.iter().map(|j| j.key.as_str()).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["g2", "later"]);
+    let g1_stored = store.list_jobs(&JobFilter { state: Some(JobState::Done), limit: 10 }).await.unwrap();
+    assert_eq!((g1_stored.len(), g1_stored[0].last_error.as_deref()), (1, Some("boom")));
+}
+
+/// Four claimers over 200 jobs: each job is claimed exactly once.
+pub async fn concurrent_claimers_run_each_job_once(store: Arc<dyn Store>) {
+    let jobs: Vec<NewJob> = (0..200).map(|i| job(&format!("bulk:{i}"), None, t0())).collect();
+    store.enqueue(&jobs).await.unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let store = Arc::clone(&store);
+        tasks.spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let claim = Claim { now: t0(), lease: Duration::seconds(600), limit: 7 };
+                let got = store.claim_jobs(&claim).await.unwrap();
+                if got.is_empty() {
+                    break mine;
+                }
+                for j in got {
+                    let finish = JobFinish {
+                        job_id: j.id,
+                        attempt: j.attempts,
+                        now: t0(),
+                        resolution: JobResolution::Done,
+                        instance: None,
+                        enqueue: vec![],
+                    };
+                    assert!(store.finish_job(&finish).await.unwrap());
+                    mine.push(j.key);
+                }
+            }
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        all.extend(r.unwrap());
+    }
+    all.sort();
+    let before = all.len();
+    all.dedup();
+    assert_eq!((before, all.len()), (200, 200), "every job exactly once");
+    let counts = store.job_counts().await.unwrap();
+    assert_eq!((counts.done, counts.pending, counts.running), (200, 0, 0));
+}
+
+/// `finish_job` stores the instance and follow-up jobs atomically; dead jobs stay dead.
+pub async fn finish_job_records_instance_and_dead(store: Arc<dyn Store>) {
+    store.enqueue(&[job("r1", Some("sub_i"), t0())]).await.unwrap();
+    let claimed = store.claim_jobs(&Claim { now: t0(), lease: Duration::seconds(30), limit: 1 }).await.unwrap();
+    let instance = InstanceRecord {
+        subscription_id: "sub_i".into(),
+        app_name: "mr-i".into(),
+        status: InstanceStatus::Failed,
+        generation: 2,
+        tier: Some(Tier::Enterprise),
+        limits: Some(Tier::Enterprise.limits()),
+        subdomain: Some("mr-i.example".into()),
+        frontend_url: Some("https://mr-i.example".into()),
+        backend_url: None,
+        deprovisioned_at: None,
+        updated_at: t0(),
+    };
+    let finish = JobFinish {
+        job_id: claimed[0].id,
+        attempt: claimed[0].attempts,
+        now: t0(),
+        resolution: JobResolution::Dead { error: "gave up".into() },
+        instance: Some(instance.clone()),
+        enqueue: vec![job("alert:dead", None, t0())],
+    };
+    assert!(store.finish_job(&finish).await.unwrap());
+    assert_eq!(store.load_instance("sub_i").await.unwrap(), Some(instance));
+    let counts = store.job_counts().await.unwrap();
+    assert_eq!((counts.dead, counts.pending), (1, 1));
+    let dead = store.list_jobs(&JobFilter { state: Some(JobState::Dead), limit: 5 }).await.unwrap();
+    assert_eq!(dead[0].last_error.as_deref(), Some("gave up"));
+}
+
+/// Conditional increments are atomic and respect the limit; unlimited never refuses.
+pub async fn usage_is_atomic_and_limited(store: Arc<dyn Store>) {
+    let key = UsageKey {
+        account_id: crate::model::account_id_for_customer("cus_u"),
+        metric: Metric::Messages,
+        day: t0().date_naive(),
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let store = Arc::clone(&store);
+        tasks.spawn(async move { store.consume_usage(key, 1, Limit::Limited(15)).await.unwrap().allowed });
+    }
+    let mut allowed = 0;
+    while let Some(r) = tasks.join_next().await {
+        allowed += usize::from(r.unwrap());
+    }
+    assert_eq!(allowed, 15);
+    assert_eq!(store.usage(key).await.unwrap(), 15);
+    let refused = store.consume_usage(key, 1, Limit::Limited(15)).await.unwrap();
+    assert_eq!((refused.allowed, refused.used), (false, 15));
+    let other_day = UsageKey { day: key.day.succ_opt().unwrap(), ..key };
+    assert_eq!(store.usage(other_day).await.unwrap(), 0);
+    let big = store.consume_usage(other_day, 1_000_000, Limit::Unlimited).await.unwrap();
+    assert_eq!((big.allowed, big.used), (true, 1_000_000));
+}
+
+/// The sweeper's and the pick-up's queries.
+pub async fn grace_and_unapplied_queries(store: Arc<dyn Store>) {
+    let mut s = state("sub_g");
+    s.grace = Some(Grace { started_at: t0(), ends_at: t0() + Duration::days(7) });
+    store.commit(&commit_for(None, Some(s), vec![])).await.unwrap();
+    assert!(store.expired_grace(t0() + Duration::days(6), 10).await.unwrap().is_empty());
+    assert_eq!(store.expired_grace(t0() + Duration::days(7), 10).await.unwrap(), ["sub_g"]);
+    let mut handled = store.load_subscription("sub_g").await.unwrap().unwrap();
+    handled.grace_expiry_handled = true;
+    store.commit(&commit_for(None, Some(handled), vec![])).await.unwrap();
+    assert!(store.expired_grace(t0() + Duration::days(8), 10).await.unwrap().is_empty());
+
+    store.record_event(&new_event("evt_old", "{}", t0())).await.unwrap();
+    store.record_event(&new_event("evt_new", "{}", t0() + Duration::seconds(100))).await.unwrap();
+    store.record_event(&new_event("evt_done", "{}", t0())).await.unwrap();
+    store.commit(&commit_for(Some("evt_done"), None, vec![])).await.unwrap();
+    let stale = store.unapplied_events(t0() + Duration::seconds(50), 10).await.unwrap();
+    assert_eq!(stale.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["evt_old"]);
+}
+
+/// Account patches merge; subscriptions are found by account.
+pub async fn accounts_and_listing(store: Arc<dyn Store>) {
+    let patch = |email: Option<&str>, reference: Option<&str>| {
+        let mut c = commit_for(None, None, vec![]);
+        c.account = Some(AccountPatch {
+            stripe_customer_id: "cus_1".into(),
+            email: email.map(Into::into),
+            reference: reference.map(Into::into),
+        });
+        c
+    };
+    store.commit(&patch(Some("a@example.com"), Some("user_1"))).await.unwrap();
+    store.commit(&patch(None, None)).await.unwrap();
+    let account = store.load_account("cus_1").await.unwrap().expect("account");
+    assert_eq!((account.email.as_deref(), account.reference.as_deref()), (Some("a@example.com"), Some("user_1")));
+    assert_eq!(account.id, crate::model::account_id_for_customer("cus_1"));
+    store.commit(&commit_for(None, Some(state("sub_1")), vec![])).await.unwrap();
+    store.commit(&commit_for(None, Some(state("sub_2")), vec![])).await.unwrap();
+    let mut subs: Vec<String> =
+        store.subscriptions_for_account(account.id).await.unwrap().into_iter().map(|s| s.subscription_id).collect();
+    subs.sort();
+    assert_eq!(subs, ["sub_1", "sub_2"]);
+    assert!(store.load_account("cus_none").await.unwrap().is_none());
+    store.ping().await.unwrap();
+}

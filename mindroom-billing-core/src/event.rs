@@ -1,0 +1,640 @@
+//! The lean, version-tolerant Stripe event model.
+//!
+//! Only the fields billing acts on are read, straight from the raw bytes into small structs (never via
+//! `serde_json::Value`). Both API shapes are understood: before `2025-03-31.basil` a subscription's
+//! `current_period_end` is on the subscription and an invoice names its subscription at
+//! `invoice.subscription`; from basil on they are at `items.data[].current_period_end` and
+//! `invoice.parent.subscription_details.subscription`. Unknown fields are ignored and unknown event
+//! types parse to [`EventType::Other`].
+
+use std::borrow::Cow;
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::tier::PriceRef;
+
+/// Why a (verified) payload could not be turned into an [`Event`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ParseError {
+    /// The bytes are not JSON of the expected shape.
+    #[error("invalid event JSON: {0}")]
+    Json(String),
+    /// A field billing needs is absent or null.
+    #[error("missing field `{0}`")]
+    MissingField(&'static str),
+    /// A field has a value billing cannot use.
+    #[error("invalid value at `{path}`: {reason}")]
+    InvalidField {
+        /// JSON path of the field.
+        path: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// The event types billing distinguishes. Anything else is [`EventType::Other`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum EventType {
+    /// `customer.subscription.created`
+    SubscriptionCreated,
+    /// `customer.subscription.updated`
+    SubscriptionUpdated,
+    /// `customer.subscription.deleted`
+    SubscriptionDeleted,
+    /// `customer.subscription.paused`
+    SubscriptionPaused,
+    /// `customer.subscription.resumed`
+    SubscriptionResumed,
+    /// `customer.subscription.trial_will_end`
+    SubscriptionTrialWillEnd,
+    /// `invoice.paid`
+    InvoicePaid,
+    /// `invoice.payment_succeeded`
+    InvoicePaymentSucceeded,
+    /// `invoice.payment_failed`
+    InvoicePaymentFailed,
+    /// `customer.created`
+    CustomerCreated,
+    /// `customer.updated`
+    CustomerUpdated,
+    /// `checkout.session.completed`
+    CheckoutSessionCompleted,
+    /// Any other type, kept verbatim.
+    Other(String),
+}
+
+impl EventType {
+    /// Reads Stripe's `type` string.
+    pub fn from_stripe(s: &str) -> Self {
+        match s {
+            "customer.subscription.created" => Self::SubscriptionCreated,
+            "customer.subscription.updated" => Self::SubscriptionUpdated,
+            "customer.subscription.deleted" => Self::SubscriptionDeleted,
+            "customer.subscription.paused" => Self::SubscriptionPaused,
+            "customer.subscription.resumed" => Self::SubscriptionResumed,
+            "customer.subscription.trial_will_end" => Self::SubscriptionTrialWillEnd,
+            "invoice.paid" => Self::InvoicePaid,
+            "invoice.payment_succeeded" => Self::InvoicePaymentSucceeded,
+            "invoice.payment_failed" => Self::InvoicePaymentFailed,
+            "customer.created" => Self::CustomerCreated,
+            "customer.updated" => Self::CustomerUpdated,
+            "checkout.session.completed" => Self::CheckoutSessionCompleted,
+            other => Self::Other(other.to_owned()),
+        }
+    }
+
+    /// Stripe's `type` string.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::SubscriptionCreated => "customer.subscription.created",
+            Self::SubscriptionUpdated => "customer.subscription.updated",
+            Self::SubscriptionDeleted => "customer.subscription.deleted",
+            Self::SubscriptionPaused => "customer.subscription.paused",
+            Self::SubscriptionResumed => "customer.subscription.resumed",
+            Self::SubscriptionTrialWillEnd => "customer.subscription.trial_will_end",
+            Self::InvoicePaid => "invoice.paid",
+            Self::InvoicePaymentSucceeded => "invoice.payment_succeeded",
+            Self::InvoicePaymentFailed => "invoice.payment_failed",
+            Self::CustomerCreated => "customer.created",
+            Self::CustomerUpdated => "customer.updated",
+            Self::CheckoutSessionCompleted => "checkout.session.completed",
+            Self::Other(s) => s,
+        }
+    }
+
+    /// A bounded label for metrics: the type for known types, `other` otherwise.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Other(_) => "other",
+            known => match known.as_str() {
+                "customer.subscription.created" => "customer.subscription.created",
+                "customer.subscription.updated" => "customer.subscription.updated",
+                "customer.subscription.deleted" => "customer.subscription.deleted",
+                "customer.subscription.paused" => "customer.subscription.paused",
+                "customer.subscription.resumed" => "customer.subscription.resumed",
+                "customer.subscription.trial_will_end" => "customer.subscription.trial_will_end",
+                "invoice.paid" => "invoice.paid",
+                "invoice.payment_succeeded" => "invoice.payment_succeeded",
+                "invoice.payment_failed" => "invoice.payment_failed",
+                "customer.created" => "customer.created",
+                "customer.updated" => "customer.updated",
+                _ => "checkout.session.completed",
+            },
+        }
+    }
+}
+
+impl fmt::Display for EventType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Stripe's subscription status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum SubscriptionStatus {
+    /// Not yet paid for the first time.
+    Incomplete,
+    /// The first payment never succeeded; terminal.
+    IncompleteExpired,
+    /// In a free trial.
+    Trialing,
+    /// Paid up.
+    Active,
+    /// A renewal payment failed; Stripe is retrying.
+    PastDue,
+    /// Canceled; terminal.
+    Canceled,
+    /// Retries exhausted, left open.
+    Unpaid,
+    /// Paused (trial ended without a payment method).
+    Paused,
+}
+
+impl SubscriptionStatus {
+    /// Stripe's name for the status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Incomplete => "incomplete",
+            Self::IncompleteExpired => "incomplete_expired",
+            Self::Trialing => "trialing",
+            Self::Active => "active",
+            Self::PastDue => "past_due",
+            Self::Canceled => "canceled",
+            Self::Unpaid => "unpaid",
+            Self::Paused => "paused",
+        }
+    }
+
+    /// Parses Stripe's name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "incomplete" => Self::Incomplete,
+            "incomplete_expired" => Self::IncompleteExpired,
+            "trialing" => Self::Trialing,
+            "active" => Self::Active,
+            "past_due" => Self::PastDue,
+            "canceled" => Self::Canceled,
+            "unpaid" => Self::Unpaid,
+            "paused" => Self::Paused,
+            _ => return None,
+        })
+    }
+
+    /// `canceled` and `incomplete_expired` never change again.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Canceled | Self::IncompleteExpired)
+    }
+
+    /// Statuses that open (or keep) a grace period.
+    pub fn is_delinquent(self) -> bool {
+        matches!(self, Self::PastDue | Self::Unpaid | Self::Paused)
+    }
+}
+
+/// A verified, parsed Stripe event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// `evt_…`, unique per event.
+    pub id: String,
+    /// `type`.
+    pub event_type: EventType,
+    /// `created`: when Stripe created the event. Ordering decisions use this.
+    pub created: DateTime<Utc>,
+    /// The endpoint's pinned API version the payload was rendered in.
+    pub api_version: Option<String>,
+    /// Live or test mode.
+    pub livemode: bool,
+    /// The connected account, for Connect events.
+    pub account: Option<String>,
+    /// The object billing acts on.
+    pub object: EventObject,
+}
+
+impl Event {
+    /// The subscription this event concerns, if any.
+    pub fn subscription_id(&self) -> Option<&str> {
+        match &self.object {
+            EventObject::Subscription(s) => Some(&s.id),
+            EventObject::Invoice(i) => i.subscription.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+/// The `data.object` of an event, reduced to what billing reads.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum EventObject {
+    /// A subscription snapshot (all `customer.subscription.*` events).
+    Subscription(SubscriptionSnapshot),
+    /// An invoice fact (`invoice.*`).
+    Invoice(InvoiceFact),
+    /// A customer (`customer.created` / `customer.updated`).
+    Customer(CustomerInfo),
+    /// A completed checkout session.
+    CheckoutSession(CheckoutSession),
+    /// An event type billing does not act on.
+    Other,
+}
+
+/// The full state of a subscription as carried by a `customer.subscription.*` event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscriptionSnapshot {
+    /// `sub_…`
+    pub id: String,
+    /// `cus_…`
+    pub customer: String,
+    /// Status.
+    pub status: SubscriptionStatus,
+    /// Prices of the subscription's items, in order.
+    pub prices: Vec<PriceRef>,
+    /// End of the current period (either API shape; the latest item period if several).
+    pub current_period_end: Option<DateTime<Utc>>,
+    /// End of the trial, if any.
+    pub trial_end: Option<DateTime<Utc>>,
+    /// When it was canceled, if it was.
+    pub canceled_at: Option<DateTime<Utc>>,
+    /// Whether it cancels at period end.
+    pub cancel_at_period_end: bool,
+}
+
+/// What an invoice event tells billing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvoiceFact {
+    /// `in_…`
+    pub id: String,
+    /// `cus_…`
+    pub customer: String,
+    /// The subscription it bills, if any (either API shape).
+    pub subscription: Option<String>,
+    /// Amount due, in the currency's minor unit.
+    pub amount_due: i64,
+    /// ISO currency code.
+    pub currency: String,
+    /// Where the customer can pay / update the payment method.
+    pub hosted_invoice_url: Option<String>,
+    /// The customer's e-mail at invoice time.
+    pub customer_email: Option<String>,
+    /// Stripe's next automatic retry, if any.
+    pub next_payment_attempt: Option<DateTime<Utc>>,
+}
+
+/// A customer's contact details.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CustomerInfo {
+    /// `cus_…`
+    pub id: String,
+    /// E-mail.
+    pub email: Option<String>,
+    /// Name.
+    pub name: Option<String>,
+}
+
+/// A completed Checkout session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckoutSession {
+    /// `cs_…`
+    pub id: String,
+    /// `cus_…`, when a customer was created or reused.
+    pub customer: Option<String>,
+    /// The subscription created by a `mode=subscription` session.
+    pub subscription: Option<String>,
+    /// The platform's own reference (MindRoom user id).
+    pub client_reference_id: Option<String>,
+    /// `customer_details.email`, else `customer_email`.
+    pub email: Option<String>,
+}
+
+/// Parses a verified payload. Never panics; never builds a `serde_json::Value`.
+pub fn parse(payload: &[u8]) -> Result<Event, ParseError> {
+    let raw: RawEnvelope<'_> = serde_json::from_slice(payload).map_err(|e| ParseError::Json(e.to_string()))?;
+    let id = raw.id.ok_or(ParseError::MissingField("id"))?.into_owned();
+    let event_type = EventType::from_stripe(&raw.kind.ok_or(ParseError::MissingField("type"))?);
+    let created = timestamp("created", raw.created.ok_or(ParseError::MissingField("created"))?)?;
+    let data = raw.data.ok_or(ParseError::MissingField("data"))?;
+    let object = data.object.ok_or(ParseError::MissingField("data.object"))?;
+    let object = match event_type {
+        EventType::SubscriptionCreated
+        | EventType::SubscriptionUpdated
+        | EventType::SubscriptionDeleted
+        | EventType::SubscriptionPaused
+        | EventType::SubscriptionResumed
+        | EventType::SubscriptionTrialWillEnd => EventObject::Subscription(parse_subscription(object)?),
+        EventType::InvoicePaid | EventType::InvoicePaymentSucceeded | EventType::InvoicePaymentFailed => {
+            EventObject::Invoice(parse_invoice(object)?)
+        }
+        EventType::CustomerCreated | EventType::CustomerUpdated => EventObject::Customer(parse_customer(object)?),
+        EventType::CheckoutSessionCompleted => EventObject::CheckoutSession(parse_checkout(object)?),
+        EventType::Other(_) => EventObject::Other,
+    };
+    Ok(Event {
+        id,
+        event_type,
+        created,
+        api_version: raw.api_version.map(Cow::into_owned),
+        livemode: raw.livemode.unwrap_or(false),
+        account: raw.account.map(Cow::into_owned),
+        object,
+    })
+}
+
+fn timestamp(path: &'static str, secs: i64) -> Result<DateTime<Utc>, ParseError> {
+    DateTime::from_timestamp(secs, 0)
+        .ok_or_else(|| ParseError::InvalidField { path, reason: format!("{secs} is not a valid unix time") })
+}
+
+fn opt_timestamp(path: &'static str, secs: Option<i64>) -> Result<Option<DateTime<Utc>>, ParseError> {
+    secs.map(|s| timestamp(path, s)).transpose()
+}
+
+fn object_json<'a, T: Deserialize<'a>>(object: &'a RawValue) -> Result<T, ParseError> {
+    serde_json::from_str(object.get()).map_err(|e| ParseError::Json(format!("data.object: {e}")))
+}
+
+fn parse_subscription(object: &RawValue) -> Result<SubscriptionSnapshot, ParseError> {
+    let raw: RawSubscription<'_> = object_json(object)?;
+    let id = raw.id.ok_or(ParseError::MissingField("data.object.id"))?.into_owned();
+    let customer = raw.customer.ok_or(ParseError::MissingField("data.object.customer"))?.0;
+    let status_raw = raw.status.ok_or(ParseError::MissingField("data.object.status"))?;
+    let status = SubscriptionStatus::parse(&status_raw).ok_or_else(|| ParseError::InvalidField {
+        path: "data.object.status",
+        reason: format!("unknown subscription status {status_raw:?}"),
+    })?;
+    let items = raw.items.map(|l| l.data).unwrap_or_default();
+    let mut prices = Vec::with_capacity(items.len());
+    let mut item_period_end = None;
+    for item in items {
+        let price = item.price.ok_or(ParseError::MissingField("data.object.items.data[].price"))?;
+        prices.push(PriceRef {
+            id: price.id.ok_or(ParseError::MissingField("data.object.items.data[].price.id"))?.into_owned(),
+            lookup_key: price.lookup_key.map(Cow::into_owned),
+            metadata_tier: price.metadata.and_then(|m| m.tier).map(Cow::into_owned),
+        });
+        item_period_end = item_period_end.max(item.current_period_end);
+    }
+    if prices.is_empty() {
+        return Err(ParseError::MissingField("data.object.items.data[0].price"));
+    }
+    // Before basil the period is on the subscription; from basil on, on each item.
+    let period_end = raw.current_period_end.or(item_period_end);
+    Ok(SubscriptionSnapshot {
+        id,
+        customer,
+        status,
+        prices,
+        current_period_end: opt_timestamp("data.object.current_period_end", period_end)?,
+        trial_end: opt_timestamp("data.object.trial_end", raw.trial_end)?,
+        canceled_at: opt_timestamp("data.object.canceled_at", raw.canceled_at)?,
+        cancel_at_period_end: raw.cancel_at_period_end.unwrap_or(false),
+    })
+}
+
+fn parse_invoice(object: &RawValue) -> Result<InvoiceFact, ParseError> {
+    let raw: RawInvoice<'_> = object_json(object)?;
+    // Before basil: `invoice.subscription`; from basil on: `invoice.parent.subscription_details.subscription`.
+    let subscription = raw
+        .subscription
+        .map(|s| s.0)
+        .or_else(|| raw.parent.and_then(|p| p.subscription_details).and_then(|d| d.subscription).map(|s| s.0));
+    Ok(InvoiceFact {
+        id: raw.id.ok_or(ParseError::MissingField("data.object.id"))?.into_owned(),
+        customer: raw.customer.ok_or(ParseError::MissingField("data.object.customer"))?.0,
+        subscription,
+        amount_due: raw.amount_due.unwrap_or(0),
+        currency: raw.currency.map(Cow::into_owned).unwrap_or_default(),
+        hosted_invoice_url: raw.hosted_invoice_url.map(Cow::into_owned),
+        customer_email: raw.customer_email.map(Cow::into_owned),
+        next_payment_attempt: opt_timestamp("data.object.next_payment_attempt", raw.next_payment_attempt)?,
+    })
+}
+
+fn parse_customer(object: &RawValue) -> Result<CustomerInfo, ParseError> {
+    let raw: RawCustomer<'_> = object_json(object)?;
+    Ok(CustomerInfo {
+        id: raw.id.ok_or(ParseError::MissingField("data.object.id"))?.into_owned(),
+        email: raw.email.map(Cow::into_owned),
+        name: raw.name.map(Cow::into_owned),
+    })
+}
+
+fn parse_checkout(object: &RawValue) -> Result<CheckoutSession, ParseError> {
+    let raw: RawCheckout<'_> = object_json(object)?;
+    let email = raw.customer_details.and_then(|d| d.email).or(raw.customer_email).map(Cow::into_owned);
+    Ok(CheckoutSession {
+        id: raw.id.ok_or(ParseError::MissingField("data.object.id"))?.into_owned(),
+        customer: raw.customer.map(|c| c.0),
+        subscription: raw.subscription.map(|s| s.0),
+        client_reference_id: raw.client_reference_id.map(Cow::into_owned),
+        email,
+    })
+}
+
+// ---- raw, borrowed shapes (private) -------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct RawEnvelope<'a> {
+    #[serde(borrow)]
+    id: Option<Cow<'a, str>>,
+    #[serde(rename = "type", borrow)]
+    kind: Option<Cow<'a, str>>,
+    created: Option<i64>,
+    #[serde(borrow)]
+    api_version: Option<Cow<'a, str>>,
+    livemode: Option<bool>,
+    #[serde(borrow)]
+    account: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    data: Option<RawData<'a>>,
+}
+
+#[derive(Deserialize)]
+struct RawData<'a> {
+    #[serde(borrow)]
+    object: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct RawSubscription<'a> {
+    #[serde(borrow)]
+    id: Option<Cow<'a, str>>,
+    customer: Option<ExpandableId>,
+    #[serde(borrow)]
+    status: Option<Cow<'a, str>>,
+    current_period_end: Option<i64>,
+    trial_end: Option<i64>,
+    canceled_at: Option<i64>,
+    cancel_at_period_end: Option<bool>,
+    #[serde(borrow)]
+    items: Option<RawList<RawItem<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct RawList<T> {
+    data: Vec<T>,
+}
+
+#[derive(Deserialize)]
+struct RawItem<'a> {
+    #[serde(borrow)]
+    price: Option<RawPrice<'a>>,
+    current_period_end: Option<i64>,
+}
+
+#[derive(Deserialize)]
+struct RawPrice<'a> {
+    #[serde(borrow)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    lookup_key: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    metadata: Option<RawTierMetadata<'a>>,
+}
+
+#[derive(Deserialize)]
+struct RawTierMetadata<'a> {
+    #[serde(borrow)]
+    tier: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct RawInvoice<'a> {
+    #[serde(borrow)]
+    id: Option<Cow<'a, str>>,
+    customer: Option<ExpandableId>,
+    subscription: Option<ExpandableId>,
+    parent: Option<RawInvoiceParent>,
+    amount_due: Option<i64>,
+    #[serde(borrow)]
+    currency: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    hosted_invoice_url: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    customer_email: Option<Cow<'a, str>>,
+    next_payment_attempt: Option<i64>,
+}
+
+#[derive(Deserialize)]
+struct RawInvoiceParent {
+    subscription_details: Option<RawSubscriptionDetails>,
+}
+
+#[derive(Deserialize)]
+struct RawSubscriptionDetails {
+    subscription: Option<ExpandableId>,
+}
+
+#[derive(Deserialize)]
+struct RawCustomer<'a> {
+    #[serde(borrow)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    email: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    name: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct RawCheckout<'a> {
+    #[serde(borrow)]
+    id: Option<Cow<'a, str>>,
+    customer: Option<ExpandableId>,
+    subscription: Option<ExpandableId>,
+    #[serde(borrow)]
+    client_reference_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    customer_email: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    customer_details: Option<RawCustomerDetails<'a>>,
+}
+
+#[derive(Deserialize)]
+struct RawCustomerDetails<'a> {
+    #[serde(borrow)]
+    email: Option<Cow<'a, str>>,
+}
+
+/// A Stripe "expandable" reference: either the id string or the expanded object with an `id`.
+struct ExpandableId(String);
+
+impl<'de> Deserialize<'de> for ExpandableId {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ExpandableId;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an id string or an object with an id")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(ExpandableId(v.to_owned()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut id = None;
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    if key == "id" {
+                        id = Some(map.next_value::<String>()?);
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                id.map(ExpandableId).ok_or_else(|| de::Error::missing_field("id"))
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expanded_objects_and_ids_both_work() {
+        let body = br#"{"id":"evt_1","type":"invoice.paid","created":1700000000,"data":{"object":
+            {"id":"in_1","customer":{"id":"cus_1","object":"customer","x":[1,{"id":"nested"}]},
+             "subscription":"sub_1","amount_due":5,"currency":"usd"}}}"#;
+        let e = parse(body).unwrap();
+        let EventObject::Invoice(i) = e.object else { panic!("not an invoice") };
+        assert_eq!((i.customer.as_str(), i.subscription.as_deref()), ("cus_1", Some("sub_1")));
+    }
+
+    #[test]
+    fn unknown_type_is_other_not_error() {
+        let e = parse(br#"{"id":"evt_1","type":"payout.paid","created":1,"data":{"object":{"weird":true}}}"#).unwrap();
+        assert_eq!(e.event_type, EventType::Other("payout.paid".into()));
+        assert_eq!(e.object, EventObject::Other);
+        assert_eq!(e.event_type.metric_label(), "other");
+    }
+
+    #[test]
+    fn missing_fields_name_their_path() {
+        let cases: [(&[u8], ParseError); 4] = [
+            (br#"{"type":"x","created":1,"data":{"object":{}}}"#, ParseError::MissingField("id")),
+            (br#"{"id":"e","type":"x","data":{"object":{}}}"#, ParseError::MissingField("created")),
+            (br#"{"id":"e","type":"invoice.paid","created":1,"data":{}}"#, ParseError::MissingField("data.object")),
+            (
+                br#"{"id":"e","type":"customer.subscription.updated","created":1,"data":{"object":{"id":"sub","status":"active"}}}"#,
+                ParseError::MissingField("data.object.customer"),
+            ),
+        ];
+        for (body, expected) in cases {
+            assert_eq!(parse(body).unwrap_err(), expected, "{}", String::from_utf8_lossy(body));
+        }
+        assert!(matches!(parse(b"not json"), Err(ParseError::Json(_))));
+        assert!(matches!(parse(b"[1,2]"), Err(ParseError::Json(_))));
+    }
+
+    #[test]
+    fn unknown_status_is_invalid_field() {
+        let body = br#"{"id":"e","type":"customer.subscription.updated","created":1,"data":{"object":{"id":"sub","customer":"cus","status":"zombie","items":{"data":[{"price":{"id":"p"}}]}}}}"#;
+        assert!(matches!(parse(body), Err(ParseError::InvalidField { path: "data.object.status", .. })));
+    }
+}

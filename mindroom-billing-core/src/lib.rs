@@ -1,0 +1,22 @@
+#![doc = include_str!("../README.md")]
+
+pub mod event;
+pub mod model;
+pub mod ports;
+pub mod signature;
+pub mod tier;
+pub mod transition;
+
+pub use event::{Event, EventObject, EventType, ParseError, SubscriptionStatus, parse};
+pub use model::*;
+pub use ports::{Clock, Notifier, Provisioner, Store, StoreError, SystemClock};
+pub use signature::{SignatureError, Verifier, WebhookSecret};
+pub use tier::{Limit, Limits, Metric, PriceCatalog, PriceRef, Tier};
+pub use transition::{Decision, Policy, decide, expire_grace};
+pub mod service;
+pub use service::{Billing, BillingConfig, Disposition, Receipt, ReceiveError, WorkerConfig};
+pub mod dryrun;
+pub mod memory;
+pub use memory::MemoryStore;
+#[cfg(feature = "test-util")]
+pub mod conformance;

@@ -1,0 +1,344 @@
+//! The in-memory store: the embedded default (one process, not durable) and the reference
+//! implementation of the [`Store`] contract.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::model::{
+    Account, Claim, Commit, CommitResult, EventStatus, InstanceRecord, Job, JobCounts, JobFinish, JobResolution,
+    JobState, NewEvent, NewJob, Recorded, StoredEvent, SubscriptionState, UsageKey, UsageResult,
+    account_id_for_customer,
+};
+use crate::ports::{EventFilter, JobFilter, Store, StoreError};
+use crate::tier::Limit;
+
+#[derive(Default)]
+struct Inner {
+    events: HashMap<String, StoredEvent>,
+    subscriptions: HashMap<String, SubscriptionState>,
+    accounts: HashMap<String, Account>,
+    instances: HashMap<String, InstanceRecord>,
+    jobs: BTreeMap<i64, Job>,
+    job_keys: HashSet<String>,
+    next_job_id: i64,
+    usage: HashMap<UsageKey, u64>,
+}
+
+/// A [`Store`] in process memory. All operations take one mutex, never across an `.await`.
+#[derive(Default)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+    unavailable: AtomicBool,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore").finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("in-memory store switched off (fault injection)")]
+struct SwitchedOff;
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Fault injection: while set, every call fails with [`StoreError::Unavailable`].
+    pub fn set_unavailable(&self, unavailable: bool) {
+        self.unavailable.store(unavailable, Ordering::SeqCst);
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Inner>, StoreError> {
+        if self.unavailable.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable(Box::new(SwitchedOff)));
+        }
+        Ok(self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+}
+
+impl Inner {
+    fn enqueue(&mut self, jobs: &[NewJob], now: DateTime<Utc>) {
+        for job in jobs {
+            if !self.job_keys.insert(job.key.clone()) {
+                continue;
+            }
+            self.next_job_id += 1;
+            let id = self.next_job_id;
+            self.jobs.insert(
+                id,
+                Job {
+                    id,
+                    key: job.key.clone(),
+                    group: job.group.clone(),
+                    kind: job.kind.clone(),
+                    state: JobState::Pending,
+                    attempts: 0,
+                    run_after: job.run_after,
+                    locked_until: None,
+                    last_error: None,
+                    created_at: now,
+                    updated_at: now,
+                },
+            );
+        }
+    }
+}
+
+fn newest_first<T>(mut items: Vec<T>, key: impl Fn(&T) -> (DateTime<Utc>, i64), limit: u32) -> Vec<T> {
+    items.sort_by_key(|t| std::cmp::Reverse(key(t)));
+    items.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    items
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn record_event(&self, event: &NewEvent<'_>) -> Result<Recorded, StoreError> {
+        let mut inner = self.lock()?;
+        if let Some(existing) = inner.events.get_mut(event.id) {
+            existing.deliveries += 1;
+            return Ok(if existing.status.is_done() {
+                Recorded::Done(existing.status)
+            } else {
+                Recorded::Pending(existing.status)
+            });
+        }
+        inner.events.insert(
+            event.id.to_owned(),
+            StoredEvent {
+                id: event.id.to_owned(),
+                event_type: event.event_type.to_owned(),
+                created: event.created,
+                status: EventStatus::Received,
+                reason: None,
+                payload: event.payload.to_owned(),
+                received_at: event.received_at,
+                processed_at: None,
+                deliveries: 1,
+            },
+        );
+        Ok(Recorded::Fresh)
+    }
+
+    async fn load_event(&self, id: &str) -> Result<Option<StoredEvent>, StoreError> {
+        Ok(self.lock()?.events.get(id).cloned())
+    }
+
+    async fn list_events(&self, filter: &EventFilter) -> Result<Vec<StoredEvent>, StoreError> {
+        let inner = self.lock()?;
+        let events = inner.events.values().filter(|e| filter.status.is_none_or(|s| e.status == s)).cloned().collect();
+        Ok(newest_first(events, |e| (e.received_at, 0), filter.limit))
+    }
+
+    async fn unapplied_events(&self, before: DateTime<Utc>, limit: u32) -> Result<Vec<StoredEvent>, StoreError> {
+        let inner = self.lock()?;
+        let mut events: Vec<StoredEvent> = inner
+            .events
+            .values()
+            .filter(|e| e.status == EventStatus::Received && e.received_at < before)
+            .cloned()
+            .collect();
+        events.sort_by_key(|e| e.received_at);
+        events.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        Ok(events)
+    }
+
+    async fn load_subscription(&self, subscription_id: &str) -> Result<Option<SubscriptionState>, StoreError> {
+        Ok(self.lock()?.subscriptions.get(subscription_id).cloned())
+    }
+
+    async fn commit(&self, commit: &Commit) -> Result<CommitResult, StoreError> {
+        let mut inner = self.lock()?;
+        if let Some(id) = &commit.event_id {
+            if inner.events.get(id).is_some_and(|e| e.status.is_done()) {
+                return Ok(CommitResult::AlreadyDone);
+            }
+        }
+        if let Some(next) = &commit.subscription {
+            let stored = inner.subscriptions.get(&next.subscription_id).map_or(0, |s| s.version);
+            if stored != next.version {
+                return Err(StoreError::Conflict(next.subscription_id.clone()));
+            }
+        }
+        // Every check passed: write everything (the mutex makes it one atomic step).
+        let now = commit.now;
+        if let Some(next) = &commit.subscription {
+            let mut stored = next.clone();
+            stored.version += 1;
+            inner.subscriptions.insert(stored.subscription_id.clone(), stored);
+            let customer = next.customer_id.clone();
+            inner.accounts.entry(customer.clone()).or_insert_with(|| Account {
+                id: account_id_for_customer(&customer),
+                stripe_customer_id: customer,
+                email: None,
+                reference: None,
+            });
+        }
+        if let Some(patch) = &commit.account {
+            let account = inner.accounts.entry(patch.stripe_customer_id.clone()).or_insert_with(|| Account {
+                id: account_id_for_customer(&patch.stripe_customer_id),
+                stripe_customer_id: patch.stripe_customer_id.clone(),
+                email: None,
+                reference: None,
+            });
+            if patch.email.is_some() {
+                account.email.clone_from(&patch.email);
+            }
+            if patch.reference.is_some() {
+                account.reference.clone_from(&patch.reference);
+            }
+        }
+        inner.enqueue(&commit.jobs, now);
+        if let Some(id) = &commit.event_id {
+            if let Some(event) = inner.events.get_mut(id) {
+                event.status = EventStatus::of(&commit.outcome);
+                event.reason = match &commit.outcome {
+                    crate::model::Outcome::Failed(reason) => Some(reason.clone()),
+                    _ => None,
+                };
+                event.processed_at = Some(now);
+            }
+        }
+        Ok(CommitResult::Committed)
+    }
+
+    async fn expired_grace(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<String>, StoreError> {
+        let inner = self.lock()?;
+        let mut ids: Vec<String> = inner
+            .subscriptions
+            .values()
+            .filter(|s| {
+                s.grace.is_some_and(|g| g.ends_at <= now)
+                    && !s.grace_expiry_handled
+                    && !s.status().is_some_and(crate::event::SubscriptionStatus::is_terminal)
+            })
+            .map(|s| s.subscription_id.clone())
+            .collect();
+        ids.sort();
+        ids.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        Ok(ids)
+    }
+
+    async fn subscriptions_for_account(&self, account_id: Uuid) -> Result<Vec<SubscriptionState>, StoreError> {
+        let inner = self.lock()?;
+        Ok(inner.subscriptions.values().filter(|s| s.account_id == account_id).cloned().collect())
+    }
+
+    async fn load_account(&self, stripe_customer_id: &str) -> Result<Option<Account>, StoreError> {
+        Ok(self.lock()?.accounts.get(stripe_customer_id).cloned())
+    }
+
+    async fn load_instance(&self, subscription_id: &str) -> Result<Option<InstanceRecord>, StoreError> {
+        Ok(self.lock()?.instances.get(subscription_id).cloned())
+    }
+
+    async fn enqueue(&self, jobs: &[NewJob]) -> Result<(), StoreError> {
+        let now = jobs.first().map_or(DateTime::<Utc>::MIN_UTC, |j| j.run_after);
+        self.lock()?.enqueue(jobs, now);
+        Ok(())
+    }
+
+    async fn claim_jobs(&self, claim: &Claim) -> Result<Vec<Job>, StoreError> {
+        let mut inner = self.lock()?;
+        let mut blocked: HashSet<String> = HashSet::new();
+        let mut claimed = Vec::new();
+        let limit = usize::try_from(claim.limit).unwrap_or(usize::MAX);
+        for job in inner.jobs.values_mut() {
+            if !matches!(job.state, JobState::Pending | JobState::Running) {
+                continue;
+            }
+            if let Some(group) = &job.group {
+                if !blocked.insert(group.clone()) {
+                    continue; // an earlier unfinished job of this group goes first
+                }
+            }
+            let due = match job.state {
+                JobState::Pending => job.run_after <= claim.now,
+                _ => job.locked_until.is_none_or(|l| l <= claim.now),
+            };
+            if due && claimed.len() < limit {
+                job.state = JobState::Running;
+                job.attempts += 1;
+                job.locked_until = Some(claim.now + claim.lease);
+                job.updated_at = claim.now;
+                claimed.push(job.clone());
+            }
+        }
+        Ok(claimed)
+    }
+
+    async fn finish_job(&self, finish: &JobFinish) -> Result<bool, StoreError> {
+        let mut inner = self.lock()?;
+        let Some(job) = inner.jobs.get_mut(&finish.job_id) else { return Ok(false) };
+        if job.state != JobState::Running || job.attempts != finish.attempt {
+            return Ok(false);
+        }
+        job.updated_at = finish.now;
+        job.locked_until = None;
+        match &finish.resolution {
+            JobResolution::Done => job.state = JobState::Done,
+            JobResolution::Retry { run_after, error } => {
+                job.state = JobState::Pending;
+                job.run_after = *run_after;
+                job.last_error = Some(error.clone());
+            }
+            JobResolution::Dead { error } => {
+                job.state = JobState::Dead;
+                job.last_error = Some(error.clone());
+            }
+        }
+        if let Some(instance) = &finish.instance {
+            inner.instances.insert(instance.subscription_id.clone(), instance.clone());
+        }
+        inner.enqueue(&finish.enqueue, finish.now);
+        Ok(true)
+    }
+
+    async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, StoreError> {
+        let inner = self.lock()?;
+        let jobs = inner.jobs.values().filter(|j| filter.state.is_none_or(|s| j.state == s)).cloned().collect();
+        Ok(newest_first(jobs, |j| (j.created_at, j.id), filter.limit))
+    }
+
+    async fn job_counts(&self) -> Result<JobCounts, StoreError> {
+        let inner = self.lock()?;
+        let mut counts = JobCounts::default();
+        for job in inner.jobs.values() {
+            match job.state {
+                JobState::Pending => counts.pending += 1,
+                JobState::Running => counts.running += 1,
+                JobState::Done => counts.done += 1,
+                JobState::Dead => counts.dead += 1,
+            }
+        }
+        Ok(counts)
+    }
+
+    async fn consume_usage(&self, key: UsageKey, count: u64, limit: Limit) -> Result<UsageResult, StoreError> {
+        let mut inner = self.lock()?;
+        let used = inner.usage.entry(key).or_insert(0);
+        let next = used.saturating_add(count);
+        if limit.allows(next) {
+            *used = next;
+            Ok(UsageResult { allowed: true, used: next })
+        } else {
+            Ok(UsageResult { allowed: false, used: *used })
+        }
+    }
+
+    async fn usage(&self, key: UsageKey) -> Result<u64, StoreError> {
+        Ok(self.lock()?.usage.get(&key).copied().unwrap_or(0))
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.lock().map(drop)
+    }
+}

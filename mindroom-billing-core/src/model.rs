@@ -1,0 +1,621 @@
+//! The subscription aggregate, the instance record, accounts and jobs: the values the store keeps.
+
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::event::SubscriptionStatus;
+use crate::tier::{Limits, Tier};
+
+/// Namespace of the deterministic account ids derived from Stripe customer ids.
+const ACCOUNT_NAMESPACE: Uuid = Uuid::from_u128(0x6d2f_0c1e_9a57_4b1d_8e0f_3c6a_2b9d_7e41);
+
+/// The account id billing derives from a Stripe customer id (UUID v5), identical on every replica.
+pub fn account_id_for_customer(customer_id: &str) -> Uuid {
+    Uuid::new_v5(&ACCOUNT_NAMESPACE, customer_id.as_bytes())
+}
+
+/// A MindRoom account as billing knows it: one per Stripe customer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Account {
+    /// Account id (see [`account_id_for_customer`]).
+    pub id: Uuid,
+    /// `cus_…`
+    pub stripe_customer_id: String,
+    /// Where e-mails go.
+    pub email: Option<String>,
+    /// The platform's reference (Checkout `client_reference_id`).
+    pub reference: Option<String>,
+}
+
+/// An update to an account carried by a decision; `None` fields keep the stored value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountPatch {
+    /// `cus_…`
+    pub stripe_customer_id: String,
+    /// New e-mail, if the event carries one.
+    pub email: Option<String>,
+    /// New platform reference, if the event carries one.
+    pub reference: Option<String>,
+}
+
+/// The subscription as last applied from Stripe.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedSnapshot {
+    /// Status.
+    pub status: SubscriptionStatus,
+    /// The price that set the tier.
+    pub price_id: String,
+    /// The tier that price maps to.
+    pub tier: Tier,
+    /// End of the current period.
+    pub current_period_end: Option<DateTime<Utc>>,
+    /// End of the trial.
+    pub trial_end: Option<DateTime<Utc>>,
+    /// When it was canceled.
+    pub canceled_at: Option<DateTime<Utc>>,
+    /// `created` of the event that carried this snapshot.
+    pub event_created: DateTime<Utc>,
+}
+
+/// A grace period: the instance keeps running until `ends_at`, then is deprovisioned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grace {
+    /// The first unresolved payment failure (event time, not processing time).
+    pub started_at: DateTime<Utc>,
+    /// `started_at + GRACE_PERIOD_DAYS`; never extended by Stripe's retries.
+    pub ends_at: DateTime<Utc>,
+}
+
+/// The aggregate billing keeps per Stripe subscription. Every field is a pure function of the set of
+/// facts applied so far, so the result does not depend on delivery order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscriptionState {
+    /// `sub_…`
+    pub subscription_id: String,
+    /// `cus_…`
+    pub customer_id: String,
+    /// The account (derived from the customer).
+    pub account_id: Uuid,
+    /// The latest applied snapshot; `None` while only invoices have been seen.
+    pub snapshot: Option<AppliedSnapshot>,
+    /// Latest time the account was in good standing (`invoice.paid` or an active/trialing snapshot).
+    pub good_standing_at: Option<DateTime<Utc>>,
+    /// Delinquency facts (payment failures, past-due snapshots) newer than `good_standing_at`, sorted.
+    pub failures: Vec<DateTime<Utc>>,
+    /// The current grace period, derived from `failures`.
+    pub grace: Option<Grace>,
+    /// Whether the sweeper has handled the expiry of the current grace period.
+    pub grace_expiry_handled: bool,
+    /// Compare-and-swap version: the version this value was loaded at (0 = not stored yet).
+    pub version: u64,
+}
+
+/// Most delinquency facts remembered (the earliest are kept: they define the grace start).
+pub const MAX_FAILURE_FACTS: usize = 32;
+
+impl SubscriptionState {
+    /// A new, empty aggregate.
+    pub fn new(subscription_id: impl Into<String>, customer_id: impl Into<String>) -> Self {
+        let customer_id = customer_id.into();
+        Self {
+            subscription_id: subscription_id.into(),
+            account_id: account_id_for_customer(&customer_id),
+            customer_id,
+            snapshot: None,
+            good_standing_at: None,
+            failures: Vec::new(),
+            grace: None,
+            grace_expiry_handled: false,
+            version: 0,
+        }
+    }
+
+    /// The subscription's status, if a snapshot was applied.
+    pub fn status(&self) -> Option<SubscriptionStatus> {
+        self.snapshot.as_ref().map(|s| s.status)
+    }
+
+    /// The tier, if a snapshot was applied.
+    pub fn tier(&self) -> Option<Tier> {
+        self.snapshot.as_ref().map(|s| s.tier)
+    }
+
+    /// What the instance should be at `now` (level-triggered: the worker converges on this).
+    pub fn desired(&self, now: DateTime<Utc>) -> DesiredInstance {
+        let Some(snapshot) = &self.snapshot else { return DesiredInstance::Absent };
+        match snapshot.status {
+            SubscriptionStatus::Canceled | SubscriptionStatus::IncompleteExpired | SubscriptionStatus::Incomplete => {
+                DesiredInstance::Absent
+            }
+            SubscriptionStatus::Active
+            | SubscriptionStatus::Trialing
+            | SubscriptionStatus::PastDue
+            | SubscriptionStatus::Unpaid
+            | SubscriptionStatus::Paused => match self.grace {
+                Some(grace) if now >= grace.ends_at => DesiredInstance::Absent,
+                _ => DesiredInstance::Running { tier: snapshot.tier, limits: snapshot.tier.limits() },
+            },
+        }
+    }
+}
+
+/// The instance a subscription should have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DesiredInstance {
+    /// No instance.
+    Absent,
+    /// An instance sized for `tier`.
+    Running {
+        /// The tier.
+        tier: Tier,
+        /// Its limits.
+        limits: Limits,
+    },
+}
+
+/// Life-cycle status of an instance, as stored in `instances.status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceStatus {
+    /// Provisioning requested.
+    Provisioning,
+    /// Up.
+    Running,
+    /// Provisioning gave up (dead job); an admin was alerted.
+    Failed,
+    /// Deprovisioning requested.
+    Deprovisioning,
+    /// Gone.
+    Deprovisioned,
+}
+
+impl InstanceStatus {
+    /// The database name of the status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Provisioning => "provisioning",
+            Self::Running => "running",
+            Self::Failed => "failed",
+            Self::Deprovisioning => "deprovisioning",
+            Self::Deprovisioned => "deprovisioned",
+        }
+    }
+
+    /// Parses the database name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "provisioning" => Self::Provisioning,
+            "running" => Self::Running,
+            "failed" => Self::Failed,
+            "deprovisioning" => Self::Deprovisioning,
+            "deprovisioned" => Self::Deprovisioned,
+            _ => return None,
+        })
+    }
+}
+
+/// The instance as last reconciled; written only by reconcile jobs (one at a time per subscription).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    /// `sub_…`
+    pub subscription_id: String,
+    /// Deterministic Dokku app name.
+    pub app_name: String,
+    /// Status.
+    pub status: InstanceStatus,
+    /// Increments each time the instance is provisioned anew after being removed.
+    pub generation: u32,
+    /// Tier it runs at.
+    pub tier: Option<Tier>,
+    /// Limits it runs with.
+    pub limits: Option<Limits>,
+    /// Subdomain.
+    pub subdomain: Option<String>,
+    /// Frontend URL.
+    pub frontend_url: Option<String>,
+    /// Backend URL.
+    pub backend_url: Option<String>,
+    /// When it was removed.
+    pub deprovisioned_at: Option<DateTime<Utc>>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The outcome of applying one event, as stored with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", content = "reason", rename_all = "lowercase")]
+pub enum Outcome {
+    /// The event changed billing state.
+    Applied,
+    /// Older than what was already applied (or after a terminal state); recorded, not applied.
+    Stale,
+    /// Not something billing acts on.
+    Ignored,
+    /// Could not be applied (e.g. unknown price); replayable once fixed.
+    Failed(String),
+}
+
+impl Outcome {
+    /// The status label (`applied`, `stale`, `ignored`, `failed`).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Applied => "applied",
+            Outcome::Stale => "stale",
+            Outcome::Ignored => "ignored",
+            Outcome::Failed(_) => "failed",
+        }
+    }
+}
+
+/// Status of a stored event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventStatus {
+    /// Recorded; its decision is not committed yet.
+    Received,
+    /// Applied.
+    Applied,
+    /// Recorded as stale.
+    Stale,
+    /// Recorded as ignored.
+    Ignored,
+    /// Failed; replayable.
+    Failed,
+}
+
+impl EventStatus {
+    /// The database name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Received => "received",
+            Self::Applied => "applied",
+            Self::Stale => "stale",
+            Self::Ignored => "ignored",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// Parses the database name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "received" => Self::Received,
+            "applied" => Self::Applied,
+            "stale" => Self::Stale,
+            "ignored" => Self::Ignored,
+            "failed" => Self::Failed,
+            _ => return None,
+        })
+    }
+
+    /// Whether the event's decision is final (a redelivery is a duplicate).
+    pub fn is_done(self) -> bool {
+        matches!(self, Self::Applied | Self::Stale | Self::Ignored)
+    }
+
+    /// The status an outcome is stored as.
+    pub fn of(outcome: &Outcome) -> Self {
+        match outcome {
+            Outcome::Applied => Self::Applied,
+            Outcome::Stale => Self::Stale,
+            Outcome::Ignored => Self::Ignored,
+            Outcome::Failed(_) => Self::Failed,
+        }
+    }
+}
+
+/// A verified event to record, with its raw bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent<'a> {
+    /// `evt_…`
+    pub id: &'a str,
+    /// `type`.
+    pub event_type: &'a str,
+    /// `created`.
+    pub created: DateTime<Utc>,
+    /// API version.
+    pub api_version: Option<&'a str>,
+    /// Live mode.
+    pub livemode: bool,
+    /// The exact bytes received (UTF-8 JSON), kept for audit and byte-exact replay.
+    pub payload: &'a str,
+    /// When we received it.
+    pub received_at: DateTime<Utc>,
+}
+
+/// What recording an event found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// First time this id was seen; it is now stored as `received`.
+    Fresh,
+    /// Seen before but its decision is not final (`received` or `failed`): apply it now.
+    Pending(EventStatus),
+    /// Seen before and done: a duplicate.
+    Done(EventStatus),
+}
+
+/// A stored event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredEvent {
+    /// `evt_…`
+    pub id: String,
+    /// `type`.
+    pub event_type: String,
+    /// `created`.
+    pub created: DateTime<Utc>,
+    /// Status.
+    pub status: EventStatus,
+    /// Why it failed.
+    pub reason: Option<String>,
+    /// The exact bytes received.
+    pub payload: String,
+    /// When first received.
+    pub received_at: DateTime<Utc>,
+    /// When its decision was committed.
+    pub processed_at: Option<DateTime<Utc>>,
+    /// How many times it was delivered (1 + duplicates).
+    pub deliveries: u32,
+}
+
+/// Everything one decision writes, atomically.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Commit {
+    /// When the decision was made (stored as the event's `processed_at`).
+    pub now: DateTime<Utc>,
+    /// The event this decision applies (`None` for sweeper decisions). Its status is set to
+    /// `outcome` in the same transaction; if it is already done the commit writes nothing.
+    pub event_id: Option<String>,
+    /// The outcome to store with the event.
+    pub outcome: Outcome,
+    /// The new aggregate; `version` is the version it was loaded at (0 = must not exist yet).
+    pub subscription: Option<SubscriptionState>,
+    /// An account update.
+    pub account: Option<AccountPatch>,
+    /// Jobs to enqueue (a job whose key exists already is skipped).
+    pub jobs: Vec<NewJob>,
+}
+
+/// What a commit did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitResult {
+    /// Written.
+    Committed,
+    /// The event was already done (another delivery or replica won); nothing was written.
+    AlreadyDone,
+}
+
+/// A job's work.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum JobKind {
+    /// Converge the subscription's instance on its desired state.
+    Reconcile {
+        /// `sub_…`
+        subscription_id: String,
+    },
+    /// E-mail the customer.
+    Email {
+        /// `cus_…`: the recipient is resolved when sending.
+        customer_id: String,
+        /// The subscription it is about.
+        subscription_id: Option<String>,
+        /// Which e-mail.
+        email: EmailKind,
+    },
+    /// E-mail the operators.
+    AdminAlert {
+        /// Subject.
+        subject: String,
+        /// Details.
+        detail: String,
+    },
+}
+
+/// Customer e-mails.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EmailKind {
+    /// The instance is ready.
+    Welcome,
+    /// A payment failed; the grace deadline is read when sending.
+    PaymentFailed {
+        /// Invoice.
+        invoice_id: String,
+        /// Amount due, minor unit.
+        amount_due: i64,
+        /// Currency.
+        currency: String,
+        /// Where to pay.
+        hosted_invoice_url: Option<String>,
+    },
+    /// The grace period ran out; the instance is removed.
+    GraceExpired,
+    /// The trial ends soon.
+    TrialEnding {
+        /// When.
+        trial_end: Option<DateTime<Utc>>,
+    },
+    /// The subscription was canceled.
+    Cancellation,
+}
+
+impl EmailKind {
+    /// A short label for logs and metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Welcome => "welcome",
+            Self::PaymentFailed { .. } => "payment_failed",
+            Self::GraceExpired => "grace_expired",
+            Self::TrialEnding { .. } => "trial_ending",
+            Self::Cancellation => "cancellation",
+        }
+    }
+}
+
+impl JobKind {
+    /// A short label for logs and metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Reconcile { .. } => "reconcile",
+            Self::Email { .. } => "email",
+            Self::AdminAlert { .. } => "admin_alert",
+        }
+    }
+}
+
+/// A job to enqueue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewJob {
+    /// Unique key: enqueueing an existing key does nothing. Also sent as the idempotency key.
+    pub key: String,
+    /// Jobs of one group run one at a time, in enqueue order (the subscription id for reconciles).
+    pub group: Option<String>,
+    /// The work.
+    pub kind: JobKind,
+    /// Not before.
+    pub run_after: DateTime<Utc>,
+}
+
+/// Job state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Waiting for `run_after`.
+    Pending,
+    /// Claimed under a lease.
+    Running,
+    /// Finished.
+    Done,
+    /// Gave up after the attempt limit or a permanent error.
+    Dead,
+}
+
+impl JobState {
+    /// Database name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::Done => "done",
+            Self::Dead => "dead",
+        }
+    }
+
+    /// Parses the database name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => Self::Pending,
+            "running" => Self::Running,
+            "done" => Self::Done,
+            "dead" => Self::Dead,
+            _ => return None,
+        })
+    }
+}
+
+/// A stored job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    /// Sequence number (enqueue order).
+    pub id: i64,
+    /// Unique key.
+    pub key: String,
+    /// Ordering group.
+    pub group: Option<String>,
+    /// The work.
+    pub kind: JobKind,
+    /// State.
+    pub state: JobState,
+    /// Attempts started so far (incremented by each claim; doubles as the lease fencing token).
+    pub attempts: u32,
+    /// Not before.
+    pub run_after: DateTime<Utc>,
+    /// Lease end while running.
+    pub locked_until: Option<DateTime<Utc>>,
+    /// The last error.
+    pub last_error: Option<String>,
+    /// Enqueued at.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A claim request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// Now.
+    pub now: DateTime<Utc>,
+    /// Lease length: an unfinished job becomes claimable again after it.
+    pub lease: chrono::Duration,
+    /// At most this many jobs.
+    pub limit: u32,
+}
+
+/// How a claimed job ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobResolution {
+    /// Finished.
+    Done,
+    /// Try again not before `run_after`.
+    Retry {
+        /// Not before.
+        run_after: DateTime<Utc>,
+        /// What went wrong.
+        error: String,
+    },
+    /// Give up.
+    Dead {
+        /// What went wrong.
+        error: String,
+    },
+}
+
+/// Finishing a claimed job, atomically with the instance it recorded and the jobs it spawned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobFinish {
+    /// The job.
+    pub job_id: i64,
+    /// The `attempts` value seen at claim: the finish is refused if another worker re-claimed it.
+    pub attempt: u32,
+    /// Now.
+    pub now: DateTime<Utc>,
+    /// The resolution.
+    pub resolution: JobResolution,
+    /// Instance record to store.
+    pub instance: Option<InstanceRecord>,
+    /// Jobs to enqueue (deduplicated by key).
+    pub enqueue: Vec<NewJob>,
+}
+
+/// Counts of jobs by state, for metrics and `/ready`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobCounts {
+    /// Pending.
+    pub pending: u64,
+    /// Running.
+    pub running: u64,
+    /// Dead.
+    pub dead: u64,
+    /// Done.
+    pub done: u64,
+}
+
+/// A usage counter key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct UsageKey {
+    /// Account.
+    pub account_id: Uuid,
+    /// Metric.
+    pub metric: crate::tier::Metric,
+    /// UTC day.
+    pub day: NaiveDate,
+}
+
+/// The result of an atomic conditional increment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageResult {
+    /// Whether the increment was within the limit (and so applied).
+    pub allowed: bool,
+    /// The counter after the call.
+    pub used: u64,
+}

@@ -1,0 +1,318 @@
+//! The ports: the traits adapters implement. Each method documents what must be atomic and what is
+//! idempotent; [`crate::conformance`] (feature `test-util`) checks a store against these contracts.
+
+use std::error::Error as StdError;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::model::{
+    Account, Claim, Commit, CommitResult, EventStatus, InstanceRecord, Job, JobCounts, JobFinish, JobState, NewEvent,
+    NewJob, Recorded, StoredEvent, SubscriptionState, UsageKey, UsageResult,
+};
+use crate::tier::{Limit, Limits, Tier};
+
+/// A boxed error source.
+pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// A store failure. Adapters map their driver errors into these kinds; driver types stay private.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The store cannot be reached or is overloaded; retry later (HTTP 503).
+    #[error("store unavailable")]
+    Unavailable(#[source] BoxError),
+    /// A compare-and-swap lost: the aggregate changed since it was loaded. Reload and decide again.
+    #[error("concurrent update of {0}")]
+    Conflict(String),
+    /// Anything else (a bug, a schema mismatch…).
+    #[error("store error")]
+    Other(#[source] BoxError),
+}
+
+impl StoreError {
+    /// Whether trying again later can succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Unavailable(_) | Self::Conflict(_))
+    }
+}
+
+/// Filter for listing events.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventFilter {
+    /// Only this status.
+    pub status: Option<EventStatus>,
+    /// At most this many, newest first.
+    pub limit: u32,
+}
+
+/// Filter for listing jobs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobFilter {
+    /// Only this state.
+    pub state: Option<JobState>,
+    /// At most this many, newest first.
+    pub limit: u32,
+}
+
+/// Durable billing state. Every method is safe to call from many replicas at once; nothing may rely
+/// on in-process locks for correctness.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Records a verified event by id, idempotently. The first call stores it as `received` and
+    /// returns [`Recorded::Fresh`]; later calls store nothing new (they may count the delivery) and
+    /// return `Pending` (received/failed: apply it) or `Done` (a duplicate). Exactly one of any number
+    /// of concurrent calls for one id gets `Fresh`. The payload is kept byte for byte.
+    async fn record_event(&self, event: &NewEvent<'_>) -> Result<Recorded, StoreError>;
+
+    /// Loads a stored event.
+    async fn load_event(&self, id: &str) -> Result<Option<StoredEvent>, StoreError>;
+
+    /// Lists events, newest first.
+    async fn list_events(&self, filter: &EventFilter) -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// Events still `received` that were received before `before` (their commit never happened).
+    async fn unapplied_events(&self, before: DateTime<Utc>, limit: u32) -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// Loads a subscription aggregate (with its current version).
+    async fn load_subscription(&self, subscription_id: &str) -> Result<Option<SubscriptionState>, StoreError>;
+
+    /// Atomically: if `commit.event_id` is set and that event is already done, writes nothing and
+    /// returns [`CommitResult::AlreadyDone`]. Otherwise writes the aggregate with compare-and-swap
+    /// (stored version must equal `subscription.version`, 0 meaning "absent"; on mismatch returns
+    /// [`StoreError::Conflict`] and writes nothing), bumping its version; applies the account patch;
+    /// enqueues the jobs (skipping keys that exist); and sets the event's status from the outcome.
+    async fn commit(&self, commit: &Commit) -> Result<CommitResult, StoreError>;
+
+    /// Subscriptions whose grace period ended at or before `now`, whose expiry is not handled yet and
+    /// whose status is not terminal.
+    async fn expired_grace(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<String>, StoreError>;
+
+    /// The subscriptions of an account.
+    async fn subscriptions_for_account(&self, account_id: Uuid) -> Result<Vec<SubscriptionState>, StoreError>;
+
+    /// An account by its Stripe customer id.
+    async fn load_account(&self, stripe_customer_id: &str) -> Result<Option<Account>, StoreError>;
+
+    /// The instance record of a subscription.
+    async fn load_instance(&self, subscription_id: &str) -> Result<Option<InstanceRecord>, StoreError>;
+
+    /// Enqueues jobs; a job whose key exists is skipped (so each keyed effect is queued once).
+    async fn enqueue(&self, jobs: &[NewJob]) -> Result<(), StoreError>;
+
+    /// Claims up to `limit` due jobs: `pending` with `run_after <= now`, or `running` with an expired
+    /// lease; and only a job with no earlier unfinished (`pending`/`running`) job in its group. Each
+    /// claimed job becomes `running` with `locked_until = now + lease` and `attempts + 1`. Concurrent
+    /// claimers never get the same job while its lease holds.
+    async fn claim_jobs(&self, claim: &Claim) -> Result<Vec<Job>, StoreError>;
+
+    /// Finishes a claimed job atomically with its instance record and follow-up jobs. Returns `false`
+    /// (and writes nothing) when the job is no longer `running` at `attempt` (the lease was lost).
+    async fn finish_job(&self, finish: &JobFinish) -> Result<bool, StoreError>;
+
+    /// Lists jobs, newest first.
+    async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, StoreError>;
+
+    /// Counts jobs by state.
+    async fn job_counts(&self) -> Result<JobCounts, StoreError>;
+
+    /// Atomically adds `count` to the counter if the result stays within `limit`; otherwise leaves
+    /// it unchanged and answers `allowed: false`.
+    async fn consume_usage(&self, key: UsageKey, count: u64, limit: Limit) -> Result<UsageResult, StoreError>;
+
+    /// Reads a counter (0 if absent).
+    async fn usage(&self, key: UsageKey) -> Result<u64, StoreError>;
+
+    /// Answers when the store is reachable.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// A provisioner failure, classified for the job worker's retry policy.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProvisionError {
+    /// Try again later (connect error, timeout, 5xx, 429).
+    #[error("provisioner temporarily failed: {message}")]
+    Retryable {
+        /// What happened.
+        message: String,
+        /// The server's `Retry-After`, if any.
+        retry_after: Option<Duration>,
+        /// The cause.
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// Will not succeed by retrying (4xx, malformed response).
+    #[error("provisioner refused: {message}")]
+    Permanent {
+        /// What happened.
+        message: String,
+        /// The cause.
+        #[source]
+        source: Option<BoxError>,
+    },
+}
+
+impl ProvisionError {
+    /// A retryable error with a message.
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Self::Retryable { message: message.into(), retry_after: None, source: None }
+    }
+
+    /// A permanent error with a message.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self::Permanent { message: message.into(), source: None }
+    }
+
+    /// Whether retrying can help.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Retryable { .. })
+    }
+
+    /// The server-requested delay, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Retryable { retry_after, .. } => *retry_after,
+            Self::Permanent { .. } => None,
+        }
+    }
+}
+
+/// A request to create an instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProvisionRequest {
+    /// `sub_…`
+    pub subscription_id: String,
+    /// `cus_…`
+    pub customer_id: String,
+    /// Account.
+    pub account_id: Uuid,
+    /// Deterministic app name, so a retried provision converges on one app.
+    pub app_name: String,
+    /// Tier.
+    pub tier: Tier,
+    /// Limits.
+    pub limits: Limits,
+    /// Sent as `Idempotency-Key`.
+    pub idempotency_key: String,
+}
+
+/// What the provisioner created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProvisionedInstance {
+    /// Dokku app name.
+    pub app_name: String,
+    /// Subdomain.
+    pub subdomain: Option<String>,
+    /// Frontend URL.
+    pub frontend_url: Option<String>,
+    /// Backend URL.
+    pub backend_url: Option<String>,
+}
+
+/// Creates, resizes and removes instances. Each call carries an idempotency key; implementations
+/// must make a repeated call with the same key (or the same app name) converge on one result.
+#[async_trait]
+pub trait Provisioner: Send + Sync + 'static {
+    /// Creates the instance (or returns the existing one of that app name).
+    async fn provision(&self, request: &ProvisionRequest) -> Result<ProvisionedInstance, ProvisionError>;
+
+    /// Applies new limits to an existing instance.
+    async fn update_limits(&self, app_name: &str, limits: &Limits, idempotency_key: &str)
+    -> Result<(), ProvisionError>;
+
+    /// Removes the instance; an instance that is already gone is a success.
+    async fn deprovision(&self, app_name: &str, idempotency_key: &str) -> Result<(), ProvisionError>;
+}
+
+/// A notification to deliver.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Notification {
+    /// Recipient address.
+    pub to: String,
+    /// What to say.
+    pub message: Message,
+    /// Sent as the provider's idempotency key, so a retried job never sends twice.
+    pub idempotency_key: String,
+}
+
+/// The e-mails billing sends, with the data their templates need.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Message {
+    /// The instance is ready.
+    Welcome {
+        /// Tier.
+        tier: Tier,
+        /// Where to reach it.
+        instance_url: Option<String>,
+    },
+    /// A payment failed.
+    PaymentFailed {
+        /// Amount due, minor unit.
+        amount_due: i64,
+        /// Currency.
+        currency: String,
+        /// When the instance will be removed if nothing is paid.
+        grace_deadline: Option<DateTime<Utc>>,
+        /// Where to update the payment method.
+        update_payment_url: Option<String>,
+    },
+    /// The grace period ended; the instance was removed.
+    GraceExpired,
+    /// The trial ends soon.
+    TrialEnding {
+        /// When.
+        trial_end: Option<DateTime<Utc>>,
+    },
+    /// The subscription was canceled.
+    Cancellation,
+    /// An operator alert.
+    AdminAlert {
+        /// Subject.
+        subject: String,
+        /// Details.
+        detail: String,
+    },
+}
+
+/// A notifier failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NotifyError {
+    /// Try again later.
+    #[error("notification temporarily failed: {0}")]
+    Retryable(String),
+    /// Will not succeed by retrying.
+    #[error("notification refused: {0}")]
+    Permanent(String),
+}
+
+/// Sends notifications (e-mail).
+#[async_trait]
+pub trait Notifier: Send + Sync + 'static {
+    /// Sends one notification.
+    async fn send(&self, notification: &Notification) -> Result<(), NotifyError>;
+}
+
+/// The time source. The pure core takes time as an argument; the orchestrator asks this port.
+pub trait Clock: Send + Sync + 'static {
+    /// Now.
+    fn now(&self) -> DateTime<Utc>;
+}
+
+/// The system clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    #[allow(clippy::disallowed_methods)] // the one place the core reads the wall clock
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
+// Object safety is part of the contract: adapters are used as `Arc<dyn …>`.
+const _: fn(&dyn Store, &dyn Provisioner, &dyn Notifier, &dyn Clock) = |_, _, _, _| {};

@@ -1,0 +1,305 @@
+//! The pure decision function: `(state, event, now) -> Decision`. No I/O, no clock reads.
+
+use chrono::{DateTime, Duration, Utc};
+
+use crate::event::{Event, EventObject, EventType, InvoiceFact, SubscriptionSnapshot, SubscriptionStatus};
+use crate::model::{
+    AccountPatch, AppliedSnapshot, EmailKind, Grace, JobKind, MAX_FAILURE_FACTS, NewJob, Outcome, SubscriptionState,
+};
+use crate::tier::{PriceCatalog, Tier};
+
+/// Business rules that come from configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// Price id → tier.
+    pub prices: PriceCatalog,
+    /// Length of the grace period after the first unresolved payment failure (`GRACE_PERIOD_DAYS`).
+    pub grace_period: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self { prices: PriceCatalog::new(), grace_period: Duration::days(7) }
+    }
+}
+
+impl Policy {
+    /// Sets the price catalog.
+    #[must_use]
+    pub fn with_prices(mut self, prices: PriceCatalog) -> Self {
+        self.prices = prices;
+        self
+    }
+
+    /// Sets the grace period.
+    #[must_use]
+    pub fn with_grace_period(mut self, grace_period: Duration) -> Self {
+        self.grace_period = grace_period;
+        self
+    }
+}
+
+/// What to write for one event: the outcome, the next aggregate, an account update and the jobs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// Stored with the event.
+    pub outcome: Outcome,
+    /// The next aggregate, when it changed (its `version` is still the loaded one).
+    pub subscription: Option<SubscriptionState>,
+    /// An account update.
+    pub account: Option<AccountPatch>,
+    /// Side effects to run from the job queue.
+    pub jobs: Vec<NewJob>,
+}
+
+impl Decision {
+    fn outcome(outcome: Outcome) -> Self {
+        Self { outcome, subscription: None, account: None, jobs: Vec::new() }
+    }
+}
+
+/// Decides what `event` does to `state` (the aggregate of the event's subscription, if any) at `now`.
+pub fn decide(policy: &Policy, state: Option<&SubscriptionState>, event: &Event, now: DateTime<Utc>) -> Decision {
+    match &event.object {
+        EventObject::Subscription(snapshot) => apply_snapshot(policy, state, event, snapshot, now),
+        EventObject::Invoice(invoice) => apply_invoice(policy, state, event, invoice, now),
+        EventObject::Customer(customer) => Decision {
+            account: Some(AccountPatch {
+                stripe_customer_id: customer.id.clone(),
+                email: customer.email.clone(),
+                reference: None,
+            }),
+            ..Decision::outcome(Outcome::Applied)
+        },
+        EventObject::CheckoutSession(session) => match &session.customer {
+            Some(customer) => Decision {
+                account: Some(AccountPatch {
+                    stripe_customer_id: customer.clone(),
+                    email: session.email.clone(),
+                    reference: session.client_reference_id.clone(),
+                }),
+                ..Decision::outcome(Outcome::Applied)
+            },
+            None => Decision::outcome(Outcome::Ignored),
+        },
+        EventObject::Other => Decision::outcome(Outcome::Ignored),
+    }
+}
+
+/// The sweeper's decision for a subscription whose grace period may have run out at `now`.
+/// Returns `None` when there is nothing to do (not expired, already handled, or terminal).
+pub fn expire_grace(state: &SubscriptionState, now: DateTime<Utc>) -> Option<Decision> {
+    let grace = state.grace?;
+    let terminal = state.status().is_some_and(SubscriptionStatus::is_terminal);
+    if now < grace.ends_at || state.grace_expiry_handled || terminal {
+        return None;
+    }
+    let mut next = state.clone();
+    next.grace_expiry_handled = true;
+    let sub = &state.subscription_id;
+    let start = grace.started_at.timestamp();
+    Some(Decision {
+        outcome: Outcome::Applied,
+        jobs: vec![
+            reconcile_job(sub, &format!("grace:{start}"), now),
+            email_job(state, EmailKind::GraceExpired, format!("email:grace_expired:{sub}:{start}"), now),
+        ],
+        subscription: Some(next),
+        account: None,
+    })
+}
+
+fn apply_snapshot(
+    policy: &Policy,
+    state: Option<&SubscriptionState>,
+    event: &Event,
+    snapshot: &SubscriptionSnapshot,
+    now: DateTime<Utc>,
+) -> Decision {
+    let current = state.and_then(|s| s.snapshot.as_ref());
+    let resolved = snapshot.prices.iter().find_map(|p| policy.prices.resolve(p).map(|tier| (p, tier)));
+    let (price_id, tier) = match resolved {
+        Some((price, tier)) => (price.id.clone(), tier),
+        // A terminal snapshot removes the instance whatever its price says.
+        None if snapshot.status.is_terminal() => {
+            (snapshot.prices[0].id.clone(), current.map_or(Tier::Free, |c| c.tier))
+        }
+        None => return unknown_price(event, snapshot),
+    };
+
+    let mut next = state.cloned().unwrap_or_else(|| SubscriptionState::new(&snapshot.id, &snapshot.customer));
+    let created = event.created;
+    match snapshot.status {
+        status if status.is_delinquent() => add_failure(&mut next, created),
+        SubscriptionStatus::Active | SubscriptionStatus::Trialing => add_good_standing(&mut next, created),
+        _ => {}
+    }
+
+    // Ordering guard: a snapshot applies if it is not older than the applied one (equal seconds
+    // apply). `canceled` is terminal: a terminal snapshot always replaces a live one, and nothing but
+    // a newer terminal snapshot replaces a terminal one.
+    let apply = match current {
+        None => true,
+        Some(cur) if cur.status.is_terminal() => snapshot.status.is_terminal() && created >= cur.event_created,
+        Some(cur) => snapshot.status.is_terminal() || created >= cur.event_created,
+    };
+    let mut jobs = Vec::new();
+    if apply {
+        let was_canceled = current.is_some_and(|c| c.status == SubscriptionStatus::Canceled);
+        next.snapshot = Some(AppliedSnapshot {
+            status: snapshot.status,
+            price_id,
+            tier,
+            current_period_end: snapshot.current_period_end,
+            trial_end: snapshot.trial_end,
+            canceled_at: snapshot.canceled_at,
+            event_created: created,
+        });
+        if snapshot.status == SubscriptionStatus::Canceled && !was_canceled {
+            let key = format!("email:cancellation:{}", snapshot.id);
+            jobs.push(email_job(&next, EmailKind::Cancellation, key, now));
+        }
+    }
+    if event.event_type == EventType::SubscriptionTrialWillEnd {
+        let end = snapshot.trial_end.map_or(0, |t| t.timestamp());
+        let key = format!("email:trial_ending:{}:{end}", snapshot.id);
+        jobs.push(email_job(&next, EmailKind::TrialEnding { trial_end: snapshot.trial_end }, key, now));
+    }
+    recompute_grace(&mut next, policy);
+    let outcome = if apply { Outcome::Applied } else { Outcome::Stale };
+    finish(state, next, event, outcome, jobs, None, now)
+}
+
+fn apply_invoice(
+    policy: &Policy,
+    state: Option<&SubscriptionState>,
+    event: &Event,
+    invoice: &InvoiceFact,
+    now: DateTime<Utc>,
+) -> Decision {
+    let account = invoice.customer_email.as_ref().map(|email| AccountPatch {
+        stripe_customer_id: invoice.customer.clone(),
+        email: Some(email.clone()),
+        reference: None,
+    });
+    let Some(subscription_id) = &invoice.subscription else {
+        return Decision { account, ..Decision::outcome(Outcome::Ignored) };
+    };
+    let mut next = state.cloned().unwrap_or_else(|| SubscriptionState::new(subscription_id, &invoice.customer));
+    let created = event.created;
+    let mut jobs = Vec::new();
+    let relevant = match event.event_type {
+        EventType::InvoicePaid | EventType::InvoicePaymentSucceeded => {
+            let relevant = next.good_standing_at.is_none_or(|g| created >= g);
+            add_good_standing(&mut next, created);
+            relevant
+        }
+        EventType::InvoicePaymentFailed => {
+            let relevant = next.good_standing_at.is_none_or(|g| created > g);
+            add_failure(&mut next, created);
+            if relevant {
+                let email = EmailKind::PaymentFailed {
+                    invoice_id: invoice.id.clone(),
+                    amount_due: invoice.amount_due,
+                    currency: invoice.currency.clone(),
+                    hosted_invoice_url: invoice.hosted_invoice_url.clone(),
+                };
+                jobs.push(email_job(&next, email, format!("email:payment_failed:{}", invoice.id), now));
+            }
+            relevant
+        }
+        _ => return Decision { account, ..Decision::outcome(Outcome::Ignored) },
+    };
+    recompute_grace(&mut next, policy);
+    let outcome = if relevant { Outcome::Applied } else { Outcome::Stale };
+    finish(state, next, event, outcome, jobs, account, now)
+}
+
+/// Common tail: compare the desired instance before and after, queue a reconcile when it moved, and
+/// only hand back an aggregate that changed.
+fn finish(
+    state: Option<&SubscriptionState>,
+    next: SubscriptionState,
+    event: &Event,
+    outcome: Outcome,
+    mut jobs: Vec<NewJob>,
+    account: Option<AccountPatch>,
+    now: DateTime<Utc>,
+) -> Decision {
+    let before = state.map(|s| s.desired(now));
+    let after = next.desired(now);
+    if before.is_some_and(|b| b != after) || (before.is_none() && after != crate::model::DesiredInstance::Absent) {
+        jobs.insert(0, reconcile_job(&next.subscription_id, &event.id, now));
+    }
+    let changed = state != Some(&next);
+    Decision { outcome, subscription: changed.then_some(next), account, jobs }
+}
+
+fn unknown_price(event: &Event, snapshot: &SubscriptionSnapshot) -> Decision {
+    let ids: Vec<&str> = snapshot.prices.iter().map(|p| p.id.as_str()).collect();
+    let reason = format!(
+        "unknown price {}: not configured in STRIPE_PRICE_* and no lookup_key or metadata.tier names a tier",
+        ids.join(", ")
+    );
+    let alert = NewJob {
+        key: format!("alert:unknown_price:{}", event.id),
+        group: None,
+        kind: JobKind::AdminAlert {
+            subject: format!("Unknown Stripe price on {}", snapshot.id),
+            detail: format!(
+                "Event {} ({}) for subscription {} of customer {}: {reason}. Fix the price configuration, then replay the event.",
+                event.id, event.event_type, snapshot.id, snapshot.customer
+            ),
+        },
+        run_after: event.created,
+    };
+    Decision { outcome: Outcome::Failed(reason), subscription: None, account: None, jobs: vec![alert] }
+}
+
+fn add_good_standing(state: &mut SubscriptionState, at: DateTime<Utc>) {
+    let good = state.good_standing_at.map_or(at, |g| g.max(at));
+    state.good_standing_at = Some(good);
+    state.failures.retain(|f| *f > good);
+}
+
+fn add_failure(state: &mut SubscriptionState, at: DateTime<Utc>) {
+    if state.good_standing_at.is_some_and(|g| at <= g) {
+        return;
+    }
+    if let Err(pos) = state.failures.binary_search(&at) {
+        state.failures.insert(pos, at);
+        state.failures.truncate(MAX_FAILURE_FACTS);
+    }
+}
+
+/// The grace period starts at the earliest unresolved failure and is never extended.
+fn recompute_grace(state: &mut SubscriptionState, policy: &Policy) {
+    let grace =
+        state.failures.first().map(|&started_at| Grace { started_at, ends_at: started_at + policy.grace_period });
+    if grace.map(|g| g.started_at) != state.grace.map(|g| g.started_at) {
+        state.grace_expiry_handled = false;
+    }
+    state.grace = grace;
+}
+
+fn reconcile_job(subscription_id: &str, cause: &str, now: DateTime<Utc>) -> NewJob {
+    NewJob {
+        key: format!("reconcile:{subscription_id}:{cause}"),
+        group: Some(subscription_id.to_owned()),
+        kind: JobKind::Reconcile { subscription_id: subscription_id.to_owned() },
+        run_after: now,
+    }
+}
+
+fn email_job(state: &SubscriptionState, email: EmailKind, key: String, now: DateTime<Utc>) -> NewJob {
+    NewJob {
+        key,
+        group: None,
+        kind: JobKind::Email {
+            customer_id: state.customer_id.clone(),
+            subscription_id: Some(state.subscription_id.clone()),
+            email,
+        },
+        run_after: now,
+    }
+}

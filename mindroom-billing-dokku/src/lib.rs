@@ -1,0 +1,1 @@
+//! The dokku adapter of mindroom-billing (work in progress).

@@ -1,0 +1,1 @@
+//! The hyper adapter of mindroom-billing (work in progress).
