@@ -1,1 +1,553 @@
-//! The dokku adapter of mindroom-billing (work in progress).
+//! The [`Provisioner`] port of mindroom-billing over the Dokku provisioner service's HTTP API.
+//!
+//! Wire contract (DESIGN §4), every call with the headers `X-API-Key` and `Idempotency-Key`:
+//!
+//! | call | request | success |
+//! |---|---|---|
+//! | [`Provisioner::provision`] | `POST {url}/provision` `{"subscriptionId","accountId","tier","limits","stripeSubscriptionId","stripeCustomerId","appName"}` | 2xx `{"appName","subdomain","frontendUrl","backendUrl"}` |
+//! | [`Provisioner::update_limits`] | `PUT {url}/update` `{"appName","limits"}` | 2xx (body ignored) |
+//! | [`Provisioner::deprovision`] | `DELETE {url}/deprovision` `{"appName"}` | 2xx, or 404/410 (already gone) |
+//!
+//! `limits` is `{"agents","messagesPerDay","memoryMb","cpuLimit"}` with `-1` for unlimited and the CPU
+//! as a fraction of cores (`0.25`). `subscriptionId` and `stripeSubscriptionId` both carry the Stripe
+//! subscription id (`sub_…`): the original service keys on the former, the latter is explicit.
+//!
+//! Outcomes are classified for the core's job worker, which owns the retry schedule:
+//!
+//! | outcome | error |
+//! |---|---|
+//! | connect error, timeout, connection reset | [`ProvisionError::Retryable`] |
+//! | 408, 429, 5xx | [`ProvisionError::Retryable`] with the server's `Retry-After` (seconds or HTTP-date, capped at one day) |
+//! | other 3xx/4xx (redirects are not followed) | [`ProvisionError::Permanent`] |
+//! | a 2xx provision answer that is not the expected JSON object | [`ProvisionError::Permanent`] |
+//!
+//! The client itself retries exactly once, immediately, when the connection was reset or closed before
+//! an answer arrived (a stale keep-alive connection, a restarting proxy); the idempotency key and the
+//! deterministic app name make that safe. Error messages name the call, the status and a short,
+//! sanitised snippet of the response body; they never contain the API key.
+//!
+//! A provision answer without `appName` falls back to the app name that was requested (the request
+//! fixes it, and the original service does not always echo it). An answer naming a different app is
+//! taken as the truth (that is the app that exists) and logged.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use mindroom_billing_dokku::{DokkuConfig, DokkuProvisioner};
+//!
+//! let config = DokkuConfig::new("https://provisioner.internal", "secret-key").with_timeout(Duration::from_secs(20));
+//! let provisioner = DokkuProvisioner::new(config)?;
+//! # Ok::<(), mindroom_billing_dokku::DokkuError>(())
+//! ```
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use mindroom_billing_core::ports::{BoxError, ProvisionError, ProvisionRequest, ProvisionedInstance, Provisioner};
+use mindroom_billing_core::tier::Limits;
+use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
+use reqwest::{Method, StatusCode};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use tracing::{Instrument, debug, debug_span, warn};
+
+/// Default whole-request timeout.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default connect timeout.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest `Retry-After` honoured; longer requests are capped to this.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+/// How many bytes of an error response body are quoted in an error message.
+const SNIPPET_BYTES: usize = 256;
+
+/// Where the provisioner is and how to talk to it.
+#[derive(Clone)]
+pub struct DokkuConfig {
+    base_url: String,
+    api_key: SecretString,
+    timeout: Duration,
+    connect_timeout: Duration,
+}
+
+impl DokkuConfig {
+    /// The provisioner at `base_url` (`DOKKU_PROVISIONER_URL`; a trailing slash is fine), authenticated
+    /// with `api_key` (`PROVISIONER_API_KEY`). Timeouts default to 30 s per request and 5 s to connect.
+    pub fn new(base_url: impl Into<String>, api_key: impl Into<String>) -> Self {
+        Self {
+            base_url: base_url.into(),
+            api_key: SecretString::from(api_key.into()),
+            timeout: DEFAULT_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        }
+    }
+
+    /// Sets the whole-request timeout (connect, send, and read the answer).
+    #[must_use]
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Sets the connect timeout.
+    #[must_use]
+    pub fn with_connect_timeout(mut self, connect_timeout: Duration) -> Self {
+        self.connect_timeout = connect_timeout;
+        self
+    }
+
+    /// The base URL as configured.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// The whole-request timeout.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// The connect timeout.
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+}
+
+impl fmt::Debug for DokkuConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DokkuConfig")
+            .field("base_url", &self.base_url)
+            .field("api_key", &"[redacted]")
+            .field("timeout", &self.timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+/// Why a [`DokkuProvisioner`] could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DokkuError {
+    /// The base URL is not an absolute `http`/`https` URL.
+    #[error("invalid provisioner URL {url:?}: {reason}")]
+    InvalidBaseUrl {
+        /// The URL as configured.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The API key cannot be sent as a header value (empty, or control characters).
+    #[error("invalid provisioner API key: {0}")]
+    InvalidApiKey(&'static str),
+    /// The HTTP client could not be built (TLS initialisation).
+    #[error("could not build the HTTP client")]
+    Client(#[source] BoxError),
+}
+
+/// The Dokku provisioner client. Cheap to clone (the connection pool is shared).
+#[derive(Clone)]
+pub struct DokkuProvisioner {
+    client: reqwest::Client,
+    /// Base URL without trailing slashes.
+    base: String,
+    api_key: HeaderValue,
+    config: DokkuConfig,
+}
+
+impl fmt::Debug for DokkuProvisioner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DokkuProvisioner").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl DokkuProvisioner {
+    /// Builds the client (reqwest with rustls; redirects are not followed).
+    pub fn new(config: DokkuConfig) -> Result<Self, DokkuError> {
+        let base = config.base_url.trim().trim_end_matches('/').to_owned();
+        let invalid = |reason: String| DokkuError::InvalidBaseUrl { url: config.base_url.clone(), reason };
+        let url = reqwest::Url::parse(&base).map_err(|e| invalid(e.to_string()))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(invalid(format!("unsupported scheme {:?}", url.scheme())));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(invalid("a query or fragment is not allowed".into()));
+        }
+        let key = config.api_key.expose_secret();
+        if key.is_empty() {
+            return Err(DokkuError::InvalidApiKey("empty"));
+        }
+        let mut api_key =
+            HeaderValue::from_str(key).map_err(|_| DokkuError::InvalidApiKey("not a valid header value"))?;
+        api_key.set_sensitive(true);
+        let client = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.connect_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("mindroom-billing-dokku/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| DokkuError::Client(Box::new(e)))?;
+        Ok(Self { client, base, api_key, config })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &DokkuConfig {
+        &self.config
+    }
+
+    /// Sends one call, retrying once on a reset connection, and returns the raw answer.
+    async fn call(&self, op: Op, body: &impl Serialize, idempotency_key: &str) -> Result<Answer, ProvisionError> {
+        let body = serde_json::to_vec(body)
+            .map_err(|e| permanent(format!("{op}: could not encode the request"), Some(Box::new(e))))?;
+        let idempotency = HeaderValue::from_str(idempotency_key)
+            .map_err(|_| permanent(format!("{op}: idempotency key is not a valid header value"), None))?;
+        let url = format!("{}{}", self.base, op.path);
+        let mut reset_retried = false;
+        loop {
+            let request = self
+                .client
+                .request(op.method.clone(), &url)
+                .header("X-API-Key", self.api_key.clone())
+                .header("Idempotency-Key", idempotency.clone())
+                .header(CONTENT_TYPE, "application/json")
+                .header(ACCEPT, "application/json")
+                .body(body.clone());
+            let result = match request.send().await {
+                Ok(response) => {
+                    let status = response.status();
+                    let headers = response.headers().clone();
+                    response.bytes().await.map(|bytes| Answer { status, headers, body: bytes.to_vec() })
+                }
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(answer) => return Ok(answer),
+                Err(e) if !reset_retried && is_connection_reset(&e) => {
+                    debug!(error = %e, "connection reset; retrying once");
+                    reset_retried = true;
+                }
+                Err(e) => return Err(self.transport_error(op, e)),
+            }
+        }
+    }
+
+    fn transport_error(&self, op: Op, e: reqwest::Error) -> ProvisionError {
+        let what = if e.is_timeout() {
+            format!("timed out (timeout {:?})", self.config.timeout)
+        } else if e.is_connect() {
+            "could not connect".to_owned()
+        } else if is_connection_reset(&e) {
+            "connection closed before an answer (after one quick retry)".to_owned()
+        } else if e.is_builder() {
+            return permanent(format!("{op}: invalid request"), Some(Box::new(e.without_url())));
+        } else {
+            "request failed".to_owned()
+        };
+        ProvisionError::Retryable { message: format!("{op}: {what}"), retry_after: None, source: Some(Box::new(e)) }
+    }
+
+    /// The error for a non-success status.
+    fn status_error(&self, op: Op, answer: &Answer) -> ProvisionError {
+        let status = answer.status;
+        let snippet = snippet(&answer.body, self.config.api_key.expose_secret());
+        let message =
+            if snippet.is_empty() { format!("{op}: HTTP {status}") } else { format!("{op}: HTTP {status}: {snippet}") };
+        if is_retryable_status(status) {
+            let retry_after = answer
+                .headers
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| parse_retry_after(v, SystemTime::now()));
+            ProvisionError::Retryable { message, retry_after, source: None }
+        } else {
+            permanent(message, None)
+        }
+    }
+}
+
+/// One wire call.
+#[derive(Clone, Copy)]
+struct Op {
+    method: &'static Method,
+    path: &'static str,
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.method, self.path)
+    }
+}
+
+const PROVISION: Op = Op { method: &Method::POST, path: "/provision" };
+const UPDATE: Op = Op { method: &Method::PUT, path: "/update" };
+const DEPROVISION: Op = Op { method: &Method::DELETE, path: "/deprovision" };
+
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Vec<u8>,
+}
+
+fn permanent(message: String, source: Option<BoxError>) -> ProvisionError {
+    ProvisionError::Permanent { message, source }
+}
+
+/// 408, 429 and 5xx are worth retrying; everything else that is not a success is not.
+fn is_retryable_status(status: StatusCode) -> bool {
+    status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::REQUEST_TIMEOUT
+}
+
+/// Whether the connection was reset or closed before a complete answer arrived.
+fn is_connection_reset(e: &reqwest::Error) -> bool {
+    if e.is_timeout() || e.is_connect() {
+        return false;
+    }
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+            if matches!(io.kind(), ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof) {
+                return true;
+            }
+        }
+        if err.downcast_ref::<hyper::Error>().is_some_and(|h| h.is_incomplete_message() || h.is_canceled()) {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// Parses `Retry-After`: delay seconds or an HTTP-date (relative to `now`), capped at [`MAX_RETRY_AFTER`].
+fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    let delay = match value.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => {
+            let at = httpdate::parse_http_date(value).ok()?;
+            at.duration_since(now).unwrap_or(Duration::ZERO)
+        }
+    };
+    Some(delay.min(MAX_RETRY_AFTER))
+}
+
+/// A short, single-line quote of a response body, with the API key masked should the server echo it.
+fn snippet(body: &[u8], api_key: &str) -> String {
+    let text = String::from_utf8_lossy(body);
+    let mut out: String = text.trim().chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    if !api_key.is_empty() && out.contains(api_key) {
+        out = out.replace(api_key, "[redacted]");
+    }
+    if out.len() > SNIPPET_BYTES {
+        let mut end = SNIPPET_BYTES;
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.truncate(end);
+        out.push('…');
+    }
+    out
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct WireLimits {
+    agents: i64,
+    messages_per_day: i64,
+    memory_mb: u32,
+    cpu_limit: f64,
+}
+
+impl From<&Limits> for WireLimits {
+    fn from(limits: &Limits) -> Self {
+        Self {
+            agents: limits.agents.to_wire(),
+            messages_per_day: limits.messages_per_day.to_wire(),
+            memory_mb: limits.memory_mb,
+            cpu_limit: limits.cpu(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ProvisionBody<'a> {
+    subscription_id: &'a str,
+    account_id: String,
+    tier: &'static str,
+    limits: WireLimits,
+    stripe_subscription_id: &'a str,
+    stripe_customer_id: &'a str,
+    app_name: &'a str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct UpdateBody<'a> {
+    app_name: &'a str,
+    limits: WireLimits,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DeprovisionBody<'a> {
+    app_name: &'a str,
+}
+
+/// The provision answer; unknown fields are ignored, every field may be absent or null.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ProvisionAnswer {
+    #[serde(default)]
+    app_name: Option<String>,
+    #[serde(default)]
+    subdomain: Option<String>,
+    #[serde(default)]
+    frontend_url: Option<String>,
+    #[serde(default)]
+    backend_url: Option<String>,
+}
+
+#[async_trait]
+impl Provisioner for DokkuProvisioner {
+    async fn provision(&self, request: &ProvisionRequest) -> Result<ProvisionedInstance, ProvisionError> {
+        let span = debug_span!("dokku.provision", app = %request.app_name, tier = %request.tier);
+        async {
+            let body = ProvisionBody {
+                subscription_id: &request.subscription_id,
+                account_id: request.account_id.to_string(),
+                tier: request.tier.as_str(),
+                limits: WireLimits::from(&request.limits),
+                stripe_subscription_id: &request.subscription_id,
+                stripe_customer_id: &request.customer_id,
+                app_name: &request.app_name,
+            };
+            let answer = self.call(PROVISION, &body, &request.idempotency_key).await?;
+            if !answer.status.is_success() {
+                return Err(self.status_error(PROVISION, &answer));
+            }
+            let parsed: ProvisionAnswer = serde_json::from_slice(&answer.body).map_err(|e| {
+                let snippet = snippet(&answer.body, self.config.api_key.expose_secret());
+                permanent(
+                    format!("{PROVISION}: HTTP {} with an unreadable answer: {snippet}", answer.status),
+                    Some(Box::new(e)),
+                )
+            })?;
+            let app_name = match parsed.app_name.filter(|n| !n.trim().is_empty()) {
+                Some(name) if name != request.app_name => {
+                    warn!(requested = %request.app_name, returned = %name, "provisioner answered with another app name");
+                    name
+                }
+                Some(name) => name,
+                None => request.app_name.clone(),
+            };
+            debug!(status = %answer.status, "provisioned");
+            Ok(ProvisionedInstance {
+                app_name,
+                subdomain: parsed.subdomain,
+                frontend_url: parsed.frontend_url,
+                backend_url: parsed.backend_url,
+            })
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn update_limits(
+        &self,
+        app_name: &str,
+        limits: &Limits,
+        idempotency_key: &str,
+    ) -> Result<(), ProvisionError> {
+        let span = debug_span!("dokku.update", app = %app_name);
+        async {
+            let body = UpdateBody { app_name, limits: WireLimits::from(limits) };
+            let answer = self.call(UPDATE, &body, idempotency_key).await?;
+            if !answer.status.is_success() {
+                return Err(self.status_error(UPDATE, &answer));
+            }
+            debug!(status = %answer.status, "limits updated");
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn deprovision(&self, app_name: &str, idempotency_key: &str) -> Result<(), ProvisionError> {
+        let span = debug_span!("dokku.deprovision", app = %app_name);
+        async {
+            let answer = self.call(DEPROVISION, &DeprovisionBody { app_name }, idempotency_key).await?;
+            if answer.status == StatusCode::NOT_FOUND || answer.status == StatusCode::GONE {
+                debug!(status = %answer.status, "app already gone");
+                return Ok(());
+            }
+            if !answer.status.is_success() {
+                return Err(self.status_error(DEPROVISION, &answer));
+            }
+            debug!(status = %answer.status, "deprovisioned");
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mindroom_billing_core::tier::Tier;
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_785_000_000);
+        assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
+        assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(90));
+        assert_eq!(parse_retry_after(&later, now), Some(Duration::from_secs(90)));
+        let earlier = httpdate::fmt_http_date(now - Duration::from_secs(90));
+        assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-3", now), None);
+        assert_eq!(parse_retry_after("99999999999", now), Some(MAX_RETRY_AFTER));
+    }
+
+    #[test]
+    fn statuses() {
+        for code in [408, 429, 500, 502, 503, 504] {
+            assert!(is_retryable_status(StatusCode::from_u16(code).unwrap()), "{code}");
+        }
+        for code in [301, 400, 401, 403, 404, 409, 422] {
+            assert!(!is_retryable_status(StatusCode::from_u16(code).unwrap()), "{code}");
+        }
+    }
+
+    #[test]
+    fn snippets_are_short_single_line_and_masked() {
+        assert_eq!(snippet(b"  oops\nbad key k3y \r\n", "k3y"), "oops bad key [redacted]");
+        let long = "é".repeat(400);
+        let s = snippet(long.as_bytes(), "x");
+        assert!(s.len() <= SNIPPET_BYTES + '…'.len_utf8());
+        assert!(s.ends_with('…'));
+    }
+
+    #[test]
+    fn wire_limits() {
+        let json = serde_json::to_value(WireLimits::from(&Tier::Enterprise.limits())).unwrap();
+        assert_eq!(json, serde_json::json!({"agents": -1, "messagesPerDay": -1, "memoryMb": 8192, "cpuLimit": 4.0}));
+        let json = serde_json::to_value(WireLimits::from(&Tier::Free.limits())).unwrap();
+        assert_eq!(json, serde_json::json!({"agents": 1, "messagesPerDay": 100, "memoryMb": 256, "cpuLimit": 0.25}));
+    }
+
+    #[test]
+    fn rejects_bad_urls_and_keys() {
+        assert!(matches!(
+            DokkuProvisioner::new(DokkuConfig::new("ftp://x", "k")),
+            Err(DokkuError::InvalidBaseUrl { .. })
+        ));
+        assert!(matches!(DokkuProvisioner::new(DokkuConfig::new("nope", "k")), Err(DokkuError::InvalidBaseUrl { .. })));
+        assert!(matches!(DokkuProvisioner::new(DokkuConfig::new("http://x", "")), Err(DokkuError::InvalidApiKey(_))));
+        assert!(matches!(
+            DokkuProvisioner::new(DokkuConfig::new("http://x", "a\nb")),
+            Err(DokkuError::InvalidApiKey(_))
+        ));
+        let p = DokkuProvisioner::new(DokkuConfig::new("http://x:1/api///", "k")).unwrap();
+        assert_eq!(p.base, "http://x:1/api");
+    }
+}
