@@ -1,0 +1,387 @@
+//! Table tests for every rule of DESIGN §3 "Ordering", "Tiers" and "Entitlement", on the pure
+//! `decide` / `expire_grace`, with events parsed from realistic JSON.
+
+mod common;
+
+use chrono::{DateTime, Duration, Utc};
+use common::{CUS, DAY, T0, at, ev, invoice_json, policy, price_json_subscription, subscription_json};
+use mindroom_billing_core::{
+    Decision, DesiredInstance, EmailKind, Event, JobKind, Outcome, SubscriptionState, SubscriptionStatus, Tier, decide,
+    expire_grace,
+};
+
+const SUB: &str = "sub_rules";
+const STARTER: &str = common::PRICE_STARTER;
+const PRO: &str = common::PRICE_PRO;
+
+fn sub_ev(n: u32, kind: &str, created: i64, status: &str, price: &str) -> Event {
+    let json = subscription_json(&format!("evt_s{n}"), kind, created, SUB, status, price, n % 2 == 0);
+    ev(&json)
+}
+
+fn updated(n: u32, created: i64, status: &str, price: &str) -> Event {
+    sub_ev(n, "customer.subscription.updated", created, status, price)
+}
+
+fn inv_ev(n: u32, kind: &str, created: i64, invoice: &str) -> Event {
+    ev(&invoice_json(&format!("evt_i{n}"), kind, created, invoice, SUB, n % 2 == 1))
+}
+
+/// A tiny fold: applies events in order at `now` = each event's created + 1 s.
+#[derive(Default)]
+struct Run {
+    state: Option<SubscriptionState>,
+    decisions: Vec<Decision>,
+}
+
+impl Run {
+    fn apply(&mut self, e: &Event) -> &Decision {
+        self.apply_at(e, e.created + Duration::seconds(1))
+    }
+
+    fn apply_at(&mut self, e: &Event, now: DateTime<Utc>) -> &Decision {
+        let d = decide(&policy(), self.state.as_ref(), e, now);
+        if let Some(next) = &d.subscription {
+            self.state = Some(next.clone());
+        }
+        self.decisions.push(d);
+        self.decisions.last().unwrap()
+    }
+
+    fn state(&self) -> &SubscriptionState {
+        self.state.as_ref().expect("aggregate exists")
+    }
+}
+
+fn running(tier: Tier) -> DesiredInstance {
+    DesiredInstance::Running { tier, limits: tier.limits() }
+}
+
+fn reconciles(d: &Decision) -> bool {
+    d.jobs.iter().any(|j| matches!(&j.kind, JobKind::Reconcile { subscription_id } if subscription_id == SUB))
+}
+
+fn emails(d: &Decision) -> Vec<&EmailKind> {
+    d.jobs
+        .iter()
+        .filter_map(|j| match &j.kind {
+            JobKind::Email { email, .. } => Some(email),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn active_and_trialing_run_at_the_tier_limits() {
+    for (status, price, tier) in
+        [("active", STARTER, Tier::Starter), ("trialing", STARTER, Tier::Starter), ("active", PRO, Tier::Professional)]
+    {
+        let mut run = Run::default();
+        let d = run.apply(&sub_ev(1, "customer.subscription.created", T0, status, price));
+        assert_eq!(d.outcome, Outcome::Applied);
+        assert!(reconciles(d), "{status}: a reconcile is queued");
+        assert_eq!(run.state().desired(at(T0 + 30 * DAY)), running(tier), "{status}");
+        assert!(run.state().grace.is_none());
+    }
+}
+
+#[test]
+fn delinquent_statuses_grant_a_grace_period_from_the_event_time() {
+    for status in ["past_due", "unpaid", "paused"] {
+        let mut run = Run::default();
+        run.apply(&sub_ev(1, "customer.subscription.created", T0, "active", STARTER));
+        let failed_at = T0 + 30 * DAY;
+        // Processed two days late: the grace still starts at the event's `created`.
+        let d = run.apply_at(&updated(2, failed_at, status, STARTER), at(failed_at + 2 * DAY)).clone();
+        assert_eq!(d.outcome, Outcome::Applied, "{status}");
+        assert!(!reconciles(&d), "{status}: keeps running, nothing to reconcile yet");
+        let s = run.state();
+        let grace = s.grace.expect("grace");
+        assert_eq!((grace.started_at, grace.ends_at), (at(failed_at), at(failed_at + 7 * DAY)), "{status}");
+        assert_eq!(s.desired(at(failed_at + 7 * DAY - 1)), running(Tier::Starter), "{status}");
+        assert_eq!(s.desired(at(failed_at + 7 * DAY)), DesiredInstance::Absent, "{status}");
+    }
+}
+
+#[test]
+fn canceled_and_incomplete_expired_deprovision_now() {
+    for status in ["canceled", "incomplete_expired"] {
+        let mut run = Run::default();
+        run.apply(&sub_ev(1, "customer.subscription.created", T0, "active", STARTER));
+        let d = run.apply(&updated(2, T0 + DAY, status, STARTER)).clone();
+        assert!(reconciles(&d), "{status}: deprovision is queued");
+        assert_eq!(run.state().desired(at(T0 + DAY)), DesiredInstance::Absent, "{status}");
+        assert!(run.state().status().unwrap().is_terminal());
+    }
+}
+
+#[test]
+fn incomplete_provisions_nothing_until_active() {
+    let mut run = Run::default();
+    let d = run.apply(&sub_ev(1, "customer.subscription.created", T0, "incomplete", STARTER)).clone();
+    assert_eq!(d.outcome, Outcome::Applied);
+    assert!(!reconciles(&d), "nothing to provision");
+    assert_eq!(run.state().desired(at(T0 + 60)), DesiredInstance::Absent);
+    let d = run.apply(&updated(2, T0 + 60, "active", STARTER)).clone();
+    assert!(reconciles(&d));
+    assert_eq!(run.state().desired(at(T0 + 61)), running(Tier::Starter));
+}
+
+#[test]
+fn grace_is_never_extended_by_repeated_failures() {
+    let mut run = Run::default();
+    run.apply(&sub_ev(1, "customer.subscription.created", T0, "active", STARTER));
+    let first = T0 + 30 * DAY;
+    run.apply(&inv_ev(1, "invoice.payment_failed", first, "in_a"));
+    run.apply(&updated(2, first + 1, "past_due", STARTER));
+    run.apply(&inv_ev(2, "invoice.payment_failed", first + 3 * DAY, "in_a"));
+    run.apply(&inv_ev(3, "invoice.payment_failed", first + 5 * DAY, "in_b"));
+    run.apply(&updated(4, first + 5 * DAY + 1, "unpaid", STARTER));
+    let grace = run.state().grace.unwrap();
+    assert_eq!((grace.started_at, grace.ends_at), (at(first), at(first + 7 * DAY)));
+}
+
+#[test]
+fn grace_is_cleared_by_payment_or_a_return_to_active() {
+    let clear: [(&str, fn(i64) -> Event); 3] = [
+        ("invoice.paid", |t| inv_ev(9, "invoice.paid", t, "in_a")),
+        ("invoice.payment_succeeded", |t| inv_ev(9, "invoice.payment_succeeded", t, "in_a")),
+        ("active snapshot", |t| updated(9, t, "active", STARTER)),
+    ];
+    for (what, clearing) in clear {
+        let mut run = Run::default();
+        run.apply(&sub_ev(1, "customer.subscription.created", T0, "active", STARTER));
+        let failed = T0 + 30 * DAY;
+        run.apply(&inv_ev(1, "invoice.payment_failed", failed, "in_a"));
+        run.apply(&updated(2, failed + 1, "past_due", STARTER));
+        assert!(run.state().grace.is_some());
+        let d = run.apply(&clearing(failed + 2 * DAY)).clone();
+        assert_eq!(d.outcome, Outcome::Applied, "{what}");
+        assert!(run.state().grace.is_none(), "{what} clears the grace period");
+        assert!(run.state().failures.is_empty(), "{what}");
+        assert_eq!(run.state().desired(at(failed + 30 * DAY)).eq(&DesiredInstance::Absent), false, "{what}");
+        // A later failure starts a new grace period, from its own time.
+        run.apply(&inv_ev(3, "invoice.payment_failed", failed + 40 * DAY, "in_c"));
+        assert_eq!(run.state().grace.unwrap().started_at, at(failed + 40 * DAY), "{what}");
+    }
+}
+
+#[test]
+fn grace_expired_before_payment_comes_back_when_paid() {
+    let mut run = Run::default();
+    run.apply(&sub_ev(1, "customer.subscription.created", T0, "active", STARTER));
+    run.apply(&inv_ev(1, "invoice.payment_failed", T0 + DAY, "in_a"));
+    let late = T0 + 9 * DAY;
+    assert_eq!(run.state().desired(at(late)), DesiredInstance::Absent);
+    let d = run.apply(&inv_ev(2, "invoice.paid", late, "in_a")).clone();
+    assert!(reconciles(&d), "paid after expiry: provision again");
+    assert_eq!(run.state().desired(at(late + 1)), running(Tier::Starter));
+}
+
+#[test]
+fn a_failure_older_than_the_last_payment_is_stale() {
+    let mut run = Run::default();
+    run.apply(&sub_ev(1, "customer.subscription.created", T0, "active", STARTER));
+    run.apply(&inv_ev(1, "invoice.paid", T0 + 10 * DAY, "in_a"));
+    let d = run.apply(&inv_ev(2, "invoice.payment_failed", T0 + 9 * DAY, "in_a")).clone();
+    assert_eq!(d.outcome, Outcome::Stale);
+    assert!(emails(&d).is_empty(), "no payment-failed e-mail for a resolved failure");
+    assert!(run.state().grace.is_none());
+    // Same second as the payment: resolved too.
+    let d = run.apply(&inv_ev(3, "invoice.payment_failed", T0 + 10 * DAY, "in_b")).clone();
+    assert_eq!(d.outcome, Outcome::Stale);
+    assert!(run.state().grace.is_none());
+    // An older payment after a newer one is stale as well, and changes nothing.
+    let before = run.state().clone();
+    let d = run.apply(&inv_ev(4, "invoice.paid", T0 + 5 * DAY, "in_0")).clone();
+    assert_eq!(d.outcome, Outcome::Stale);
+    assert_eq!(run.state(), &before);
+}
+
+#[test]
+fn unknown_price_fails_with_an_admin_alert_and_never_maps_to_free() {
+    // Without and with an existing aggregate.
+    for existing in [false, true] {
+        let mut run = Run::default();
+        if existing {
+            run.apply(&sub_ev(1, "customer.subscription.created", T0, "active", PRO));
+        }
+        let before = run.state.clone();
+        let e = updated(2, T0 + DAY, "active", "price_unknown_42");
+        let d = run.apply(&e).clone();
+        let Outcome::Failed(reason) = &d.outcome else { panic!("expected failure, got {:?}", d.outcome) };
+        assert!(reason.contains("price_unknown_42"), "{reason}");
+        assert!(d.subscription.is_none(), "no aggregate change");
+        assert_eq!(run.state, before);
+        assert_eq!(d.jobs.len(), 1);
+        assert!(matches!(&d.jobs[0].kind, JobKind::AdminAlert { detail, .. } if detail.contains(&e.id)));
+        if existing {
+            assert_eq!(run.state().tier(), Some(Tier::Professional), "not downgraded");
+        }
+    }
+}
+
+#[test]
+fn lookup_key_and_metadata_tier_resolve_unconfigured_prices() {
+    for (price_object, tier) in [
+        (r#"{"id":"price_lk","object":"price","lookup_key":"professional","metadata":{}}"#, Tier::Professional),
+        (r#"{"id":"price_lk2","object":"price","lookup_key":"pro"}"#, Tier::Professional),
+        (r#"{"id":"price_md","object":"price","lookup_key":null,"metadata":{"tier":"enterprise"}}"#, Tier::Enterprise),
+        (r#"{"id":"price_md2","object":"price","lookup_key":"nonsense","metadata":{"tier":"Starter"}}"#, Tier::Starter),
+        // The configured id wins over a contradicting lookup key.
+        (&format!(r#"{{"id":"{STARTER}","object":"price","lookup_key":"enterprise"}}"#), Tier::Starter),
+    ] {
+        let json =
+            price_json_subscription("evt_p", "customer.subscription.created", T0, SUB, "active", price_object, true);
+        let mut run = Run::default();
+        let d = run.apply(&ev(&json)).clone();
+        assert_eq!(d.outcome, Outcome::Applied, "{price_object}");
+        assert_eq!(run.state().desired(at(T0 + 1)), running(tier), "{price_object}");
+    }
+    let json = price_json_subscription(
+        "evt_p",
+        "customer.subscription.created",
+        T0,
+        SUB,
+        "active",
+        r#"{"id":"price_x","lookup_key":"gold","metadata":{"tier":"platinum"}}"#,
+        false,
+    );
+    assert!(matches!(Run::default().apply(&ev(&json)).outcome, Outcome::Failed(_)));
+}
+
+#[test]
+fn canceled_is_terminal() {
+    let mut run = Run::default();
+    run.apply(&sub_ev(1, "customer.subscription.created", T0, "active", STARTER));
+    run.apply(&sub_ev(2, "customer.subscription.deleted", T0 + DAY, "canceled", STARTER));
+    for (n, status) in [(3, "active"), (4, "trialing"), (5, "past_due"), (6, "incomplete")] {
+        let d = run.apply(&updated(n, T0 + 2 * DAY + i64::from(n), status, PRO)).clone();
+        assert_eq!(d.outcome, Outcome::Stale, "{status} after canceled");
+        assert!(!reconciles(&d));
+        assert_eq!(run.state().status(), Some(SubscriptionStatus::Canceled));
+        assert_eq!(run.state().desired(at(T0 + 3 * DAY)), DesiredInstance::Absent);
+    }
+    // A paid invoice does not revive it either.
+    run.apply(&inv_ev(7, "invoice.paid", T0 + 4 * DAY, "in_z"));
+    assert_eq!(run.state().desired(at(T0 + 4 * DAY)), DesiredInstance::Absent);
+}
+
+#[test]
+fn updated_before_created_creates_the_aggregate_and_the_late_created_is_stale() {
+    let mut run = Run::default();
+    let d = run.apply(&updated(2, T0 + 60, "active", PRO)).clone();
+    assert_eq!(d.outcome, Outcome::Applied);
+    assert!(reconciles(&d));
+    assert_eq!(run.state().customer_id, CUS);
+    let d = run.apply(&sub_ev(1, "customer.subscription.created", T0, "incomplete", STARTER)).clone();
+    assert_eq!(d.outcome, Outcome::Stale);
+    assert!(!reconciles(&d));
+    assert_eq!(run.state().tier(), Some(Tier::Professional));
+    assert_eq!(run.state().status(), Some(SubscriptionStatus::Active));
+}
+
+#[test]
+fn equal_second_snapshots_apply() {
+    let mut run = Run::default();
+    run.apply(&updated(1, T0, "active", STARTER));
+    let d = run.apply(&updated(2, T0, "active", PRO)).clone();
+    assert_eq!(d.outcome, Outcome::Applied, "same second: apply (a strict < would lose it)");
+    assert_eq!(run.state().tier(), Some(Tier::Professional));
+    let d = run.apply(&updated(3, T0 - 1, "active", STARTER)).clone();
+    assert_eq!(d.outcome, Outcome::Stale);
+}
+
+#[test]
+fn invoice_for_an_unknown_subscription_creates_the_aggregate() {
+    let mut run = Run::default();
+    let failed = T0 + DAY;
+    let d = run.apply(&inv_ev(1, "invoice.payment_failed", failed, "in_a")).clone();
+    assert_eq!(d.outcome, Outcome::Applied);
+    let s = d.subscription.as_ref().expect("aggregate created, the fact is not lost");
+    assert_eq!((s.subscription_id.as_str(), s.customer_id.as_str()), (SUB, CUS));
+    assert!(s.snapshot.is_none());
+    assert_eq!(s.desired(at(failed)), DesiredInstance::Absent, "no snapshot yet: nothing provisioned");
+    assert!(!emails(&d).is_empty(), "the customer is told");
+    // The snapshot arrives later: running, in grace from the invoice's time.
+    let d = run.apply(&sub_ev(2, "customer.subscription.created", T0, "active", STARTER)).clone();
+    assert!(reconciles(&d));
+    assert_eq!(run.state().grace.unwrap().started_at, at(failed));
+    assert_eq!(run.state().desired(at(failed + DAY)), running(Tier::Starter));
+}
+
+#[test]
+fn invoice_without_subscription_is_ignored() {
+    let json = format!(
+        r#"{{"id":"evt_one_off","object":"event","type":"invoice.paid","created":{T0},"data":{{"object":{{"id":"in_1","customer":"{CUS}","subscription":null,"amount_due":100,"currency":"usd","customer_email":"a@b.c"}}}}}}"#
+    );
+    let d = decide(&policy(), None, &ev(&json), at(T0));
+    assert_eq!(d.outcome, Outcome::Ignored);
+    assert!(d.subscription.is_none() && d.jobs.is_empty());
+    assert_eq!(d.account.unwrap().email.as_deref(), Some("a@b.c"));
+}
+
+#[test]
+fn emails_payment_failed_once_per_invoice_cancellation_once_trial_ending() {
+    let mut run = Run::default();
+    run.apply(&sub_ev(1, "customer.subscription.created", T0, "trialing", STARTER));
+    // Trial ending.
+    let mut json =
+        subscription_json("evt_tw", "customer.subscription.trial_will_end", T0 + DAY, SUB, "trialing", STARTER, true);
+    json = json.replace(r#""trial_end":null"#, &format!(r#""trial_end":{}"#, T0 + 4 * DAY));
+    let d = run.apply(&ev(&json)).clone();
+    assert_eq!(emails(&d), [&EmailKind::TrialEnding { trial_end: Some(at(T0 + 4 * DAY)) }]);
+
+    // Payment failed: one e-mail key per invoice, whatever the retries.
+    let keys: Vec<String> = [(1, T0 + 10 * DAY), (2, T0 + 12 * DAY), (3, T0 + 14 * DAY)]
+        .iter()
+        .map(|&(n, t)| {
+            let d = run.apply(&inv_ev(n, "invoice.payment_failed", t, "in_a")).clone();
+            let job = d.jobs.iter().find(|j| matches!(j.kind, JobKind::Email { .. })).expect("e-mail job");
+            assert!(matches!(&job.kind, JobKind::Email { email: EmailKind::PaymentFailed { invoice_id, amount_due: 4900, .. }, .. } if invoice_id == "in_a"));
+            job.key.clone()
+        })
+        .collect();
+    assert!(keys.iter().all(|k| k == &keys[0]), "{keys:?}");
+    let other = run.apply(&inv_ev(4, "invoice.payment_failed", T0 + 15 * DAY, "in_b")).clone();
+    assert!(other.jobs.iter().any(|j| matches!(j.kind, JobKind::Email { .. }) && j.key != keys[0]));
+
+    // Cancellation: once, even when both `updated` (canceled) and `deleted` arrive.
+    let d = run.apply(&updated(5, T0 + 20 * DAY, "canceled", STARTER)).clone();
+    assert_eq!(emails(&d), [&EmailKind::Cancellation]);
+    let d = run.apply(&sub_ev(6, "customer.subscription.deleted", T0 + 20 * DAY, "canceled", STARTER)).clone();
+    assert!(emails(&d).is_empty(), "{:?}", d.jobs);
+}
+
+#[test]
+fn expire_grace_fires_once_and_never_for_canceled() {
+    let mut run = Run::default();
+    run.apply(&sub_ev(1, "customer.subscription.created", T0, "active", STARTER));
+    let failed = T0 + 30 * DAY;
+    run.apply(&updated(2, failed, "past_due", STARTER));
+    let s = run.state().clone();
+    let end = at(failed + 7 * DAY);
+    assert!(expire_grace(&s, end - Duration::seconds(1)).is_none(), "not yet");
+    let d = expire_grace(&s, end).expect("expired");
+    assert_eq!(d.outcome, Outcome::Applied);
+    assert!(d.jobs.iter().any(|j| matches!(j.kind, JobKind::Reconcile { .. })));
+    assert!(d.jobs.iter().any(|j| matches!(&j.kind, JobKind::Email { email: EmailKind::GraceExpired, .. })));
+    let handled = d.subscription.expect("marked handled");
+    assert!(handled.grace_expiry_handled);
+    assert!(expire_grace(&handled, end + Duration::days(3)).is_none(), "once");
+
+    // Canceled during grace: nothing for the sweeper (deprovisioned already).
+    run.apply(&sub_ev(3, "customer.subscription.deleted", failed + DAY, "canceled", STARTER));
+    assert!(expire_grace(run.state(), end + Duration::days(1)).is_none());
+
+    // A failure after a payment after an expiry starts a fresh grace whose expiry is handled again.
+    let mut run = Run::default();
+    run.apply(&sub_ev(1, "customer.subscription.created", T0, "active", STARTER));
+    run.apply(&inv_ev(1, "invoice.payment_failed", T0 + DAY, "in_a"));
+    let handled = expire_grace(run.state(), at(T0 + 8 * DAY)).unwrap().subscription.unwrap();
+    run.state = Some(handled);
+    run.apply(&inv_ev(2, "invoice.paid", T0 + 9 * DAY, "in_a"));
+    run.apply(&inv_ev(3, "invoice.payment_failed", T0 + 40 * DAY, "in_b"));
+    assert!(!run.state().grace_expiry_handled);
+    assert!(expire_grace(run.state(), at(T0 + 47 * DAY)).is_some());
+}
