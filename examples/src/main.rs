@@ -1,3 +1,365 @@
-//! The `mindroom-billing` server binary.
+//! The `mindroom-billing` server binary: wires the core, the hyper adapter and the store /
+//! provisioner / notifier adapters from environment variables, plus operator and developer tools.
 
-fn main() {}
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+mod config;
+mod samples;
+mod wiring;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Parser, Subcommand};
+use metrics_exporter_prometheus::PrometheusBuilder;
+use mindroom_billing_core::model::{EventStatus, JobState};
+use mindroom_billing_core::ports::{EventFilter, JobFilter};
+use mindroom_billing_core::signature::sign;
+use mindroom_billing_core::{Billing, WebhookSecret};
+use mindroom_billing_hyper::{AppState, serve};
+use secrecy::ExposeSecret;
+use tracing::{error, info, warn};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{Config, LogFormat};
+
+/// Stripe billing for MindRoom: verifies webhooks, keeps subscriptions, tiers and instances in step.
+///
+/// Configuration comes from environment variables (a `.env` file is read if present); see `.env.example`.
+#[derive(Debug, Parser)]
+#[command(name = "mindroom-billing", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the webhook server, the job worker and the grace sweeper.
+    Serve {
+        /// Address to bind (the port comes from `PORT`, default 3005).
+        #[arg(long, default_value = "0.0.0.0")]
+        host: IpAddr,
+    },
+    /// Print a valid `Stripe-Signature` header value for a payload file.
+    Sign {
+        /// The payload file (signed byte for byte).
+        file: PathBuf,
+        /// Signing secret (default: the first of `STRIPE_WEBHOOK_SECRET`).
+        #[arg(long)]
+        secret: Option<String>,
+        /// Unix timestamp to sign at (default: now).
+        #[arg(long)]
+        timestamp: Option<i64>,
+    },
+    /// Sign a payload file, or a bundled sample event of the given type, and POST it to the server
+    /// (a local substitute for `stripe trigger`). Prints the status and the body.
+    Send {
+        /// A payload file, or an event type with a bundled sample (e.g. `customer.subscription.created`).
+        event: String,
+        /// Webhook URL (default: `http://127.0.0.1:$PORT/webhooks/stripe`).
+        #[arg(long)]
+        url: Option<String>,
+        /// Signing secret (default: the first of `STRIPE_WEBHOOK_SECRET`).
+        #[arg(long)]
+        secret: Option<String>,
+        /// Give the event a fresh random id, so a repeated send is not a duplicate.
+        #[arg(long)]
+        new_id: bool,
+    },
+    /// Inspect and replay stored events.
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
+    /// Inspect jobs.
+    Jobs {
+        #[command(subcommand)]
+        command: JobsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum EventsCommand {
+    /// List events, newest first.
+    List {
+        /// Only this status: received, applied, stale, ignored, failed.
+        #[arg(long)]
+        status: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Show one event with its raw payload.
+    Show {
+        /// `evt_…`
+        id: String,
+    },
+    /// Apply a stored event again (e.g. a failed one after fixing the price configuration).
+    Replay {
+        /// `evt_…`
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum JobsCommand {
+    /// List jobs, newest first.
+    List {
+        /// Only this state: pending, running, done, dead.
+        #[arg(long)]
+        state: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    if let Err(e) = dotenvy::dotenv() {
+        if !e.not_found() {
+            eprintln!("error: .env: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    }
+    let cli = Cli::parse();
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("configuration error: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    init_tracing(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command, config)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Pretty => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+    }
+}
+
+async fn run(command: Command, config: Config) -> Result<()> {
+    match command {
+        Command::Serve { host } => run_serve(config, host).await,
+        Command::Sign { file, secret, timestamp } => {
+            let body = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let secret = signing_secret(&config, secret)?;
+            println!("{}", sign(&secret, &body, timestamp.unwrap_or_else(|| chrono::Utc::now().timestamp())));
+            Ok(())
+        }
+        Command::Send { event, url, secret, new_id } => {
+            let body = load_event(&event, new_id)?;
+            let secret = signing_secret(&config, secret)?;
+            let url = url.unwrap_or_else(|| format!("http://127.0.0.1:{}/webhooks/stripe", config.port));
+            let signature = sign(&secret, &body, chrono::Utc::now().timestamp());
+            let response = reqwest::Client::new()
+                .post(&url)
+                .header("Content-Type", "application/json")
+                .header("Stripe-Signature", signature)
+                .body(body)
+                .send()
+                .await
+                .with_context(|| format!("POST {url}"))?;
+            println!("{}", response.status());
+            println!("{}", response.text().await.unwrap_or_default());
+            Ok(())
+        }
+        Command::Events { command } => events(&*wiring::build_billing(&config)?, command).await,
+        Command::Jobs { command: JobsCommand::List { state, limit } } => {
+            let billing = wiring::build_billing(&config)?;
+            let state = state
+                .map(|s| {
+                    JobState::parse(&s).ok_or_else(|| anyhow!("unknown job state {s:?} (pending, running, done, dead)"))
+                })
+                .transpose()?;
+            let jobs = billing.store().list_jobs(&JobFilter { state, limit }).await?;
+            println!(
+                "{:>8}  {:<8}  {:>8}  {:<20}  {:<12}  KEY / LAST ERROR",
+                "ID", "STATE", "ATTEMPTS", "RUN AFTER", "KIND"
+            );
+            for job in &jobs {
+                println!(
+                    "{:>8}  {:<8}  {:>8}  {:<20}  {:<12}  {}{}",
+                    job.id,
+                    job.state.as_str(),
+                    job.attempts,
+                    job.run_after.format("%Y-%m-%d %H:%M:%S"),
+                    job.kind.label(),
+                    job.key,
+                    job.last_error.as_deref().map(|e| format!(" — {e}")).unwrap_or_default()
+                );
+            }
+            println!("({} jobs)", jobs.len());
+            Ok(())
+        }
+    }
+}
+
+async fn events(billing: &Billing, command: EventsCommand) -> Result<()> {
+    match command {
+        EventsCommand::List { status, limit } => {
+            let status = status
+                .map(|s| {
+                    EventStatus::parse(&s).ok_or_else(|| {
+                        anyhow!("unknown event status {s:?} (received, applied, stale, ignored, failed)")
+                    })
+                })
+                .transpose()?;
+            let events = billing.store().list_events(&EventFilter { status, limit }).await?;
+            println!("{:<32}  {:<36}  {:<9}  {:<20}  {:>4}  REASON", "ID", "TYPE", "STATUS", "RECEIVED", "DELIV");
+            for e in &events {
+                println!(
+                    "{:<32}  {:<36}  {:<9}  {:<20}  {:>4}  {}",
+                    e.id,
+                    e.event_type,
+                    e.status.as_str(),
+                    e.received_at.format("%Y-%m-%d %H:%M:%S"),
+                    e.deliveries,
+                    e.reason.as_deref().unwrap_or("")
+                );
+            }
+            println!("({} events)", events.len());
+        }
+        EventsCommand::Show { id } => {
+            let event = billing.store().load_event(&id).await?.ok_or_else(|| anyhow!("no event {id}"))?;
+            println!("id:           {}", event.id);
+            println!("type:         {}", event.event_type);
+            println!("created:      {}", event.created);
+            println!("status:       {}", event.status.as_str());
+            println!("reason:       {}", event.reason.as_deref().unwrap_or("-"));
+            println!("received_at:  {}", event.received_at);
+            println!("processed_at: {}", event.processed_at.map(|t| t.to_string()).unwrap_or_else(|| "-".into()));
+            println!("deliveries:   {}", event.deliveries);
+            println!("payload:\n{}", event.payload);
+        }
+        EventsCommand::Replay { id } => {
+            let disposition = billing.replay(&id).await?;
+            println!("{id}: {}", disposition.label());
+            if let mindroom_billing_core::Disposition::Failed(reason) = disposition {
+                println!("reason: {reason}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn signing_secret(config: &Config, explicit: Option<String>) -> Result<WebhookSecret> {
+    if let Some(secret) = explicit {
+        return Ok(WebhookSecret::new(secret));
+    }
+    let secrets =
+        config.webhook_secrets.as_ref().ok_or_else(|| anyhow!("pass --secret or set STRIPE_WEBHOOK_SECRET"))?;
+    let first = secrets.expose_secret().split(',').map(str::trim).find(|s| !s.is_empty());
+    Ok(WebhookSecret::new(first.ok_or_else(|| anyhow!("STRIPE_WEBHOOK_SECRET: no secret in the list"))?))
+}
+
+/// A payload file, or the bundled sample of an event type.
+fn load_event(event: &str, new_id: bool) -> Result<Vec<u8>> {
+    let body = if Path::new(event).is_file() {
+        std::fs::read(event).with_context(|| format!("reading {event}"))?
+    } else if let Some(sample) = samples::find(event) {
+        sample.as_bytes().to_vec()
+    } else {
+        let known: Vec<&str> = samples::SAMPLES.iter().map(|(t, _)| *t).collect();
+        bail!("{event:?} is neither a file nor a bundled sample; samples: {}", known.join(", "));
+    };
+    if !new_id {
+        return Ok(body);
+    }
+    let mut value: serde_json::Value = serde_json::from_slice(&body).context("payload is not JSON")?;
+    value["id"] = serde_json::Value::String(format!("evt_{}", uuid::Uuid::new_v4().simple()));
+    Ok(serde_json::to_vec_pretty(&value)?)
+}
+
+async fn run_serve(config: Config, host: IpAddr) -> Result<()> {
+    config.require_serve()?;
+    let prometheus = PrometheusBuilder::new().install_recorder().context("installing the metrics recorder")?;
+    let upkeep = prometheus.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+
+    let billing = wiring::build_billing(&config)?;
+    info!(
+        secrets = billing.config().verifier.secret_count(),
+        tolerance_secs = config.tolerance_secs,
+        grace_period_days = config.grace_period_days,
+        internal_api = config.api_key.is_some(),
+        "configured"
+    );
+    if config.api_key.is_none() {
+        warn!("no BILLING_API_KEY: the internal API (/v1/…) answers 503");
+    }
+    let (stop_worker, worker_stopped) = tokio::sync::watch::channel(false);
+    let worker = tokio::spawn(Arc::clone(&billing).run_background(worker_stopped));
+
+    let mut state = AppState::new(billing).with_metrics(move || prometheus.render());
+    if let Some(key) = config.api_key.clone() {
+        state = state.with_api_key(key);
+    }
+    let addr = SocketAddr::new(host, config.port);
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr} (PORT)"))?;
+    serve(listener, Arc::new(state), shutdown_signal()).await;
+
+    info!("stopping the job worker (a running job is finished first)");
+    let _ = stop_worker.send(true);
+    if let Err(e) = worker.await {
+        warn!(error = %e, "job worker ended abnormally");
+    }
+    info!("bye");
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            warn!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => info!("SIGINT received"),
+        () = terminate => info!("SIGTERM received"),
+    }
+}

@@ -1,1 +1,44 @@
-//! The hyper adapter of mindroom-billing (work in progress).
+//! The HTTP adapter of mindroom-billing, on hyper 1.x.
+//!
+//! It exposes the routes of the billing service (DESIGN §4):
+//!
+//! | route | answer |
+//! |---|---|
+//! | `POST /webhooks/stripe` | 200 `{"received":true}` once the decision is durable (applied, duplicate, stale, ignored, or recorded as failed with an admin alert); 400 `{"error":…}` on a signature or parse failure; 413 over the body limit; 408 when the body is too slow; 503 when the store is unavailable (Stripe retries); 500 otherwise |
+//! | `GET /health` | 200 `{"status":"healthy","service":"stripe-handler"}` |
+//! | `GET /ready` | 200 when the store answers a ping, else 503 |
+//! | `GET /metrics` | Prometheus text, from the render function given to [`AppState::with_metrics`] (404 without one) |
+//! | `POST /v1/usage` | bearer-authenticated; `{"account_id","metric","count"}` → 200 `{"allowed","used","limit","remaining"}`, or 429 with the same body when over the limit |
+//! | `GET /v1/accounts/{id}/entitlements` | bearer-authenticated; tier, status, limits, grace deadline, usage today |
+//!
+//! Wrong methods get 405 with `Allow`, unknown paths 404. Every error body is `{"error":"…"}` and never
+//! carries internals (store errors are logged, not returned).
+//!
+//! The internal API (`/v1/…`) requires `Authorization: Bearer <key>`; the key is compared in constant
+//! time. Without a configured key ([`AppState::with_api_key`]) the internal API is disabled and answers
+//! 503 `{"error":"internal API disabled: no API key configured"}`, so a misconfiguration is not mistaken
+//! for a bad token.
+//!
+//! Three ways to run it:
+//! - [`serve`]: accept loop on a [`tokio::net::TcpListener`] with graceful shutdown;
+//! - [`BillingService`]: a cloneable `tower::Service` / `hyper::service::Service` to mount in an
+//!   axum/tower stack or a custom hyper server;
+//! - [`handle`]: one request in, one response out, generic over the request body.
+//!
+//! The library never installs a logger or a metrics recorder: it emits `tracing` spans (one per
+//! request: method, route, status, and for webhooks event id and type) and `metrics` counters
+//! (`billing_http_requests_total{route,status}`, `billing_http_request_seconds{route}`). The
+//! `Stripe-Signature` header and the API key are never logged.
+
+mod error;
+mod routes;
+mod server;
+mod state;
+
+pub use error::ApiError;
+pub use routes::handle;
+pub use server::{BillingService, serve};
+pub use state::{AppState, DEFAULT_BODY_LIMIT, DEFAULT_REQUEST_TIMEOUT, MetricsRender};
+
+/// The response body type of every answer.
+pub type ResponseBody = http_body_util::Full<bytes::Bytes>;

@@ -1,0 +1,206 @@
+//! Configuration from environment variables (DESIGN §4), validated with messages naming the variable.
+
+use std::fmt;
+
+use mindroom_billing_core::signature::DEFAULT_TOLERANCE_SECS;
+use mindroom_billing_core::{PriceCatalog, Tier};
+use secrecy::SecretString;
+
+/// A configuration error naming the variable.
+#[derive(Debug)]
+pub(crate) struct ConfigError {
+    /// The variable.
+    pub(crate) var: &'static str,
+    /// What is wrong.
+    pub(crate) message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.var, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LogFormat {
+    /// Human-readable.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Everything the binary reads from the environment.
+pub(crate) struct Config {
+    /// `PORT`.
+    pub(crate) port: u16,
+    /// `STRIPE_WEBHOOK_SECRET`, one or more, comma-separated (empty for commands that do not verify).
+    pub(crate) webhook_secrets: Option<SecretString>,
+    /// `STRIPE_WEBHOOK_TOLERANCE_SECS`.
+    pub(crate) tolerance_secs: u64,
+    /// `STRIPE_PRICE_STARTER` / `_PRO` / `_ENTERPRISE`.
+    pub(crate) prices: PriceCatalog,
+    /// `GRACE_PERIOD_DAYS`.
+    pub(crate) grace_period_days: i64,
+    /// `ADMIN_EMAIL`.
+    pub(crate) admin_email: Option<String>,
+    /// `BILLING_API_KEY`.
+    pub(crate) api_key: Option<SecretString>,
+    /// `LOG_FORMAT`.
+    pub(crate) log_format: LogFormat,
+    /// `DATABASE_URL`.
+    pub(crate) database_url: Option<SecretString>,
+    /// `SUPABASE_URL`.
+    pub(crate) supabase_url: Option<String>,
+    /// `SUPABASE_SERVICE_KEY`.
+    pub(crate) supabase_service_key: Option<SecretString>,
+    /// `DOKKU_PROVISIONER_URL`.
+    pub(crate) provisioner_url: Option<String>,
+    /// `PROVISIONER_API_KEY`.
+    pub(crate) provisioner_api_key: Option<SecretString>,
+    /// `RESEND_API_KEY`.
+    pub(crate) resend_api_key: Option<SecretString>,
+    /// `EMAIL_FROM`.
+    pub(crate) email_from: Option<String>,
+    /// `STRIPE_SECRET_KEY` (accepted for compatibility; billing does not call the Stripe API).
+    pub(crate) stripe_secret_key: Option<SecretString>,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let set = |o: &Option<SecretString>| if o.is_some() { "[set]" } else { "[unset]" };
+        f.debug_struct("Config")
+            .field("port", &self.port)
+            .field("webhook_secrets", &set(&self.webhook_secrets))
+            .field("tolerance_secs", &self.tolerance_secs)
+            .field("prices", &self.prices)
+            .field("grace_period_days", &self.grace_period_days)
+            .field("admin_email", &self.admin_email)
+            .field("api_key", &set(&self.api_key))
+            .field("log_format", &self.log_format)
+            .field("database_url", &set(&self.database_url))
+            .field("supabase_url", &self.supabase_url)
+            .field("supabase_service_key", &set(&self.supabase_service_key))
+            .field("provisioner_url", &self.provisioner_url)
+            .field("provisioner_api_key", &set(&self.provisioner_api_key))
+            .field("resend_api_key", &set(&self.resend_api_key))
+            .field("email_from", &self.email_from)
+            .field("stripe_secret_key", &set(&self.stripe_secret_key))
+            .finish()
+    }
+}
+
+/// Reads a variable; unset and empty are the same.
+fn var(name: &'static str) -> Option<String> {
+    std::env::var(name).ok().map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
+}
+
+fn parse<T: std::str::FromStr>(name: &'static str, default: T, what: &str) -> Result<T, ConfigError>
+where
+    T::Err: fmt::Display,
+{
+    match var(name) {
+        None => Ok(default),
+        Some(v) => {
+            v.parse().map_err(|e| ConfigError { var: name, message: format!("expected {what}, got {v:?} ({e})") })
+        }
+    }
+}
+
+fn url(name: &'static str) -> Result<Option<String>, ConfigError> {
+    match var(name) {
+        Some(v) if !(v.starts_with("http://") || v.starts_with("https://")) => {
+            Err(ConfigError { var: name, message: format!("expected an http(s) URL, got {v:?}") })
+        }
+        other => Ok(other.map(|v| v.trim_end_matches('/').to_owned())),
+    }
+}
+
+impl Config {
+    /// Reads the environment (after `.env`). `serve` additionally calls [`Config::require_serve`].
+    pub(crate) fn from_env() -> Result<Self, ConfigError> {
+        let secret = |name| var(name).map(SecretString::from);
+        let mut prices = PriceCatalog::new();
+        for (name, tier) in [
+            ("STRIPE_PRICE_STARTER", Tier::Starter),
+            ("STRIPE_PRICE_PRO", Tier::Professional),
+            ("STRIPE_PRICE_ENTERPRISE", Tier::Enterprise),
+        ] {
+            if let Some(price) = var(name) {
+                if !price.starts_with("price_") {
+                    return Err(ConfigError {
+                        var: name,
+                        message: format!("expected a Stripe price id (price_…), got {price:?}"),
+                    });
+                }
+                prices = prices.with_price(price, tier);
+            }
+        }
+        let grace_period_days = parse("GRACE_PERIOD_DAYS", 7_i64, "a number of days")?;
+        if !(0..=365).contains(&grace_period_days) {
+            return Err(ConfigError {
+                var: "GRACE_PERIOD_DAYS",
+                message: format!("must be 0..=365, got {grace_period_days}"),
+            });
+        }
+        let log_format = match var("LOG_FORMAT").as_deref() {
+            None | Some("pretty") => LogFormat::Pretty,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(ConfigError {
+                    var: "LOG_FORMAT",
+                    message: format!("expected pretty or json, got {other:?}"),
+                });
+            }
+        };
+        let webhook_secrets = var("STRIPE_WEBHOOK_SECRET");
+        if let Some(secrets) = &webhook_secrets {
+            let count = secrets.split(',').filter(|s| !s.trim().is_empty()).count();
+            if count == 0 {
+                return Err(ConfigError { var: "STRIPE_WEBHOOK_SECRET", message: "no secret in the list".into() });
+            }
+        }
+        let config = Self {
+            port: parse("PORT", 3005_u16, "a TCP port")?,
+            webhook_secrets: webhook_secrets.map(SecretString::from),
+            tolerance_secs: parse("STRIPE_WEBHOOK_TOLERANCE_SECS", DEFAULT_TOLERANCE_SECS, "a number of seconds")?,
+            prices,
+            grace_period_days,
+            admin_email: var("ADMIN_EMAIL"),
+            api_key: secret("BILLING_API_KEY"),
+            log_format,
+            database_url: secret("DATABASE_URL"),
+            supabase_url: url("SUPABASE_URL")?,
+            supabase_service_key: secret("SUPABASE_SERVICE_KEY"),
+            provisioner_url: url("DOKKU_PROVISIONER_URL")?,
+            provisioner_api_key: secret("PROVISIONER_API_KEY"),
+            resend_api_key: secret("RESEND_API_KEY"),
+            email_from: var("EMAIL_FROM"),
+            stripe_secret_key: secret("STRIPE_SECRET_KEY"),
+        };
+        if config.supabase_url.is_some() && config.supabase_service_key.is_none() {
+            return Err(ConfigError {
+                var: "SUPABASE_SERVICE_KEY",
+                message: "required when SUPABASE_URL is set".into(),
+            });
+        }
+        if config.provisioner_url.is_some() && config.provisioner_api_key.is_none() {
+            return Err(ConfigError {
+                var: "PROVISIONER_API_KEY",
+                message: "required when DOKKU_PROVISIONER_URL is set".into(),
+            });
+        }
+        Ok(config)
+    }
+
+    /// What `serve` needs beyond [`Config::from_env`]: the webhook secret(s).
+    pub(crate) fn require_serve(&self) -> Result<&SecretString, ConfigError> {
+        self.webhook_secrets.as_ref().ok_or(ConfigError {
+            var: "STRIPE_WEBHOOK_SECRET",
+            message: "required: the endpoint's signing secret (whsec_…), several comma-separated during a rotation"
+                .into(),
+        })
+    }
+}

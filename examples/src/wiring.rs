@@ -1,0 +1,74 @@
+//! Choosing the adapters from the configuration. Each port has one function, so wiring in the
+//! Supabase / Postgres store, the Dokku provisioner or the Resend notifier is a few lines here.
+
+use std::sync::Arc;
+
+use anyhow::{Result, bail};
+use mindroom_billing_core::dryrun::{DryRunProvisioner, LogNotifier};
+use mindroom_billing_core::{
+    Billing, BillingConfig, MemoryStore, Notifier, Policy, Provisioner, Store, Verifier, WebhookSecret,
+};
+use secrecy::ExposeSecret;
+use tracing::{info, warn};
+
+use crate::config::Config;
+
+/// The store: `DATABASE_URL` (direct Postgres) or `SUPABASE_URL` (PostgREST), else in memory.
+pub(crate) fn build_store(cfg: &Config) -> Result<Arc<dyn Store>> {
+    if cfg.database_url.is_some() {
+        // TODO(supabase): `mindroom_billing_supabase::PgStore::connect(url)` goes here.
+        bail!(
+            "DATABASE_URL is set, but the Postgres store is not wired into this build yet; unset it to run in memory"
+        );
+    }
+    if cfg.supabase_url.is_some() {
+        // TODO(supabase): `mindroom_billing_supabase::PostgrestStore::new(url, service_key)` goes here.
+        bail!(
+            "SUPABASE_URL is set, but the PostgREST store is not wired into this build yet; unset it to run in memory"
+        );
+    }
+    warn!("************************************************************************");
+    warn!("STORE IS IN MEMORY AND NOT DURABLE: events, subscriptions, instances and");
+    warn!("jobs are lost on restart. Set DATABASE_URL or SUPABASE_URL for production.");
+    warn!("************************************************************************");
+    Ok(Arc::new(MemoryStore::new()))
+}
+
+/// The provisioner: the Dokku provisioner service when `DOKKU_PROVISIONER_URL` is set, else dry run.
+pub(crate) fn build_provisioner(cfg: &Config) -> Result<Arc<dyn Provisioner>> {
+    if cfg.provisioner_url.is_some() {
+        // TODO(dokku): `mindroom_billing_dokku::DokkuProvisioner::new(DokkuConfig::new(url, key))` goes here.
+        bail!("DOKKU_PROVISIONER_URL is set, but the Dokku provisioner is not wired into this build yet");
+    }
+    warn!("no DOKKU_PROVISIONER_URL: dry-run provisioner (logs what it would do, provisions nothing)");
+    Ok(Arc::new(DryRunProvisioner::default()))
+}
+
+/// The notifier: Resend when `RESEND_API_KEY` is set, else e-mails are only logged.
+pub(crate) fn build_notifier(cfg: &Config) -> Result<Arc<dyn Notifier>> {
+    if cfg.resend_api_key.is_some() {
+        // TODO(resend): `mindroom_billing_resend::ResendNotifier::new(key, EMAIL_FROM)` goes here.
+        warn!("RESEND_API_KEY is set, but the Resend notifier is not wired into this build yet; e-mails are logged");
+    } else {
+        info!("no RESEND_API_KEY: e-mails are logged, not sent");
+    }
+    Ok(Arc::new(LogNotifier))
+}
+
+/// The billing service over the configured adapters. Without webhook secrets (operator commands
+/// that never verify), the verifier holds none and rejects everything.
+pub(crate) fn build_billing(cfg: &Config) -> Result<Arc<Billing>> {
+    let verifier = match &cfg.webhook_secrets {
+        Some(secrets) => Verifier::from_comma_separated(secrets.expose_secret()),
+        None => Verifier::new(std::iter::empty::<WebhookSecret>()),
+    }
+    .with_tolerance_secs(cfg.tolerance_secs);
+    let policy = Policy::default()
+        .with_prices(cfg.prices.clone())
+        .with_grace_period(chrono::Duration::days(cfg.grace_period_days));
+    let mut config = BillingConfig::new(verifier).with_policy(policy);
+    if let Some(email) = &cfg.admin_email {
+        config = config.with_admin_email(email.clone());
+    }
+    Ok(Arc::new(Billing::new(build_store(cfg)?, build_provisioner(cfg)?, build_notifier(cfg)?, config)))
+}

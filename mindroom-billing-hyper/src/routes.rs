@@ -1,0 +1,329 @@
+//! Routing and the route handlers.
+
+use std::error::Error as StdError;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_LENGTH};
+use http::{Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use mindroom_billing_core::service::error_chain;
+use mindroom_billing_core::{Disposition, Metric, ReceiveError, StoreError};
+use serde::Deserialize;
+use tokio::time::{Instant as TokioInstant, timeout_at};
+use tracing::{Instrument, debug, error, field, info, info_span, warn};
+use uuid::Uuid;
+
+use crate::ResponseBody;
+use crate::error::{ApiError, json, raw};
+use crate::state::AppState;
+
+const RECEIVED: &[u8] = br#"{"received":true}"#;
+const HEALTHY: &[u8] = br#"{"status":"healthy","service":"stripe-handler"}"#;
+const READY: &[u8] = br#"{"status":"ready"}"#;
+
+/// The routes, resolved from the path alone (the method is checked afterwards, for 405).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Route {
+    Webhook,
+    Health,
+    Ready,
+    Metrics,
+    Usage,
+    Entitlements(String),
+    Unmatched,
+}
+
+impl Route {
+    fn of(path: &str) -> Self {
+        match path {
+            "/webhooks/stripe" => Self::Webhook,
+            "/health" => Self::Health,
+            "/ready" => Self::Ready,
+            "/metrics" => Self::Metrics,
+            "/v1/usage" => Self::Usage,
+            _ => match path.strip_prefix("/v1/accounts/").and_then(|rest| rest.strip_suffix("/entitlements")) {
+                Some(id) if !id.is_empty() && !id.contains('/') => Self::Entitlements(id.to_owned()),
+                _ => Self::Unmatched,
+            },
+        }
+    }
+
+    /// Low-cardinality label for spans and metrics.
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Webhook => "/webhooks/stripe",
+            Self::Health => "/health",
+            Self::Ready => "/ready",
+            Self::Metrics => "/metrics",
+            Self::Usage => "/v1/usage",
+            Self::Entitlements(_) => "/v1/accounts/{id}/entitlements",
+            Self::Unmatched => "unmatched",
+        }
+    }
+
+    /// The one method the route answers.
+    fn method(&self) -> Option<&'static str> {
+        match self {
+            Self::Webhook | Self::Usage => Some("POST"),
+            Self::Health | Self::Ready | Self::Metrics | Self::Entitlements(_) => Some("GET"),
+            Self::Unmatched => None,
+        }
+    }
+}
+
+/// Handles one request: routes it, enforces the body limit and the time budget, and maps every
+/// outcome to a response. Never fails; generic over the request body so that hyper (`Incoming`),
+/// tower stacks and tests can all call it.
+pub async fn handle<B>(state: &AppState, req: Request<B>) -> Response<ResponseBody>
+where
+    B: Body,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    let started = Instant::now();
+    let route = Route::of(req.uri().path());
+    let label = route.label();
+    let span = info_span!("http", method = %req.method(), route = label, status = field::Empty,
+        event_id = field::Empty, event_type = field::Empty);
+    async move {
+        let deadline = TokioInstant::now() + state.request_timeout();
+        let response = match dispatch(state, route, req, deadline).await {
+            Ok(response) => response,
+            Err(e) => e.into_response(),
+        };
+        let status = response.status();
+        tracing::Span::current().record("status", status.as_u16());
+        metrics::counter!("billing_http_requests_total", "route" => label, "status" => status_label(status))
+            .increment(1);
+        metrics::histogram!("billing_http_request_seconds", "route" => label).record(started.elapsed().as_secs_f64());
+        debug!(elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX), "request done");
+        response
+    }
+    .instrument(span)
+    .await
+}
+
+fn status_label(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        200 => "200",
+        400 => "400",
+        401 => "401",
+        404 => "404",
+        405 => "405",
+        408 => "408",
+        413 => "413",
+        429 => "429",
+        500 => "500",
+        503 => "503",
+        _ => "other",
+    }
+}
+
+async fn dispatch<B>(
+    state: &AppState,
+    route: Route,
+    req: Request<B>,
+    deadline: TokioInstant,
+) -> Result<Response<ResponseBody>, ApiError>
+where
+    B: Body,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    let Some(allowed) = route.method() else { return Err(ApiError::NotFound) };
+    if req.method().as_str() != allowed {
+        return Err(ApiError::MethodNotAllowed(allowed));
+    }
+    match route {
+        Route::Webhook => webhook(state, req, deadline).await,
+        Route::Health => Ok(raw(StatusCode::OK, "application/json", Bytes::from_static(HEALTHY))),
+        Route::Ready => ready(state, deadline).await,
+        Route::Metrics => match state.metrics() {
+            Some(render) => Ok(raw(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", Bytes::from(render()))),
+            None => Err(ApiError::NotFound),
+        },
+        Route::Usage => {
+            authorize(state, &req)?;
+            usage(state, req, deadline).await
+        }
+        Route::Entitlements(id) => {
+            authorize(state, &req)?;
+            entitlements(state, &id, deadline).await
+        }
+        Route::Unmatched => Err(ApiError::NotFound),
+    }
+}
+
+/// Reads the whole body, at most `limit` bytes, before `deadline`. A declared `Content-Length` over
+/// the limit is refused before reading anything; a streamed body is cut off at the limit.
+async fn read_body<B>(req: Request<B>, limit: usize, deadline: TokioInstant) -> Result<Bytes, ApiError>
+where
+    B: Body,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > u64::try_from(limit).unwrap_or(u64::MAX)) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    match timeout_at(deadline, Limited::new(req.into_body(), limit).collect()).await {
+        Err(_) => Err(ApiError::BodyTimeout),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::PayloadTooLarge { limit }),
+        Ok(Err(e)) => {
+            debug!(error = %e, "request body could not be read");
+            Err(ApiError::BadRequest("request body could not be read".to_owned()))
+        }
+    }
+}
+
+async fn webhook<B>(
+    state: &AppState,
+    req: Request<B>,
+    deadline: TokioInstant,
+) -> Result<Response<ResponseBody>, ApiError>
+where
+    B: Body,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    // The header value is a credential-like MAC: it is read here and never logged.
+    let signature = match req.headers().get("stripe-signature").map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(v)) => Some(v.to_owned()),
+        Some(Err(_)) => return Err(ApiError::BadRequest("malformed Stripe-Signature header: not ASCII".to_owned())),
+    };
+    let body = read_body(req, state.body_limit(), deadline).await?;
+    let receipt = match timeout_at(deadline, state.billing().receive(signature.as_deref(), &body)).await {
+        Err(_) => {
+            warn!("webhook handling timed out");
+            return Err(ApiError::Unavailable("timed out; retry later"));
+        }
+        Ok(result) => result.map_err(receive_error)?,
+    };
+    let span = tracing::Span::current();
+    span.record("event_id", receipt.event_id.as_str());
+    span.record("event_type", receipt.event_type.as_str());
+    match &receipt.disposition {
+        Disposition::Failed(reason) => {
+            warn!(subscription_id = receipt.subscription_id.as_deref().unwrap_or(""), %reason,
+                "webhook recorded as failed; an admin alert is queued and it can be replayed");
+        }
+        d => info!(
+            subscription_id = receipt.subscription_id.as_deref().unwrap_or(""),
+            disposition = d.label(),
+            "webhook accepted"
+        ),
+    }
+    Ok(raw(StatusCode::OK, "application/json", Bytes::from_static(RECEIVED)))
+}
+
+fn receive_error(e: ReceiveError) -> ApiError {
+    match e {
+        ReceiveError::Signature(e) => {
+            info!(reason = e.reason(), "webhook signature rejected");
+            ApiError::BadRequest(e.to_string())
+        }
+        ReceiveError::Parse(e) => {
+            info!(error = %e, "verified webhook payload could not be parsed");
+            ApiError::BadRequest(e.to_string())
+        }
+        ReceiveError::Store(e) => store_error(&e),
+        other => {
+            error!(error = %error_chain(&other), "webhook failed");
+            ApiError::Internal
+        }
+    }
+}
+
+fn store_error(e: &StoreError) -> ApiError {
+    if e.is_retryable() {
+        warn!(error = %error_chain(e), "store unavailable");
+        ApiError::Unavailable("store unavailable; retry later")
+    } else {
+        error!(error = %error_chain(e), "store error");
+        ApiError::Internal
+    }
+}
+
+async fn ready(state: &AppState, deadline: TokioInstant) -> Result<Response<ResponseBody>, ApiError> {
+    match timeout_at(deadline, state.billing().store().ping()).await {
+        Ok(Ok(())) => Ok(raw(StatusCode::OK, "application/json", Bytes::from_static(READY))),
+        Ok(Err(e)) => {
+            warn!(error = %error_chain(&e), "not ready: store ping failed");
+            Err(ApiError::Unavailable("store unavailable"))
+        }
+        Err(_) => {
+            warn!("not ready: store ping timed out");
+            Err(ApiError::Unavailable("store unavailable"))
+        }
+    }
+}
+
+/// Checks `Authorization: Bearer <key>` in constant time. The token is never logged.
+fn authorize<B>(state: &AppState, req: &Request<B>) -> Result<(), ApiError> {
+    if !state.api_enabled() {
+        return Err(ApiError::Unavailable("internal API disabled: no API key configured"));
+    }
+    let token = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    match token.and_then(|t| state.check_token(t)) {
+        Some(true) => Ok(()),
+        _ => {
+            info!("internal API: missing or invalid bearer token");
+            Err(ApiError::Unauthorized)
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct UsageRequest {
+    account_id: Uuid,
+    metric: Metric,
+    count: u64,
+}
+
+async fn usage<B>(state: &AppState, req: Request<B>, deadline: TokioInstant) -> Result<Response<ResponseBody>, ApiError>
+where
+    B: Body,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    let body = read_body(req, state.body_limit(), deadline).await?;
+    let request: UsageRequest =
+        serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid usage request: {e}")))?;
+    let report =
+        match timeout_at(deadline, state.billing().consume_usage(request.account_id, request.metric, request.count))
+            .await
+        {
+            Err(_) => return Err(ApiError::Unavailable("timed out; retry later")),
+            Ok(result) => result.map_err(|e| store_error(&e))?,
+        };
+    let status = if report.allowed { StatusCode::OK } else { StatusCode::TOO_MANY_REQUESTS };
+    Ok(json(status, &report))
+}
+
+async fn entitlements(state: &AppState, id: &str, deadline: TokioInstant) -> Result<Response<ResponseBody>, ApiError> {
+    let account_id = Uuid::parse_str(id).map_err(|_| ApiError::BadRequest("account id is not a UUID".to_owned()))?;
+    match timeout_at(deadline, state.billing().entitlements(account_id)).await {
+        Err(_) => Err(ApiError::Unavailable("timed out; retry later")),
+        Ok(result) => Ok(json(StatusCode::OK, &result.map_err(|e| store_error(&e))?)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_resolve_from_the_path() {
+        assert_eq!(Route::of("/webhooks/stripe"), Route::Webhook);
+        assert_eq!(Route::of("/v1/accounts/abc/entitlements"), Route::Entitlements("abc".into()));
+        assert_eq!(Route::of("/v1/accounts//entitlements"), Route::Unmatched);
+        assert_eq!(Route::of("/v1/accounts/a/b/entitlements"), Route::Unmatched);
+        assert_eq!(Route::of("/webhooks/stripe/"), Route::Unmatched);
+        assert_eq!(Route::of("/"), Route::Unmatched);
+    }
+}
