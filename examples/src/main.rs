@@ -21,7 +21,7 @@ use mindroom_billing_core::signature::sign;
 use mindroom_billing_core::{Billing, WebhookSecret};
 use mindroom_billing_hyper::{AppState, serve};
 use secrecy::ExposeSecret;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{Config, LogFormat};
@@ -144,7 +144,6 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(run(cli.command, config)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            error!("{e:#}");
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }

@@ -207,6 +207,8 @@ where
             warn!(subscription_id = receipt.subscription_id.as_deref().unwrap_or(""), %reason,
                 "webhook recorded as failed; an admin alert is queued and it can be replayed");
         }
+        // A redelivery carries no news: keep it out of the info log.
+        Disposition::Duplicate => debug!("webhook accepted: duplicate"),
         d => info!(
             subscription_id = receipt.subscription_id.as_deref().unwrap_or(""),
             disposition = d.label(),
