@@ -17,11 +17,12 @@ URL=${URL:-http://127.0.0.1:3005/webhooks/stripe}
 THREADS=${THREADS:-2}
 CONNECTIONS=${CONNECTIONS:-64}
 DURATION=${DURATION:-20s}
-IDS=${IDS:-600000}
+export IDS=${IDS:-600000}
 SECRET=${STRIPE_WEBHOOK_SECRET:?set STRIPE_WEBHOOK_SECRET to the server\'s secret}
 SECRET=${SECRET%%,*}
 export LOAD_DIR=${LOAD_DIR:-/tmp/mindroom-load}
 export LOAD_MODE=$MODE
+export LOAD_THREADS=$THREADS
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 command -v wrk >/dev/null || { echo "wrk not found (Debian: apt-get install wrk)" >&2; exit 1; }
 

@@ -24,14 +24,15 @@ local n = 0
 local i = 0
 local counter = 0
 
-local thread_id = 0
-local thread_total = 1
+-- Set in each thread's state by setup() (globals: thread:set cannot reach locals).
+thread_id = 0
+thread_total = 1
 local threads = {}
 
 function setup(thread)
+  -- A thread starts (and runs init) right after its setup, so the total comes from the environment.
   thread:set("thread_id", #threads)
   table.insert(threads, thread)
-  for _, t in ipairs(threads) do t:set("thread_total", #threads) end
 end
 
 function init(args)
@@ -50,6 +51,7 @@ function init(args)
       n = n + 1
       sigs[n] = line
     end
+    thread_total = tonumber(os.getenv("LOAD_THREADS") or "1")
     i = thread_id
   end
 end
@@ -74,7 +76,8 @@ function done(summary, latency, requests)
   local e = summary.errors
   io.write(string.format("errors connect=%d read=%d write=%d status=%d timeout=%d\n", e.connect, e.read, e.write,
     e.status, e.timeout))
-  if mode == "distinct" and summary.requests > n then
-    io.write(string.format("note: %d requests > %d prepared ids: the rest were duplicates\n", summary.requests, n))
+  local ids = tonumber(os.getenv("IDS") or "0")
+  if mode == "distinct" and summary.requests > ids then
+    io.write(string.format("note: %d requests > %d prepared ids: the rest were duplicates\n", summary.requests, ids))
   end
 end
