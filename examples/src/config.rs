@@ -186,6 +186,9 @@ impl Config {
                 message: "required when SUPABASE_URL is set".into(),
             });
         }
+        if config.resend_api_key.is_some() && config.email_from.is_none() {
+            return Err(ConfigError { var: "EMAIL_FROM", message: "required when RESEND_API_KEY is set".into() });
+        }
         if config.provisioner_url.is_some() && config.provisioner_api_key.is_none() {
             return Err(ConfigError {
                 var: "PROVISIONER_API_KEY",

@@ -185,9 +185,9 @@ async fn run(command: Command, config: Config) -> Result<()> {
             println!("{}", response.text().await.unwrap_or_default());
             Ok(())
         }
-        Command::Events { command } => events(&*wiring::build_billing(&config)?, command).await,
+        Command::Events { command } => events(&*wiring::build_billing(&config).await?, command).await,
         Command::Jobs { command: JobsCommand::List { state, limit } } => {
-            let billing = wiring::build_billing(&config)?;
+            let billing = wiring::build_billing(&config).await?;
             let state = state
                 .map(|s| {
                     JobState::parse(&s).ok_or_else(|| anyhow!("unknown job state {s:?} (pending, running, done, dead)"))
@@ -304,7 +304,7 @@ async fn run_serve(config: Config, host: IpAddr) -> Result<()> {
         }
     });
 
-    let billing = wiring::build_billing(&config)?;
+    let billing = wiring::build_billing(&config).await?;
     info!(
         secrets = billing.config().verifier.secret_count(),
         tolerance_secs = config.tolerance_secs,

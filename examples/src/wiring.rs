@@ -3,18 +3,19 @@
 
 use std::sync::Arc;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use mindroom_billing_core::dryrun::{DryRunProvisioner, LogNotifier};
 use mindroom_billing_core::{
     Billing, BillingConfig, MemoryStore, Notifier, Policy, Provisioner, Store, Verifier, WebhookSecret,
 };
+use mindroom_billing_resend::{ResendConfig, ResendNotifier};
 use secrecy::ExposeSecret;
 use tracing::{info, warn};
 
 use crate::config::Config;
 
 /// The store: `DATABASE_URL` (direct Postgres) or `SUPABASE_URL` (PostgREST), else in memory.
-pub(crate) fn build_store(cfg: &Config) -> Result<Arc<dyn Store>> {
+pub(crate) async fn build_store(cfg: &Config) -> Result<Arc<dyn Store>> {
     if cfg.database_url.is_some() {
         // TODO(supabase): `mindroom_billing_supabase::PgStore::connect(url)` goes here.
         bail!(
@@ -46,18 +47,18 @@ pub(crate) fn build_provisioner(cfg: &Config) -> Result<Arc<dyn Provisioner>> {
 
 /// The notifier: Resend when `RESEND_API_KEY` is set, else e-mails are only logged.
 pub(crate) fn build_notifier(cfg: &Config) -> Result<Arc<dyn Notifier>> {
-    if cfg.resend_api_key.is_some() {
-        // TODO(resend): `mindroom_billing_resend::ResendNotifier::new(key, EMAIL_FROM)` goes here.
-        warn!("RESEND_API_KEY is set, but the Resend notifier is not wired into this build yet; e-mails are logged");
-    } else {
-        info!("no RESEND_API_KEY: e-mails are logged, not sent");
+    if let (Some(key), Some(from)) = (&cfg.resend_api_key, &cfg.email_from) {
+        let config = ResendConfig::new(key.expose_secret(), from.clone());
+        info!(from = %from, "e-mail through Resend");
+        return Ok(Arc::new(ResendNotifier::new(config).context("RESEND_API_KEY: building the Resend client")?));
     }
+    info!("no RESEND_API_KEY: e-mails are logged, not sent");
     Ok(Arc::new(LogNotifier))
 }
 
 /// The billing service over the configured adapters. Without webhook secrets (operator commands
 /// that never verify), the verifier holds none and rejects everything.
-pub(crate) fn build_billing(cfg: &Config) -> Result<Arc<Billing>> {
+pub(crate) async fn build_billing(cfg: &Config) -> Result<Arc<Billing>> {
     let verifier = match &cfg.webhook_secrets {
         Some(secrets) => Verifier::from_comma_separated(secrets.expose_secret()),
         None => Verifier::new(std::iter::empty::<WebhookSecret>()),
@@ -70,5 +71,5 @@ pub(crate) fn build_billing(cfg: &Config) -> Result<Arc<Billing>> {
     if let Some(email) = &cfg.admin_email {
         config = config.with_admin_email(email.clone());
     }
-    Ok(Arc::new(Billing::new(build_store(cfg)?, build_provisioner(cfg)?, build_notifier(cfg)?, config)))
+    Ok(Arc::new(Billing::new(build_store(cfg).await?, build_provisioner(cfg)?, build_notifier(cfg)?, config)))
 }
