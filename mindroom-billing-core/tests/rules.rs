@@ -160,7 +160,11 @@ fn grace_is_cleared_by_payment_or_a_return_to_active() {
         assert_eq!(d.outcome, Outcome::Applied, "{what}");
         assert!(run.state().grace.is_none(), "{what} clears the grace period");
         assert!(run.state().failures.is_empty(), "{what}");
-        assert_eq!(run.state().desired(at(failed + 30 * DAY)), running(Tier::Starter), "{what}: runs past the old deadline");
+        assert_eq!(
+            run.state().desired(at(failed + 30 * DAY)),
+            running(Tier::Starter),
+            "{what}: runs past the old deadline"
+        );
         // A later failure starts a new grace period, from its own time.
         run.apply(&inv_ev(3, "invoice.payment_failed", failed + 40 * DAY, "in_c"));
         assert_eq!(run.state().grace.unwrap().started_at, at(failed + 40 * DAY), "{what}");
