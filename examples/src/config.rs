@@ -1,9 +1,10 @@
 //! Configuration from environment variables (DESIGN §4), validated with messages naming the variable.
 
 use std::fmt;
+use std::time::Duration;
 
 use mindroom_billing_core::signature::DEFAULT_TOLERANCE_SECS;
-use mindroom_billing_core::{PriceCatalog, Tier};
+use mindroom_billing_core::{PriceCatalog, Tier, WorkerConfig};
 use secrecy::SecretString;
 
 /// A configuration error naming the variable.
@@ -66,6 +67,37 @@ pub(crate) struct Config {
     pub(crate) email_from: Option<String>,
     /// `STRIPE_SECRET_KEY` (accepted for compatibility; billing does not call the Stripe API).
     pub(crate) stripe_secret_key: Option<SecretString>,
+    /// `BILLING_*` tuning of the job worker (advanced; the defaults suit production).
+    pub(crate) worker: WorkerConfig,
+    /// `BILLING_REQUEST_TIMEOUT_SECS`: per-request timeout (body read + handling).
+    pub(crate) request_timeout: Duration,
+}
+
+/// Reads the advanced `BILLING_*` worker settings on top of the core's defaults.
+fn worker_from_env() -> Result<WorkerConfig, ConfigError> {
+    let d = WorkerConfig::default();
+    let ms = |name, default: Duration| {
+        parse(name, u64::try_from(default.as_millis()).unwrap_or(u64::MAX), "milliseconds").map(Duration::from_millis)
+    };
+    let secs =
+        |name, default: chrono::Duration| parse(name, default.num_seconds(), "seconds").map(chrono::Duration::seconds);
+    let worker = WorkerConfig {
+        concurrency: parse("BILLING_WORKER_CONCURRENCY", d.concurrency, "a number of job runners")?,
+        poll_interval: ms("BILLING_JOB_POLL_MS", d.poll_interval)?,
+        sweep_interval: ms("BILLING_SWEEP_INTERVAL_MS", d.sweep_interval)?,
+        lease: secs("BILLING_JOB_LEASE_SECS", d.lease)?,
+        backoff_base: ms("BILLING_JOB_BACKOFF_BASE_MS", d.backoff_base)?,
+        backoff_max: ms("BILLING_JOB_BACKOFF_MAX_MS", d.backoff_max)?,
+        max_attempts: parse("BILLING_JOB_MAX_ATTEMPTS", d.max_attempts, "a number of attempts")?,
+        unapplied_after: secs("BILLING_UNAPPLIED_AFTER_SECS", d.unapplied_after)?,
+    };
+    if worker.lease <= chrono::Duration::zero() {
+        return Err(ConfigError { var: "BILLING_JOB_LEASE_SECS", message: "must be positive".into() });
+    }
+    if worker.max_attempts == 0 {
+        return Err(ConfigError { var: "BILLING_JOB_MAX_ATTEMPTS", message: "must be at least 1".into() });
+    }
+    Ok(worker)
 }
 
 impl fmt::Debug for Config {
@@ -88,6 +120,8 @@ impl fmt::Debug for Config {
             .field("resend_api_key", &set(&self.resend_api_key))
             .field("email_from", &self.email_from)
             .field("stripe_secret_key", &set(&self.stripe_secret_key))
+            .field("worker", &self.worker)
+            .field("request_timeout", &self.request_timeout)
             .finish()
     }
 }
@@ -179,6 +213,8 @@ impl Config {
             resend_api_key: secret("RESEND_API_KEY"),
             email_from: var("EMAIL_FROM"),
             stripe_secret_key: secret("STRIPE_SECRET_KEY"),
+            worker: worker_from_env()?,
+            request_timeout: Duration::from_secs(parse("BILLING_REQUEST_TIMEOUT_SECS", 15_u64, "seconds")?),
         };
         if config.supabase_url.is_some() && config.supabase_service_key.is_none() {
             return Err(ConfigError {

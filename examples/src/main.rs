@@ -294,7 +294,16 @@ fn load_event(event: &str, new_id: bool) -> Result<Vec<u8>> {
 
 async fn run_serve(config: Config, host: IpAddr) -> Result<()> {
     config.require_serve()?;
-    let prometheus = PrometheusBuilder::new().install_recorder().context("installing the metrics recorder")?;
+    // Real histograms (with `_bucket` series), so alerts can aggregate quantiles across replicas.
+    let buckets = [
+        0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+        900.0, 3600.0,
+    ];
+    let prometheus = PrometheusBuilder::new()
+        .set_buckets(&buckets)
+        .context("histogram buckets")?
+        .install_recorder()
+        .context("installing the metrics recorder")?;
     let upkeep = prometheus.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -318,7 +327,8 @@ async fn run_serve(config: Config, host: IpAddr) -> Result<()> {
     let (stop_worker, worker_stopped) = tokio::sync::watch::channel(false);
     let worker = tokio::spawn(Arc::clone(&billing).run_background(worker_stopped));
 
-    let mut state = AppState::new(billing).with_metrics(move || prometheus.render());
+    let mut state =
+        AppState::new(billing).with_metrics(move || prometheus.render()).with_request_timeout(config.request_timeout);
     if let Some(key) = config.api_key.clone() {
         state = state.with_api_key(key);
     }

@@ -8,6 +8,7 @@ use mindroom_billing_core::dryrun::{DryRunProvisioner, LogNotifier};
 use mindroom_billing_core::{
     Billing, BillingConfig, MemoryStore, Notifier, Policy, Provisioner, Store, Verifier, WebhookSecret,
 };
+use mindroom_billing_dokku::{DokkuConfig, DokkuProvisioner};
 use mindroom_billing_resend::{ResendConfig, ResendNotifier};
 use secrecy::ExposeSecret;
 use tracing::{info, warn};
@@ -37,9 +38,11 @@ pub(crate) async fn build_store(cfg: &Config) -> Result<Arc<dyn Store>> {
 
 /// The provisioner: the Dokku provisioner service when `DOKKU_PROVISIONER_URL` is set, else dry run.
 pub(crate) fn build_provisioner(cfg: &Config) -> Result<Arc<dyn Provisioner>> {
-    if cfg.provisioner_url.is_some() {
-        // TODO(dokku): `mindroom_billing_dokku::DokkuProvisioner::new(DokkuConfig::new(url, key))` goes here.
-        bail!("DOKKU_PROVISIONER_URL is set, but the Dokku provisioner is not wired into this build yet");
+    if let (Some(url), Some(key)) = (&cfg.provisioner_url, &cfg.provisioner_api_key) {
+        let provisioner = DokkuProvisioner::new(DokkuConfig::new(url.clone(), key.expose_secret()))
+            .context("DOKKU_PROVISIONER_URL: building the provisioner client")?;
+        info!(url = %url, "provisioning through the Dokku provisioner service");
+        return Ok(Arc::new(provisioner));
     }
     warn!("no DOKKU_PROVISIONER_URL: dry-run provisioner (logs what it would do, provisions nothing)");
     Ok(Arc::new(DryRunProvisioner::default()))
@@ -67,7 +70,7 @@ pub(crate) async fn build_billing(cfg: &Config) -> Result<Arc<Billing>> {
     let policy = Policy::default()
         .with_prices(cfg.prices.clone())
         .with_grace_period(chrono::Duration::days(cfg.grace_period_days));
-    let mut config = BillingConfig::new(verifier).with_policy(policy);
+    let mut config = BillingConfig::new(verifier).with_policy(policy).with_worker(cfg.worker.clone());
     if let Some(email) = &cfg.admin_email {
         config = config.with_admin_email(email.clone());
     }

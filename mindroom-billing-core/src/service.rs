@@ -520,9 +520,14 @@ impl Billing {
             let (resolution, output) = match result {
                 Ok(output) => (JobResolution::Done, output),
                 Err(JobError::Retryable(error, retry_after)) if job.attempts < self.config.worker.max_attempts => {
-                    let delay = retry_after.unwrap_or_else(|| self.backoff(job.attempts));
+                    // A server's Retry-After is honoured, but never beyond the configured maximum.
+                    let delay = retry_after
+                        .map_or_else(|| self.backoff(job.attempts), |d| d.min(self.config.worker.backoff_max));
                     warn!(%error, retry_in_ms = delay.as_millis(), "job failed; will retry");
-                    let run_after = now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+                    let run_after = chrono::Duration::from_std(delay)
+                        .ok()
+                        .and_then(|d| now.checked_add_signed(d))
+                        .unwrap_or(DateTime::<Utc>::MAX_UTC);
                     (JobResolution::Retry { run_after, error }, JobOutput::default())
                 }
                 Err(JobError::Retryable(error, _) | JobError::Permanent(error)) => {
