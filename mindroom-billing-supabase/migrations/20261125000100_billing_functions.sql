@@ -78,6 +78,10 @@ as $$
 declare
     v_status text;
 begin
+    -- No WAL flush wait for this transaction (transaction-local, pooler-safe). Safe because the
+    -- webhook only answers 200 after the decision's commit, which is synchronous and flushes the WAL
+    -- in order, this record included; a record lost in a crash before that is redelivered by Stripe.
+    perform pg_catalog.set_config('synchronous_commit', 'off', true);
     insert into public.billing_events (id, type, created, api_version, livemode, payload, received_at)
     values (
         p ->> 'id',

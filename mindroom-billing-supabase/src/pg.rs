@@ -155,7 +155,10 @@ fn parse_options(url: &str, options: &PgStoreOptions) -> Result<(PgConnectOption
         .max_connections(options.max_connections.max(1))
         .min_connections(options.min_connections)
         .acquire_timeout(options.acquire_timeout)
-        .idle_timeout(options.idle_timeout);
+        .idle_timeout(options.idle_timeout)
+        // No extra round trip per call: a broken connection surfaces as an I/O error (Unavailable)
+        // and is discarded; the caller retries.
+        .test_before_acquire(false);
     Ok((connect, pool))
 }
 
