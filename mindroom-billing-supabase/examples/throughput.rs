@@ -1,5 +1,5 @@
 //! Events committed per second through `Billing::receive` (verify, parse, record, load, decide,
-//! commit) with 1, 4 and 16 concurrent senders, each event a new subscription (no CAS contention),
+//! commit) with 1, 4 and 16 concurrent senders, each event a new subscription of a new customer (no contention on one row),
 //! through `PgStore` and through `PostgrestStore` + the test gateway, on a scratch database.
 //!
 //! ```text
@@ -25,6 +25,7 @@ use secrecy::SecretString;
 const SECRET: &str = "whsec_throughput";
 const EVT: &str = "evt_1FxcB7WZ01zgkWrFwUFXakUx";
 const SUB: &str = "sub_1Pgc6rB7WZ01zgkWNy0Cn5nw";
+const CUS: &str = "cus_QXg1o8vcGmoR32";
 
 fn billing(store: Arc<dyn Store>) -> Billing {
     let policy =
@@ -50,7 +51,8 @@ async fn run(label: &str, billing: Arc<Billing>, senders: usize, seconds: u64, t
         tasks.spawn(async move {
             while Instant::now() < deadline {
                 let n = NEXT.fetch_add(1, Ordering::Relaxed);
-                let body = template.replace(EVT, &format!("evt_bench_{n}")).replace(SUB, &format!("sub_bench_{n}"));
+                let body = template.replace(EVT, &format!("evt_bench_{n}")).replace(SUB, &format!("sub_bench_{n}"))
+                    .replace(CUS, &format!("cus_bench_{n}"));
                 let header = sign(&WebhookSecret::new(SECRET), body.as_bytes(), Utc::now().timestamp());
                 let receipt = billing.receive(Some(&header), body.as_bytes()).await.unwrap();
                 assert_eq!(receipt.disposition, Disposition::Applied);
