@@ -18,6 +18,12 @@ use crate::wire::{Rpc, impl_store_via_rpc, retryable_sqlstate};
 /// Advisory lock key serializing migration runs across replicas (ASCII `mrbmigr1`).
 const MIGRATION_LOCK: i64 = 0x6d72_626d_6967_7231;
 
+/// Pooled connections idle at least this long are pinged before use.
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+
+/// How many times a call that failed on a broken connection is sent again on another one.
+const RECONNECT_RETRIES: usize = 2;
+
 /// Connection settings of a [`PgStore`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PgStoreOptions {
@@ -156,9 +162,17 @@ fn parse_options(url: &str, options: &PgStoreOptions) -> Result<(PgConnectOption
         .min_connections(options.min_connections)
         .acquire_timeout(options.acquire_timeout)
         .idle_timeout(options.idle_timeout)
-        // No extra round trip per call: a broken connection surfaces as an I/O error (Unavailable)
-        // and is discarded; the caller retries.
-        .test_before_acquire(false);
+        // No extra round trip per call under load; a connection idle for a while (e.g. across a
+        // database restart) is pinged first, and a broken one is replaced.
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_IF_IDLE_FOR {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        });
     Ok((connect, pool))
 }
 
@@ -245,12 +259,45 @@ impl PgStore {
     }
 }
 
+/// Whether an error is a broken connection (the pool drops it; another one may work).
+fn broken_connection(e: &StoreError) -> bool {
+    match e {
+        StoreError::Unavailable(source) => source
+            .downcast_ref::<sqlx::Error>()
+            .is_some_and(|e| matches!(e, sqlx::Error::Io(_) | sqlx::Error::Protocol(_))),
+        _ => false,
+    }
+}
+
 #[async_trait]
 impl Rpc for PgStore {
+    /// A call that failed on a broken connection (a database restart, a pooler recycling its
+    /// connections) is sent again on another one. Every function is safe to run again —
+    /// `record_event` and `commit` are idempotent by event id and version, `enqueue` by key,
+    /// `claim_jobs`/`finish_job` are fenced by lease and attempt — except `consume_usage`, which
+    /// is never re-sent (it would count twice).
     async fn call(&self, function: &'static str, p: Value) -> Result<Value, StoreError> {
+        let mut attempt = 0;
+        loop {
+            let result = self.call_once(function, &p).await;
+            match result {
+                Err(e)
+                    if attempt < RECONNECT_RETRIES && function != "billing_consume_usage" && broken_connection(&e) =>
+                {
+                    attempt += 1;
+                    tracing::debug!(function, attempt, "broken database connection; sending again");
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+impl PgStore {
+    async fn call_once(&self, function: &'static str, p: &Value) -> Result<Value, StoreError> {
         match self.query_timeout {
-            None => self.call_inner(function, &p).await,
-            Some(limit) => match tokio::time::timeout(limit, self.call_inner(function, &p)).await {
+            None => self.call_inner(function, p).await,
+            Some(limit) => match tokio::time::timeout(limit, self.call_inner(function, p)).await {
                 Ok(result) => result,
                 Err(_) => Err(StoreError::Unavailable(Box::new(TimedOut(function, limit)))),
             },
