@@ -51,7 +51,9 @@ async fn run(label: &str, billing: Arc<Billing>, senders: usize, seconds: u64, t
         tasks.spawn(async move {
             while Instant::now() < deadline {
                 let n = NEXT.fetch_add(1, Ordering::Relaxed);
-                let body = template.replace(EVT, &format!("evt_bench_{n}")).replace(SUB, &format!("sub_bench_{n}"))
+                let body = template
+                    .replace(EVT, &format!("evt_bench_{n}"))
+                    .replace(SUB, &format!("sub_bench_{n}"))
                     .replace(CUS, &format!("cus_bench_{n}"));
                 let header = sign(&WebhookSecret::new(SECRET), body.as_bytes(), Utc::now().timestamp());
                 let receipt = billing.receive(Some(&header), body.as_bytes()).await.unwrap();
