@@ -70,6 +70,8 @@ enum Command {
         #[arg(long)]
         new_id: bool,
     },
+    /// Apply the SQL migrations to `DATABASE_URL` (idempotent).
+    Migrate,
     /// Inspect and replay stored events.
     Events {
         #[command(subcommand)]
@@ -183,6 +185,19 @@ async fn run(command: Command, config: Config) -> Result<()> {
                 .with_context(|| format!("POST {url}"))?;
             println!("{}", response.status());
             println!("{}", response.text().await.unwrap_or_default());
+            Ok(())
+        }
+        Command::Migrate => {
+            let report = wiring::migrate(&config).await?;
+            println!(
+                "migrations: {} applied, {} already present ({} ms)",
+                report.applied.len(),
+                report.skipped.len(),
+                report.elapsed.as_millis()
+            );
+            for version in &report.applied {
+                println!("  applied {version}");
+            }
             Ok(())
         }
         Command::Events { command } => events(&*wiring::build_billing(&config).await?, command).await,

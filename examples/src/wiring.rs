@@ -10,6 +10,7 @@ use mindroom_billing_core::{
 };
 use mindroom_billing_dokku::{DokkuConfig, DokkuProvisioner};
 use mindroom_billing_resend::{ResendConfig, ResendNotifier};
+use mindroom_billing_supabase::{PgStore, PgStoreOptions, PostgrestOptions, PostgrestStore};
 use secrecy::ExposeSecret;
 use tracing::{info, warn};
 
@@ -17,17 +18,21 @@ use crate::config::Config;
 
 /// The store: `DATABASE_URL` (direct Postgres) or `SUPABASE_URL` (PostgREST), else in memory.
 pub(crate) async fn build_store(cfg: &Config) -> Result<Arc<dyn Store>> {
-    if cfg.database_url.is_some() {
-        // TODO(supabase): `mindroom_billing_supabase::PgStore::connect(url)` goes here.
-        bail!(
-            "DATABASE_URL is set, but the Postgres store is not wired into this build yet; unset it to run in memory"
-        );
+    if let Some(url) = &cfg.database_url {
+        if cfg.supabase_url.is_some() {
+            info!("both DATABASE_URL and SUPABASE_URL are set: using the direct Postgres store");
+        }
+        // Lazy: the server starts (and /ready answers 503) even while the database is down.
+        let store = PgStore::connect_lazy(url.expose_secret(), PgStoreOptions::default())
+            .context("DATABASE_URL: not a usable PostgreSQL URL")?;
+        info!("store: PostgreSQL (direct, DATABASE_URL)");
+        return Ok(Arc::new(store));
     }
-    if cfg.supabase_url.is_some() {
-        // TODO(supabase): `mindroom_billing_supabase::PostgrestStore::new(url, service_key)` goes here.
-        bail!(
-            "SUPABASE_URL is set, but the PostgREST store is not wired into this build yet; unset it to run in memory"
-        );
+    if let (Some(url), Some(key)) = (&cfg.supabase_url, &cfg.supabase_service_key) {
+        let store = PostgrestStore::new(url, key.clone(), PostgrestOptions::default())
+            .context("SUPABASE_URL: building the PostgREST client")?;
+        info!(url = %url, "store: Supabase (PostgREST RPC, SUPABASE_URL)");
+        return Ok(Arc::new(store));
     }
     warn!("************************************************************************");
     warn!("STORE IS IN MEMORY AND NOT DURABLE: events, subscriptions, instances and");
@@ -75,4 +80,17 @@ pub(crate) async fn build_billing(cfg: &Config) -> Result<Arc<Billing>> {
         config = config.with_admin_email(email.clone());
     }
     Ok(Arc::new(Billing::new(build_store(cfg).await?, build_provisioner(cfg)?, build_notifier(cfg)?, config)))
+}
+
+/// Applies the SQL migrations to `DATABASE_URL` (idempotent; safe to run from several replicas).
+pub(crate) async fn migrate(cfg: &Config) -> Result<mindroom_billing_supabase::MigrationReport> {
+    let Some(url) = &cfg.database_url else {
+        bail!("DATABASE_URL: required by `migrate` (migrations need a direct connection, not PostgREST)");
+    };
+    let store = PgStore::connect(url.expose_secret(), PgStoreOptions::default().with_max_connections(1))
+        .await
+        .context("DATABASE_URL: connecting")?;
+    let report = store.migrate().await.context("applying migrations")?;
+    store.close().await;
+    Ok(report)
 }
