@@ -1,0 +1,589 @@
+//! Harness for the end-to-end suite: replicas of the real binary, a recording stub provisioner,
+//! a TCP cutter in front of PostgreSQL, and a Stripe-like sender.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use mindroom_billing_core::ports::Store;
+use mindroom_billing_core::signature::{WebhookSecret, sign};
+use mindroom_billing_core::{Limits, Tier};
+use mindroom_billing_supabase::testing::TestDb;
+use rand::Rng;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::broadcast;
+
+pub const SECRET: &str = "whsec_e2e_secret";
+pub const PROVISIONER_KEY: &str = "e2e-provisioner-key";
+
+#[allow(clippy::disallowed_methods)]
+pub fn now_secs() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// The wire form of limits as the provisioner sees them.
+pub type WireLimits = (i64, i64, i64, f64);
+
+pub fn wire(limits: Limits) -> WireLimits {
+    (limits.agents.to_wire(), limits.messages_per_day.to_wire(), i64::from(limits.memory_mb), limits.cpu())
+}
+
+pub fn tier_wire(tier: Tier) -> WireLimits {
+    wire(tier.limits())
+}
+
+// ---- events -------------------------------------------------------------------------------------
+
+/// One event as Stripe would send it.
+#[derive(Clone, Debug)]
+pub struct SentEvent {
+    pub id: String,
+    pub body: String,
+}
+
+/// A subscription's life in the storm.
+#[derive(Clone, Debug)]
+pub struct Life {
+    pub sub: String,
+    pub customer: String,
+    pub start: i64,
+    pub first_price: String,
+    pub upgrade_to: Option<String>,
+    pub payment_failed: bool,
+    pub paid_after_failure: bool,
+    pub cancelled: bool,
+}
+
+fn subscription_event(id: &str, kind: &str, created: i64, life: &Life, status: &str, price: &str) -> SentEvent {
+    let canceled_at = if status == "canceled" { created.to_string() } else { "null".into() };
+    let body = format!(
+        r#"{{"id":"{id}","object":"event","api_version":"2026-07-29.dahlia","created":{created},"livemode":false,"pending_webhooks":1,"request":{{"id":null,"idempotency_key":null}},"type":"{kind}","data":{{"object":{{"id":"{sub}","object":"subscription","customer":"{cus}","status":"{status}","cancel_at_period_end":false,"canceled_at":{canceled_at},"trial_end":null,"metadata":{{"app_user_id":"user_{cus}"}},"items":{{"object":"list","data":[{{"id":"si_{sub}","object":"subscription_item","current_period_start":{created},"current_period_end":{end},"price":{{"id":"{price}","object":"price","lookup_key":null,"metadata":{{}},"unit_amount":4900,"currency":"usd"}}}}]}}}}}}}}"#,
+        sub = life.sub,
+        cus = life.customer,
+        end = created + 30 * 86_400,
+    );
+    SentEvent { id: id.into(), body }
+}
+
+fn invoice_event(id: &str, kind: &str, created: i64, life: &Life, invoice: &str, status: &str) -> SentEvent {
+    let body = format!(
+        r#"{{"id":"{id}","object":"event","api_version":"2026-07-29.dahlia","created":{created},"livemode":false,"pending_webhooks":1,"request":{{"id":null,"idempotency_key":null}},"type":"{kind}","data":{{"object":{{"id":"{invoice}","object":"invoice","customer":"{cus}","customer_email":"{cus}@example.com","status":"{status}","amount_due":4900,"currency":"usd","hosted_invoice_url":"https://invoice.stripe.com/i/{invoice}","parent":{{"type":"subscription_details","subscription_details":{{"subscription":"{sub}","metadata":{{}}}}}}}}}}}}"#,
+        sub = life.sub,
+        cus = life.customer,
+    );
+    SentEvent { id: id.into(), body }
+}
+
+/// The events of one life, in Stripe's order.
+pub fn life_events(life: &Life) -> Vec<SentEvent> {
+    let s = &life.sub;
+    let t = life.start;
+    let mut events = vec![
+        subscription_event(
+            &format!("evt_{s}_created"),
+            "customer.subscription.created",
+            t,
+            life,
+            "active",
+            &life.first_price,
+        ),
+        invoice_event(&format!("evt_{s}_paid1"), "invoice.paid", t + 1, life, &format!("in_{s}_1"), "paid"),
+    ];
+    let mut price = life.first_price.clone();
+    if let Some(up) = &life.upgrade_to {
+        price.clone_from(up);
+        events.push(subscription_event(
+            &format!("evt_{s}_updated"),
+            "customer.subscription.updated",
+            t + 10,
+            life,
+            "active",
+            up,
+        ));
+    }
+    if life.payment_failed {
+        events.push(invoice_event(
+            &format!("evt_{s}_failed"),
+            "invoice.payment_failed",
+            t + 20,
+            life,
+            &format!("in_{s}_2"),
+            "open",
+        ));
+        if life.paid_after_failure {
+            events.push(invoice_event(
+                &format!("evt_{s}_paid2"),
+                "invoice.paid",
+                t + 30,
+                life,
+                &format!("in_{s}_2"),
+                "paid",
+            ));
+        }
+    }
+    if life.cancelled {
+        events.push(subscription_event(
+            &format!("evt_{s}_deleted"),
+            "customer.subscription.deleted",
+            t + 40,
+            life,
+            "canceled",
+            &price,
+        ));
+    }
+    events
+}
+
+/// Subscription created, then a payment failure at `failed_at`.
+pub fn grace_events(life: &Life, failed_at: i64) -> Vec<SentEvent> {
+    let s = &life.sub;
+    vec![
+        subscription_event(
+            &format!("evt_{s}_created"),
+            "customer.subscription.created",
+            life.start,
+            life,
+            "active",
+            &life.first_price,
+        ),
+        invoice_event(
+            &format!("evt_{s}_failed"),
+            "invoice.payment_failed",
+            failed_at,
+            life,
+            &format!("in_{s}_2"),
+            "open",
+        ),
+    ]
+}
+
+// ---- stub provisioner ---------------------------------------------------------------------------
+
+/// What the stub knows of one app.
+#[derive(Clone, Debug, Default)]
+pub struct AppRecord {
+    pub provision_keys: HashSet<String>,
+    pub alive: bool,
+    pub deprovisions: u32,
+    pub limits: Option<WireLimits>,
+}
+
+#[derive(Default)]
+struct StubState {
+    apps: HashMap<String, AppRecord>,
+    fail_until: Option<Instant>,
+    delay: Duration,
+    calls: u64,
+}
+
+/// A local HTTP server speaking the Dokku provisioner's wire contract; it records every call.
+#[derive(Clone)]
+pub struct StubProvisioner {
+    state: Arc<Mutex<StubState>>,
+    pub url: String,
+}
+
+fn json(status: u16, body: serde_json::Value) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap()
+}
+
+fn limits_of(v: &serde_json::Value) -> Option<WireLimits> {
+    let l = v.get("limits")?;
+    Some((l["agents"].as_i64()?, l["messagesPerDay"].as_i64()?, l["memoryMb"].as_i64()?, l["cpuLimit"].as_f64()?))
+}
+
+impl StubProvisioner {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let state = Arc::new(Mutex::new(StubState::default()));
+        let shared = Arc::clone(&state);
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let state = Arc::clone(&shared);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let state = Arc::clone(&state);
+                        async move { Ok::<_, std::convert::Infallible>(Self::handle(&state, req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self { state, url }
+    }
+
+    async fn handle(state: &Mutex<StubState>, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+        let (parts, body) = req.into_parts();
+        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let (delay, failing) = {
+            let mut s = state.lock().unwrap();
+            s.calls += 1;
+            (s.delay, s.fail_until.is_some_and(|u| Instant::now() < u))
+        };
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        if failing {
+            return json(503, serde_json::json!({"error": "provisioner down"}));
+        }
+        if parts.headers.get("x-api-key").and_then(|v| v.to_str().ok()) != Some(PROVISIONER_KEY) {
+            return json(401, serde_json::json!({"error": "bad api key"}));
+        }
+        let key = parts.headers.get("idempotency-key").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) else {
+            return json(400, serde_json::json!({"error": "invalid json"}));
+        };
+        let app = v["appName"].as_str().unwrap_or_default().to_owned();
+        let mut s = state.lock().unwrap();
+        match (parts.method.as_str(), parts.uri.path()) {
+            ("POST", "/provision") => {
+                let record = s.apps.entry(app.clone()).or_default();
+                record.provision_keys.insert(key);
+                record.alive = true;
+                record.limits = limits_of(&v);
+                json(
+                    200,
+                    serde_json::json!({"appName": app, "subdomain": format!("{app}.test"),
+                    "frontendUrl": format!("https://{app}.test"), "backendUrl": format!("https://api.{app}.test")}),
+                )
+            }
+            ("PUT", "/update") => match s.apps.get_mut(&app) {
+                Some(r) if r.alive => {
+                    r.limits = limits_of(&v);
+                    json(200, serde_json::json!({"ok": true}))
+                }
+                _ => json(404, serde_json::json!({"error": "no such app"})),
+            },
+            ("DELETE", "/deprovision") => match s.apps.get_mut(&app) {
+                Some(r) if r.alive => {
+                    r.alive = false;
+                    r.deprovisions += 1;
+                    json(200, serde_json::json!({"ok": true}))
+                }
+                _ => json(404, serde_json::json!({"error": "no such app"})),
+            },
+            _ => json(404, serde_json::json!({"error": "not found"})),
+        }
+    }
+
+    pub fn apps(&self) -> HashMap<String, AppRecord> {
+        self.state.lock().unwrap().apps.clone()
+    }
+
+    pub fn fail_for(&self, d: Duration) {
+        self.state.lock().unwrap().fail_until = Some(Instant::now() + d);
+    }
+
+    pub fn set_delay(&self, d: Duration) {
+        self.state.lock().unwrap().delay = d;
+    }
+}
+
+// ---- TCP cutter ---------------------------------------------------------------------------------
+
+/// A TCP forwarder in front of PostgreSQL that can simulate the database going away.
+pub struct TcpCutter {
+    pub addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    kill: broadcast::Sender<()>,
+}
+
+impl TcpCutter {
+    pub async fn start(upstream: String) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let (kill, _) = broadcast::channel(4);
+        let (cut2, kill2) = (Arc::clone(&cut), kill.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { continue };
+                if cut2.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let upstream = upstream.clone();
+                let mut killed = kill2.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(&upstream).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = killed.recv() => {}
+                    }
+                });
+            }
+        });
+        Self { addr, cut, kill }
+    }
+
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        let _ = self.kill.send(());
+    }
+
+    pub fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+// ---- the cluster --------------------------------------------------------------------------------
+
+pub struct ClusterOptions {
+    pub replicas: usize,
+    pub provisioner_url: String,
+    pub prices: Vec<String>,
+    pub db_cutter: bool,
+}
+
+impl ClusterOptions {
+    pub fn new(stub: &StubProvisioner, prices: &[&str]) -> Self {
+        Self {
+            replicas: 3,
+            provisioner_url: stub.url.clone(),
+            prices: prices.iter().map(|p| (*p).to_owned()).collect(),
+            db_cutter: false,
+        }
+    }
+}
+
+struct Replica {
+    child: Child,
+    addr: SocketAddr,
+    alive: bool,
+}
+
+/// N `mindroom-billing serve` processes on one fresh database.
+pub struct Cluster {
+    db: TestDb,
+    replicas: Vec<Replica>,
+    cutter: Option<TcpCutter>,
+    client: reqwest::Client,
+    secret: WebhookSecret,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn host_port(url: &str) -> (usize, usize) {
+    let start = url.find('@').map_or_else(|| url.find("://").unwrap() + 3, |i| i + 1);
+    let end = start + url[start..].find('/').unwrap();
+    (start, end)
+}
+
+impl Cluster {
+    pub async fn start(options: ClusterOptions) -> Self {
+        let db = TestDb::create().await.expect("fresh database");
+        let bin = env!("CARGO_BIN_EXE_mindroom-billing");
+        let status =
+            Command::new(bin).arg("migrate").env("DATABASE_URL", db.url()).env_remove("SUPABASE_URL").status().unwrap();
+        assert!(status.success(), "migrate failed");
+        let (cutter, replica_db_url) = if options.db_cutter {
+            let (s, e) = host_port(db.url());
+            let cutter = TcpCutter::start(db.url()[s..e].to_owned()).await;
+            let url = format!("{}{}{}", &db.url()[..s], cutter.addr, &db.url()[e..]);
+            (Some(cutter), url)
+        } else {
+            (None, db.url().to_owned())
+        };
+        let mut replicas = Vec::new();
+        for i in 0..options.replicas {
+            let port = free_port();
+            let log =
+                std::fs::File::create(std::env::temp_dir().join(format!("mrb-e2e-{}-{i}.log", db.name()))).unwrap();
+            let child = Command::new(bin)
+                .arg("serve")
+                .env_clear()
+                .env("PATH", std::env::var("PATH").unwrap_or_default())
+                .env("PORT", port.to_string())
+                .env("DATABASE_URL", &replica_db_url)
+                .env("STRIPE_WEBHOOK_SECRET", SECRET)
+                .env("STRIPE_PRICE_STARTER", &options.prices[0])
+                .env("STRIPE_PRICE_PRO", &options.prices[1])
+                .env("DOKKU_PROVISIONER_URL", &options.provisioner_url)
+                .env("PROVISIONER_API_KEY", PROVISIONER_KEY)
+                .env("BILLING_API_KEY", "e2e-billing-key")
+                .env("LOG_FORMAT", "json")
+                .env("RUST_LOG", "warn")
+                .env("BILLING_WORKER_CONCURRENCY", "4")
+                .env("BILLING_JOB_POLL_MS", "100")
+                .env("BILLING_SWEEP_INTERVAL_MS", "500")
+                .env("BILLING_JOB_LEASE_SECS", "5")
+                .env("BILLING_JOB_BACKOFF_BASE_MS", "200")
+                .env("BILLING_JOB_BACKOFF_MAX_MS", "3000")
+                .env("BILLING_JOB_MAX_ATTEMPTS", "100")
+                .env("BILLING_UNAPPLIED_AFTER_SECS", "2")
+                .env("BILLING_REQUEST_TIMEOUT_SECS", "5")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap();
+            replicas.push(Replica { child, addr: SocketAddr::from(([127, 0, 0, 1], port)), alive: true });
+        }
+        let cluster = Self { db, replicas, cutter, client: reqwest::Client::new(), secret: WebhookSecret::new(SECRET) };
+        for i in 0..cluster.replicas.len() {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Ok(r) = cluster.client.get(cluster.url(i, "/health")).send().await {
+                    if r.status() == 200 {
+                        break;
+                    }
+                }
+                assert!(Instant::now() < deadline, "replica {i} did not start");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        cluster
+    }
+
+    pub fn url(&self, i: usize, path: &str) -> String {
+        format!("http://{}{path}", self.replicas[i].addr)
+    }
+
+    pub fn addr(&self, i: usize) -> SocketAddr {
+        self.replicas[i].addr
+    }
+
+    pub fn sign(&self, body: &[u8], t: i64) -> String {
+        sign(&self.secret, body, t)
+    }
+
+    pub fn db_cutter(&self) -> Option<&TcpCutter> {
+        self.cutter.as_ref()
+    }
+
+    /// SIGKILL, no goodbye.
+    pub fn kill_replica(&mut self, i: usize) {
+        let r = &mut self.replicas[i];
+        r.child.kill().unwrap();
+        let _ = r.child.wait();
+        r.alive = false;
+    }
+
+    fn live(&self) -> Vec<usize> {
+        (0..self.replicas.len()).filter(|i| self.replicas[*i].alive).collect()
+    }
+
+    /// Sends once to a random live replica; returns the HTTP status (0 on connection error).
+    async fn deliver(&self, event: &SentEvent) -> u16 {
+        let live = self.live();
+        let i = live[rand::thread_rng().gen_range(0..live.len())];
+        let header = self.sign(event.body.as_bytes(), now_secs());
+        match self
+            .client
+            .post(self.url(i, "/webhooks/stripe"))
+            .header("Stripe-Signature", header)
+            .body(event.body.clone())
+            .send()
+            .await
+        {
+            Ok(r) => r.status().as_u16(),
+            Err(_) => 0,
+        }
+    }
+
+    pub async fn send_once(&self, events: &[SentEvent]) -> Vec<u16> {
+        let mut out = Vec::new();
+        for e in events {
+            out.push(self.deliver(e).await);
+        }
+        out
+    }
+
+    /// Delivers every event, `concurrency` at a time, redelivering until a 200 like Stripe does.
+    pub async fn send_all(&self, events: &[SentEvent], concurrency: usize) {
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let worker = || async {
+            loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                let Some(event) = events.get(i) else { break };
+                let mut attempts = 0;
+                loop {
+                    let status = self.deliver(event).await;
+                    if status == 200 {
+                        break;
+                    }
+                    attempts += 1;
+                    assert!(attempts < 120, "event {} never accepted (last status {status})", event.id);
+                    assert!(matches!(status, 0 | 500 | 503), "unexpected status {status} for {}", event.id);
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        };
+        let workers: Vec<_> = (0..concurrency).map(|_| worker()).collect();
+        futures_join_all(workers).await;
+    }
+
+    pub async fn store(&self) -> Arc<dyn Store> {
+        support_store(self.db.url()).await
+    }
+
+    /// Waits until no job is pending or running and no event waits to be applied.
+    pub async fn wait_for_quiet(&self, timeout: Duration) {
+        let store = self.store().await;
+        let deadline = Instant::now() + timeout;
+        let mut quiet_polls = 0;
+        loop {
+            let counts = store.job_counts().await.unwrap();
+            let unapplied = store
+                .list_events(&mindroom_billing_core::ports::EventFilter {
+                    status: Some(mindroom_billing_core::EventStatus::Received),
+                    limit: 1,
+                })
+                .await
+                .unwrap();
+            if counts.pending == 0 && counts.running == 0 && unapplied.is_empty() {
+                quiet_polls += 1;
+                if quiet_polls >= 3 {
+                    return;
+                }
+            } else {
+                quiet_polls = 0;
+            }
+            assert!(Instant::now() < deadline, "not quiet after {timeout:?}: {counts:?}");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for r in &mut self.replicas {
+            let _ = r.child.kill();
+            let _ = r.child.wait();
+        }
+    }
+}
+
+async fn futures_join_all<F: std::future::Future<Output = ()>>(futures: Vec<F>) {
+    let mut pinned: Vec<_> = futures.into_iter().map(Box::pin).collect();
+    std::future::poll_fn(|cx| {
+        pinned.retain_mut(|f| f.as_mut().poll(cx).is_pending());
+        if pinned.is_empty() { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
+    })
+    .await;
+}
+
+/// A direct store on the test database (adapted to the Supabase crate's constructor).
+async fn support_store(url: &str) -> Arc<dyn Store> {
+    let store = mindroom_billing_supabase::PgStore::connect(url, mindroom_billing_supabase::PgStoreOptions::default())
+        .await
+        .expect("test store");
+    Arc::new(store)
+}
