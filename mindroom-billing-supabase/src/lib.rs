@@ -1,4 +1,5 @@
-//! The supabase adapter of mindroom-billing (work in progress).
+//! The durable store of mindroom-billing on Supabase (PostgreSQL): SQL migrations, a direct
+//! Postgres client ([`PgStore`]) and a PostgREST client ([`PostgrestStore`]) over the same SQL functions.
 
 /// Test helpers: throwaway PostgreSQL databases and a PostgREST-compatible RPC gateway.
 #[cfg(feature = "test-util")]

@@ -1,8 +1,8 @@
 //! Test helpers (feature `test-util`).
 //!
-//! * [`TestDb`]: a freshly created, uniquely named PostgreSQL database (plus the Supabase roles
+//! * [`TestDb`](crate::testing::TestDb): a freshly created, uniquely named PostgreSQL database (plus the Supabase roles
 //!   `anon`, `authenticated`, `service_role`, `authenticator`), dropped afterwards.
-//! * [`Gateway`]: a PostgREST-compatible RPC gateway (`POST {base_url}/rest/v1/rpc/<fn>`) in
+//! * [`Gateway`](crate::testing::Gateway): a PostgREST-compatible RPC gateway (`POST {base_url}/rest/v1/rpc/<fn>`) in
 //!   front of a real PostgreSQL, following `POSTGREST.md` §7.
 //!
 //! The admin connection string comes from `DATABASE_URL`, else
