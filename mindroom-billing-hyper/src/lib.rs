@@ -1,3 +1,5 @@
+#![doc = include_str!("../README.md")]
+//!
 //! The HTTP adapter of mindroom-billing, on hyper 1.x.
 //!
 //! It exposes the routes of the billing service (DESIGN §4):
