@@ -71,7 +71,14 @@ pub(crate) struct Config {
     pub(crate) worker: WorkerConfig,
     /// `BILLING_REQUEST_TIMEOUT_SECS`: per-request timeout (body read + handling).
     pub(crate) request_timeout: Duration,
+    /// Whether `webhook_secrets` is the built-in development secret (see [`DEV_WEBHOOK_SECRET`]).
+    pub(crate) dev_secret: bool,
 }
+
+/// The signing secret used when `STRIPE_WEBHOOK_SECRET` is unset in the fully embedded set-up (in-memory
+/// store, dry-run provisioner): then nothing real can be reached with a forged event, and
+/// `serve` + `send` work out of the box. With any real store or provisioner the variable is required.
+pub(crate) const DEV_WEBHOOK_SECRET: &str = "whsec_mindroom_billing_local_dev_only";
 
 /// Reads the advanced `BILLING_*` worker settings on top of the core's defaults.
 fn worker_from_env() -> Result<WorkerConfig, ConfigError> {
@@ -215,7 +222,15 @@ impl Config {
             stripe_secret_key: secret("STRIPE_SECRET_KEY"),
             worker: worker_from_env()?,
             request_timeout: Duration::from_secs(parse("BILLING_REQUEST_TIMEOUT_SECS", 15_u64, "seconds")?),
+            dev_secret: false,
         };
+        let mut config = config;
+        let embedded =
+            config.database_url.is_none() && config.supabase_url.is_none() && config.provisioner_url.is_none();
+        if config.webhook_secrets.is_none() && embedded {
+            config.webhook_secrets = Some(SecretString::from(DEV_WEBHOOK_SECRET));
+            config.dev_secret = true;
+        }
         if config.supabase_url.is_some() && config.supabase_service_key.is_none() {
             return Err(ConfigError {
                 var: "SUPABASE_SERVICE_KEY",
@@ -238,7 +253,8 @@ impl Config {
     pub(crate) fn require_serve(&self) -> Result<&SecretString, ConfigError> {
         self.webhook_secrets.as_ref().ok_or(ConfigError {
             var: "STRIPE_WEBHOOK_SECRET",
-            message: "required: the endpoint's signing secret (whsec_…), several comma-separated during a rotation"
+            message: "required with a real store or provisioner: the endpoint's signing secret (whsec_…), several \
+                      comma-separated during a rotation"
                 .into(),
         })
     }

@@ -309,6 +309,13 @@ fn load_event(event: &str, new_id: bool) -> Result<Vec<u8>> {
 
 async fn run_serve(config: Config, host: IpAddr) -> Result<()> {
     config.require_serve()?;
+    if config.dev_secret {
+        warn!(
+            secret = config::DEV_WEBHOOK_SECRET,
+            "STRIPE_WEBHOOK_SECRET is unset: using the built-in DEVELOPMENT signing secret (embedded mode only). \
+             `mindroom-billing send <event-type>` signs with it; set STRIPE_WEBHOOK_SECRET for real Stripe events"
+        );
+    }
     // Real histograms (with `_bucket` series), so alerts can aggregate quantiles across replicas.
     let buckets = [
         0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
