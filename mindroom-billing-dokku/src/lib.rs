@@ -1,43 +1,4 @@
-//! The [`Provisioner`] port of mindroom-billing over the Dokku provisioner service's HTTP API.
-//!
-//! Wire contract (DESIGN §4), every call with the headers `X-API-Key` and `Idempotency-Key`:
-//!
-//! | call | request | success |
-//! |---|---|---|
-//! | [`Provisioner::provision`] | `POST {url}/provision` `{"subscriptionId","accountId","tier","limits","stripeSubscriptionId","stripeCustomerId","appName"}` | 2xx `{"appName","subdomain","frontendUrl","backendUrl"}` |
-//! | [`Provisioner::update_limits`] | `PUT {url}/update` `{"appName","limits"}` | 2xx (body ignored) |
-//! | [`Provisioner::deprovision`] | `DELETE {url}/deprovision` `{"appName"}` | 2xx, or 404/410 (already gone) |
-//!
-//! `limits` is `{"agents","messagesPerDay","memoryMb","cpuLimit"}` with `-1` for unlimited and the CPU
-//! as a fraction of cores (`0.25`). `subscriptionId` and `stripeSubscriptionId` both carry the Stripe
-//! subscription id (`sub_…`): the original service keys on the former, the latter is explicit.
-//!
-//! Outcomes are classified for the core's job worker, which owns the retry schedule:
-//!
-//! | outcome | error |
-//! |---|---|
-//! | connect error, timeout, connection reset | [`ProvisionError::Retryable`] |
-//! | 408, 429, 5xx | [`ProvisionError::Retryable`] with the server's `Retry-After` (seconds or HTTP-date, capped at one day) |
-//! | other 3xx/4xx (redirects are not followed) | [`ProvisionError::Permanent`] |
-//! | a 2xx provision answer that is not the expected JSON object | [`ProvisionError::Permanent`] |
-//!
-//! The client itself retries exactly once, immediately, when the connection was reset or closed before
-//! an answer arrived (a stale keep-alive connection, a restarting proxy); the idempotency key and the
-//! deterministic app name make that safe. Error messages name the call, the status and a short,
-//! sanitised snippet of the response body; they never contain the API key.
-//!
-//! A provision answer without `appName` falls back to the app name that was requested (the request
-//! fixes it, and the original service does not always echo it). An answer naming a different app is
-//! taken as the truth (that is the app that exists) and logged.
-//!
-//! ```no_run
-//! use std::time::Duration;
-//! use mindroom_billing_dokku::{DokkuConfig, DokkuProvisioner};
-//!
-//! let config = DokkuConfig::new("https://provisioner.internal", "secret-key").with_timeout(Duration::from_secs(20));
-//! let provisioner = DokkuProvisioner::new(config)?;
-//! # Ok::<(), mindroom_billing_dokku::DokkuError>(())
-//! ```
+#![doc = include_str!("../README.md")]
 
 use std::fmt;
 use std::time::{Duration, SystemTime};

@@ -1,25 +1,4 @@
-//! The [`Notifier`] port of mindroom-billing over the [Resend](https://resend.com) e-mail API, and
-//! the e-mail templates ([`render`]).
-//!
-//! Each notification is one `POST {base}/emails` with `Authorization: Bearer <key>`, the
-//! notification's idempotency key as `Idempotency-Key` (Resend answers a repeated key with the first
-//! result instead of sending again, for 24 hours), and the JSON body
-//! `{"from","to":[…],"subject","text","html"}`.
-//!
-//! | outcome | error |
-//! |---|---|
-//! | 2xx | sent |
-//! | connect error, timeout, 408, 429, 5xx, 409 `concurrent_idempotent_requests` | [`NotifyError::Retryable`] |
-//! | any other 3xx/4xx (redirects are not followed) | [`NotifyError::Permanent`] |
-//!
-//! Error messages carry the status and a short snippet of Resend's answer, never the API key.
-//!
-//! ```no_run
-//! use mindroom_billing_resend::{ResendConfig, ResendNotifier};
-//!
-//! let notifier = ResendNotifier::new(ResendConfig::new("re_123", "MindRoom <billing@mindroom.chat>"))?;
-//! # Ok::<(), mindroom_billing_resend::ResendError>(())
-//! ```
+#![doc = include_str!("../README.md")]
 
 use std::fmt;
 use std::time::Duration;

@@ -1,5 +1,4 @@
-//! The durable store of mindroom-billing on Supabase (PostgreSQL): SQL migrations, a direct
-//! Postgres client ([`PgStore`]) and a PostgREST client ([`PostgrestStore`]) over the same SQL functions.
+#![doc = include_str!("../README.md")]
 
 /// Test helpers: throwaway PostgreSQL databases and a PostgREST-compatible RPC gateway.
 #[cfg(feature = "test-util")]
