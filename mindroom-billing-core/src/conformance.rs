@@ -75,6 +75,27 @@ where
     usage_is_atomic_and_limited(fresh().await).await;
     grace_and_unapplied_queries(fresh().await).await;
     accounts_and_listing(fresh().await).await;
+    record_and_load_returns_the_aggregate(fresh().await).await;
+}
+
+/// `record_and_load` records like `record_event` and hands back the aggregate unless the event is done.
+pub async fn record_and_load_returns_the_aggregate(store: Arc<dyn Store>) {
+    let (recorded, state) = store.record_and_load(&new_event("evt_rl", "{}", t0()), Some("sub_rl")).await.unwrap();
+    assert_eq!((recorded, state), (Recorded::Fresh, None), "unknown subscription: no aggregate");
+    store.commit(&commit_for(Some("evt_rl"), Some(state_of("sub_rl")), vec![])).await.unwrap();
+    let (recorded, state) = store.record_and_load(&new_event("evt_rl2", "{}", t0()), Some("sub_rl")).await.unwrap();
+    assert_eq!(recorded, Recorded::Fresh);
+    let state = state.expect("the aggregate is loaded with the record");
+    assert_eq!((state.subscription_id.as_str(), state.version), ("sub_rl", 1));
+    let (recorded, state) = store.record_and_load(&new_event("evt_rl2", "{}", t0()), None).await.unwrap();
+    assert_eq!((recorded, state), (Recorded::Pending(EventStatus::Received), None), "no subscription asked");
+    let (recorded, state) = store.record_and_load(&new_event("evt_rl", "{}", t0()), Some("sub_rl")).await.unwrap();
+    assert_eq!((recorded, state), (Recorded::Done(EventStatus::Applied), None), "a duplicate loads nothing");
+    assert_eq!(store.load_event("evt_rl").await.unwrap().unwrap().deliveries, 2);
+}
+
+fn state_of(id: &str) -> SubscriptionState {
+    state(id)
 }
 
 /// Recording twice stores one event, keeps the bytes exactly and reports the second as pending.

@@ -67,6 +67,23 @@ pub trait Store: Send + Sync + 'static {
     /// of concurrent calls for one id gets `Fresh`. The payload is kept byte for byte.
     async fn record_event(&self, event: &NewEvent<'_>) -> Result<Recorded, StoreError>;
 
+    /// Records an event (exactly as [`Store::record_event`]) and, unless it is already done, loads the
+    /// aggregate of `subscription_id` — the webhook's hot path. The loaded aggregate is only the
+    /// starting point of a compare-and-swap, so it may be read in the same transaction or just after.
+    /// Stores that can do both in one round trip override this; the default makes two calls.
+    async fn record_and_load(
+        &self,
+        event: &NewEvent<'_>,
+        subscription_id: Option<&str>,
+    ) -> Result<(Recorded, Option<SubscriptionState>), StoreError> {
+        let recorded = self.record_event(event).await?;
+        let state = match (recorded, subscription_id) {
+            (Recorded::Done(_), _) | (_, None) => None,
+            (_, Some(id)) => self.load_subscription(id).await?,
+        };
+        Ok((recorded, state))
+    }
+
     /// Loads a stored event.
     async fn load_event(&self, id: &str) -> Result<Option<StoredEvent>, StoreError>;
 

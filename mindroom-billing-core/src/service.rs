@@ -366,21 +366,19 @@ impl Billing {
             let lag = (now - event.created).num_milliseconds().max(0);
             #[allow(clippy::cast_precision_loss)]
             metrics::histogram!("billing_webhook_delivery_lag_seconds").record(lag as f64 / 1000.0);
-            let recorded = self
-                .store
-                .record_event(&NewEvent {
-                    id: &event.id,
-                    event_type: event.event_type.as_str(),
-                    created: event.created,
-                    api_version: event.api_version.as_deref(),
-                    livemode: event.livemode,
-                    payload,
-                    received_at: now,
-                })
-                .await?;
+            let new_event = NewEvent {
+                id: &event.id,
+                event_type: event.event_type.as_str(),
+                created: event.created,
+                api_version: event.api_version.as_deref(),
+                livemode: event.livemode,
+                payload,
+                received_at: now,
+            };
+            let (recorded, state) = self.store.record_and_load(&new_event, event.subscription_id()).await?;
             let disposition = match recorded {
                 Recorded::Done(_) => Disposition::Duplicate,
-                Recorded::Fresh | Recorded::Pending(_) => self.apply(&event).await?,
+                Recorded::Fresh | Recorded::Pending(_) => self.apply_from(&event, Some(state)).await?,
             };
             metrics::counter!("billing_webhook_events_total", "type" => event.event_type.metric_label(),
                 "outcome" => disposition.label())
@@ -400,10 +398,21 @@ impl Billing {
 
     /// Applies a recorded event: load, decide, commit with compare-and-swap, re-deciding on conflict.
     pub async fn apply(&self, event: &Event) -> Result<Disposition, StoreError> {
+        self.apply_from(event, None).await
+    }
+
+    /// [`Billing::apply`] starting from an aggregate loaded with the event's record (`Some`), or
+    /// loading it first (`None`). After a lost compare-and-swap it always reloads.
+    async fn apply_from(
+        &self,
+        event: &Event,
+        mut preloaded: Option<Option<SubscriptionState>>,
+    ) -> Result<Disposition, StoreError> {
         for _ in 0..MAX_COMMIT_ATTEMPTS {
-            let state = match event.subscription_id() {
-                Some(id) => self.store.load_subscription(id).await?,
-                None => None,
+            let state = match (preloaded.take(), event.subscription_id()) {
+                (Some(state), _) => state,
+                (None, Some(id)) => self.store.load_subscription(id).await?,
+                (None, None) => None,
             };
             let now = self.clock.now();
             let decision = transition::decide(&self.config.policy, state.as_ref(), event, now);

@@ -25,6 +25,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "billing_functions",
         sql: include_str!("../migrations/20261125000100_billing_functions.sql"),
     },
+    Migration {
+        version: "20261125000200",
+        name: "billing_record_and_load",
+        sql: include_str!("../migrations/20261125000200_billing_record_and_load.sql"),
+    },
 ];
 
 #[cfg(test)]

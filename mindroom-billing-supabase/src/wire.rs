@@ -119,7 +119,27 @@ fn instance_public(record: &InstanceRecord) -> Value {
 
 pub(crate) async fn record_event<R: Rpc + ?Sized>(rpc: &R, event: &NewEvent<'_>) -> Result<Recorded, StoreError> {
     const F: &str = "billing_record_event";
-    let p = json!({
+    let out = rpc.call(F, record_payload(event)).await?;
+    recorded_of(F, &out)
+}
+
+/// Records the event and loads its subscription's aggregate in one round trip.
+pub(crate) async fn record_and_load<R: Rpc + ?Sized>(
+    rpc: &R,
+    event: &NewEvent<'_>,
+    subscription_id: Option<&str>,
+) -> Result<(Recorded, Option<SubscriptionState>), StoreError> {
+    const F: &str = "billing_record_and_load";
+    let mut p = record_payload(event);
+    p["subscription_id"] = json!(subscription_id);
+    let mut out = rpc.call(F, p).await?;
+    let recorded = recorded_of(F, &out)?;
+    let state = decode_opt(F, out.get_mut("subscription").map_or(Value::Null, Value::take))?;
+    Ok((recorded, state))
+}
+
+fn record_payload(event: &NewEvent<'_>) -> Value {
+    json!({
         "id": event.id,
         "type": event.event_type,
         "created": event.created,
@@ -127,16 +147,21 @@ pub(crate) async fn record_event<R: Rpc + ?Sized>(rpc: &R, event: &NewEvent<'_>)
         "livemode": event.livemode,
         "payload": event.payload,
         "received_at": event.received_at,
-    });
-    let out = rpc.call(F, p).await?;
+    })
+}
+
+fn recorded_of(function: &'static str, out: &Value) -> Result<Recorded, StoreError> {
     let status = || {
-        out["status"].as_str().and_then(EventStatus::parse).ok_or_else(|| decode_err(F, format!("bad status in {out}")))
+        out["status"]
+            .as_str()
+            .and_then(EventStatus::parse)
+            .ok_or_else(|| decode_err(function, format!("bad status in {out}")))
     };
     match out["recorded"].as_str() {
         Some("fresh") => Ok(Recorded::Fresh),
         Some("pending") => Ok(Recorded::Pending(status()?)),
         Some("done") => Ok(Recorded::Done(status()?)),
-        _ => Err(decode_err(F, format!("bad result {out}"))),
+        _ => Err(decode_err(function, format!("bad result {out}"))),
     }
 }
 
@@ -361,6 +386,16 @@ macro_rules! impl_store_via_rpc {
                 event: &mindroom_billing_core::NewEvent<'_>,
             ) -> Result<mindroom_billing_core::Recorded, mindroom_billing_core::StoreError> {
                 crate::wire::record_event(self, event).await
+            }
+            async fn record_and_load(
+                &self,
+                event: &mindroom_billing_core::NewEvent<'_>,
+                subscription_id: Option<&str>,
+            ) -> Result<
+                (mindroom_billing_core::Recorded, Option<mindroom_billing_core::SubscriptionState>),
+                mindroom_billing_core::StoreError,
+            > {
+                crate::wire::record_and_load(self, event, subscription_id).await
             }
             async fn load_event(
                 &self,
