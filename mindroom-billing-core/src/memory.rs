@@ -1,7 +1,7 @@
 //! The in-memory store: the embedded default (one process, not durable) and the reference
 //! implementation of the [`Store`] contract.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -17,16 +17,18 @@ use crate::model::{
 use crate::ports::{EventFilter, JobFilter, Store, StoreError};
 use crate::tier::Limit;
 
+/// Ordered maps throughout: they never rehash, so a growing store has no latency spikes while the
+/// mutex is held (a `HashMap` of 100k events stalls every request for milliseconds when it grows).
 #[derive(Default)]
 struct Inner {
-    events: HashMap<String, StoredEvent>,
-    subscriptions: HashMap<String, SubscriptionState>,
-    accounts: HashMap<String, Account>,
-    instances: HashMap<String, InstanceRecord>,
+    events: BTreeMap<String, StoredEvent>,
+    subscriptions: BTreeMap<String, SubscriptionState>,
+    accounts: BTreeMap<String, Account>,
+    instances: BTreeMap<String, InstanceRecord>,
     jobs: BTreeMap<i64, Job>,
-    job_keys: HashSet<String>,
+    job_keys: BTreeSet<String>,
     next_job_id: i64,
-    usage: HashMap<UsageKey, u64>,
+    usage: BTreeMap<UsageKey, u64>,
 }
 
 /// A [`Store`] in process memory. All operations take one mutex, never across an `.await`.

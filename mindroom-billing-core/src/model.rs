@@ -601,7 +601,7 @@ pub struct JobCounts {
 }
 
 /// A usage counter key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct UsageKey {
     /// Account.
     pub account_id: Uuid,
