@@ -124,7 +124,7 @@ fn apply_snapshot(
         None if snapshot.status.is_terminal() => {
             (snapshot.prices[0].id.clone(), current.map_or(Tier::Free, |c| c.tier))
         }
-        None => return unknown_price(event, snapshot),
+        None => return unknown_price(event, snapshot, now),
     };
 
     let mut next = state.cloned().unwrap_or_else(|| SubscriptionState::new(&snapshot.id, &snapshot.customer));
@@ -235,7 +235,7 @@ fn finish(
     Decision { outcome, subscription: changed.then_some(next), account, jobs }
 }
 
-fn unknown_price(event: &Event, snapshot: &SubscriptionSnapshot) -> Decision {
+fn unknown_price(event: &Event, snapshot: &SubscriptionSnapshot, now: DateTime<Utc>) -> Decision {
     let ids: Vec<&str> = snapshot.prices.iter().map(|p| p.id.as_str()).collect();
     let reason = format!(
         "unknown price {}: not configured in STRIPE_PRICE_* and no lookup_key or metadata.tier names a tier",
@@ -251,7 +251,7 @@ fn unknown_price(event: &Event, snapshot: &SubscriptionSnapshot) -> Decision {
                 event.id, event.event_type, snapshot.id, snapshot.customer
             ),
         },
-        run_after: event.created,
+        run_after: now,
     };
     Decision { outcome: Outcome::Failed(reason), subscription: None, account: None, jobs: vec![alert] }
 }
