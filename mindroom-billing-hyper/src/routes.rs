@@ -1,6 +1,7 @@
 //! Routing and the route handlers.
 
 use std::error::Error as StdError;
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -192,12 +193,21 @@ where
         Some(Err(_)) => return Err(ApiError::BadRequest("malformed Stripe-Signature header: not ASCII".to_owned())),
     };
     let body = read_body(req, state.body_limit(), deadline).await?;
-    let receipt = match timeout_at(deadline, state.billing().receive(signature.as_deref(), &body)).await {
+    // Once the body is in, the decision runs in its own task: a request that times out or a client
+    // that hangs up must not cancel it between record and commit (it would then wait for Stripe's
+    // redelivery or the worker's pick-up). The answer still honours the request deadline.
+    let billing = Arc::clone(state.billing());
+    let decision = tokio::spawn(async move { billing.receive(signature.as_deref(), &body).await }.in_current_span());
+    let receipt = match timeout_at(deadline, decision).await {
         Err(_) => {
-            warn!("webhook handling timed out");
+            warn!("webhook handling timed out; it completes in the background");
             return Err(ApiError::Unavailable("timed out; retry later"));
         }
-        Ok(result) => result.map_err(receive_error)?,
+        Ok(Err(join_error)) => {
+            error!(error = %join_error, "webhook handling panicked");
+            return Err(ApiError::Internal);
+        }
+        Ok(Ok(result)) => result.map_err(receive_error)?,
     };
     let span = tracing::Span::current();
     span.record("event_id", receipt.event_id.as_str());
