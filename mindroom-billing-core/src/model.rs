@@ -46,8 +46,12 @@ pub struct AppliedSnapshot {
     pub status: SubscriptionStatus,
     /// The price that set the tier.
     pub price_id: String,
-    /// The tier that price maps to.
+    /// The tier that price maps to. For a terminal snapshot whose price maps to no tier, the tier of
+    /// the latest priced snapshot ([`SubscriptionState::last_priced`]), else free.
     pub tier: Tier,
+    /// Whether `tier` came from this snapshot's own price (false only for such terminal snapshots).
+    #[serde(default = "yes")]
+    pub tier_from_price: bool,
     /// End of the current period.
     pub current_period_end: Option<DateTime<Utc>>,
     /// End of the trial.
@@ -56,6 +60,19 @@ pub struct AppliedSnapshot {
     pub canceled_at: Option<DateTime<Utc>>,
     /// `created` of the event that carried this snapshot.
     pub event_created: DateTime<Utc>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The tier of the latest snapshot (by `created`) whose price mapped to a tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PricedAt {
+    /// `created` of that snapshot.
+    pub at: DateTime<Utc>,
+    /// Its tier.
+    pub tier: Tier,
 }
 
 /// A grace period: the instance keeps running until `ends_at`, then is deprovisioned.
@@ -87,6 +104,10 @@ pub struct SubscriptionState {
     pub grace: Option<Grace>,
     /// Whether the sweeper has handled the expiry of the current grace period.
     pub grace_expiry_handled: bool,
+    /// The latest priced snapshot seen (applied or stale), so the tier of an unpriced terminal
+    /// snapshot does not depend on delivery order.
+    #[serde(default)]
+    pub last_priced: Option<PricedAt>,
     /// Compare-and-swap version: the version this value was loaded at (0 = not stored yet).
     pub version: u64,
 }
@@ -107,6 +128,7 @@ impl SubscriptionState {
             failures: Vec::new(),
             grace: None,
             grace_expiry_handled: false,
+            last_priced: None,
             version: 0,
         }
     }

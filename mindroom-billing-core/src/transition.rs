@@ -4,7 +4,8 @@ use chrono::{DateTime, Duration, Utc};
 
 use crate::event::{Event, EventObject, EventType, InvoiceFact, SubscriptionSnapshot, SubscriptionStatus};
 use crate::model::{
-    AccountPatch, AppliedSnapshot, EmailKind, Grace, JobKind, MAX_FAILURE_FACTS, NewJob, Outcome, SubscriptionState,
+    AccountPatch, AppliedSnapshot, EmailKind, Grace, JobKind, MAX_FAILURE_FACTS, NewJob, Outcome, PricedAt,
+    SubscriptionState,
 };
 use crate::tier::{PriceCatalog, Tier};
 
@@ -119,16 +120,20 @@ fn apply_snapshot(
     let current = state.and_then(|s| s.snapshot.as_ref());
     let resolved = snapshot.prices.iter().find_map(|p| policy.prices.resolve(p).map(|tier| (p, tier)));
     let (price_id, tier) = match resolved {
-        Some((price, tier)) => (price.id.clone(), tier),
-        // A terminal snapshot removes the instance whatever its price says.
-        None if snapshot.status.is_terminal() => {
-            (snapshot.prices[0].id.clone(), current.map_or(Tier::Free, |c| c.tier))
-        }
+        Some((price, tier)) => (price.id.clone(), Some(tier)),
+        // A terminal snapshot removes the instance whatever its price says; its tier is filled in
+        // from the latest priced snapshot below.
+        None if snapshot.status.is_terminal() => (snapshot.prices[0].id.clone(), None),
         None => return unknown_price(event, snapshot, now),
     };
 
     let mut next = state.cloned().unwrap_or_else(|| SubscriptionState::new(&snapshot.id, &snapshot.customer));
     let created = event.created;
+    if let Some(tier) = tier {
+        if next.last_priced.is_none_or(|p| created >= p.at) {
+            next.last_priced = Some(PricedAt { at: created, tier });
+        }
+    }
     match snapshot.status {
         status if status.is_delinquent() => add_failure(&mut next, created),
         SubscriptionStatus::Active | SubscriptionStatus::Trialing => add_good_standing(&mut next, created),
@@ -149,7 +154,8 @@ fn apply_snapshot(
         next.snapshot = Some(AppliedSnapshot {
             status: snapshot.status,
             price_id,
-            tier,
+            tier: tier.unwrap_or(Tier::Free),
+            tier_from_price: tier.is_some(),
             current_period_end: snapshot.current_period_end,
             trial_end: snapshot.trial_end,
             canceled_at: snapshot.canceled_at,
@@ -164,6 +170,9 @@ fn apply_snapshot(
         let end = snapshot.trial_end.map_or(0, |t| t.timestamp());
         let key = format!("email:trial_ending:{}:{end}", snapshot.id);
         jobs.push(email_job(&next, EmailKind::TrialEnding { trial_end: snapshot.trial_end }, key, now));
+    }
+    if let Some(applied) = next.snapshot.as_mut().filter(|s| !s.tier_from_price) {
+        applied.tier = next.last_priced.map_or(Tier::Free, |p| p.tier);
     }
     recompute_grace(&mut next, policy);
     let outcome = if apply { Outcome::Applied } else { Outcome::Stale };
