@@ -20,3 +20,5 @@ pub mod memory;
 pub use memory::MemoryStore;
 #[cfg(feature = "test-util")]
 pub mod conformance;
+#[cfg(feature = "test-util")]
+pub mod testing;

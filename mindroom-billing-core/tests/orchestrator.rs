@@ -10,19 +10,19 @@ use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
 use common::{SUB, TestClock, at, fixture_bytes, policy};
 use mindroom_billing_core::model::{
-    Account, Claim, Commit, CommitResult, EventStatus, InstanceRecord, InstanceStatus, Job, JobCounts, JobFinish,
-    JobKind, JobState, NewEvent, NewJob, Outcome, Recorded, StoredEvent, SubscriptionState, UsageKey, UsageResult,
+    Commit, CommitResult, EventStatus, InstanceRecord, InstanceStatus, Job, JobKind, JobState, NewEvent, Outcome,
+    Recorded, SubscriptionState,
 };
 use mindroom_billing_core::ports::{
-    EventFilter, JobFilter, Message, Notification, NotifyError, ProvisionError, ProvisionRequest, ProvisionedInstance,
+    JobFilter, Message, Notification, NotifyError, ProvisionError, ProvisionRequest, ProvisionedInstance,
 };
 use mindroom_billing_core::signature::{WebhookSecret, sign};
+use mindroom_billing_core::testing::{HookedStore, StoreHooks};
 use mindroom_billing_core::{
-    Billing, BillingConfig, Disposition, Limit, Limits, MemoryStore, Notifier, Provisioner, Store, StoreError,
-    Verifier, WorkerConfig, parse,
+    Billing, BillingConfig, Disposition, Limits, MemoryStore, Notifier, Provisioner, Store, StoreError, Verifier,
+    WorkerConfig, parse,
 };
 use mockall::mock;
-use uuid::Uuid;
 
 mock! {
     Prov {}
@@ -244,107 +244,53 @@ async fn a_job_dead_after_max_attempts_marks_the_instance_failed_and_alerts_once
     assert_eq!((counts.dead, counts.pending, counts.running), (1, 0, 0));
 }
 
-/// A store whose first commit loses a compare-and-swap: a concurrent writer (another replica)
-/// commits a change to the aggregate just before it.
+/// Hooks under which the first commit loses a compare-and-swap: a concurrent writer (another
+/// replica) commits a change to the aggregate just before it.
 struct ConcurrentWriter {
-    inner: MemoryStore,
     armed: AtomicBool,
-    commits: AtomicU32,
+    commits: Arc<AtomicU32>,
 }
 
 #[async_trait]
-impl Store for ConcurrentWriter {
-    async fn record_event(&self, event: &NewEvent<'_>) -> Result<Recorded, StoreError> {
-        self.inner.record_event(event).await
-    }
-    async fn load_event(&self, id: &str) -> Result<Option<StoredEvent>, StoreError> {
-        self.inner.load_event(id).await
-    }
-    async fn list_events(&self, filter: &EventFilter) -> Result<Vec<StoredEvent>, StoreError> {
-        self.inner.list_events(filter).await
-    }
-    async fn unapplied_events(&self, before: DateTime<Utc>, limit: u32) -> Result<Vec<StoredEvent>, StoreError> {
-        self.inner.unapplied_events(before, limit).await
-    }
-    async fn load_subscription(&self, id: &str) -> Result<Option<SubscriptionState>, StoreError> {
-        self.inner.load_subscription(id).await
-    }
-    async fn commit(&self, commit: &Commit) -> Result<CommitResult, StoreError> {
+impl StoreHooks for ConcurrentWriter {
+    async fn before_commit(&self, inner: &dyn Store, commit: &Commit) -> Result<(), StoreError> {
         self.commits.fetch_add(1, Ordering::SeqCst);
-        if self.armed.swap(false, Ordering::SeqCst) {
-            if let Some(next) = &commit.subscription {
-                // The other replica's write: a payment fact on the same aggregate.
-                let mut theirs = self
-                    .inner
-                    .load_subscription(&next.subscription_id)
-                    .await?
-                    .unwrap_or_else(|| SubscriptionState::new(&next.subscription_id, &next.customer_id));
-                theirs.good_standing_at = Some(at(1_784_999_000));
-                let other = Commit {
-                    now: commit.now,
-                    event_id: None,
-                    outcome: Outcome::Applied,
-                    subscription: Some(theirs),
-                    account: None,
-                    jobs: Vec::new(),
-                };
-                assert_eq!(self.inner.commit(&other).await?, CommitResult::Committed);
-            }
+        if !self.armed.swap(false, Ordering::SeqCst) {
+            return Ok(());
         }
-        self.inner.commit(commit).await
-    }
-    async fn expired_grace(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<String>, StoreError> {
-        self.inner.expired_grace(now, limit).await
-    }
-    async fn subscriptions_for_account(&self, account_id: Uuid) -> Result<Vec<SubscriptionState>, StoreError> {
-        self.inner.subscriptions_for_account(account_id).await
-    }
-    async fn load_account(&self, id: &str) -> Result<Option<Account>, StoreError> {
-        self.inner.load_account(id).await
-    }
-    async fn load_instance(&self, id: &str) -> Result<Option<InstanceRecord>, StoreError> {
-        self.inner.load_instance(id).await
-    }
-    async fn enqueue(&self, jobs: &[NewJob]) -> Result<(), StoreError> {
-        self.inner.enqueue(jobs).await
-    }
-    async fn claim_jobs(&self, claim: &Claim) -> Result<Vec<Job>, StoreError> {
-        self.inner.claim_jobs(claim).await
-    }
-    async fn finish_job(&self, finish: &JobFinish) -> Result<bool, StoreError> {
-        self.inner.finish_job(finish).await
-    }
-    async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, StoreError> {
-        self.inner.list_jobs(filter).await
-    }
-    async fn job_counts(&self) -> Result<JobCounts, StoreError> {
-        self.inner.job_counts().await
-    }
-    async fn consume_usage(&self, key: UsageKey, count: u64, limit: Limit) -> Result<UsageResult, StoreError> {
-        self.inner.consume_usage(key, count, limit).await
-    }
-    async fn usage(&self, key: UsageKey) -> Result<u64, StoreError> {
-        self.inner.usage(key).await
-    }
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.inner.ping().await
+        if let Some(next) = &commit.subscription {
+            // The other replica's write: a payment fact on the same aggregate.
+            let mut theirs = inner
+                .load_subscription(&next.subscription_id)
+                .await?
+                .unwrap_or_else(|| SubscriptionState::new(&next.subscription_id, &next.customer_id));
+            theirs.good_standing_at = Some(at(1_784_999_000));
+            let other = Commit {
+                now: commit.now,
+                event_id: None,
+                outcome: Outcome::Applied,
+                subscription: Some(theirs),
+                account: None,
+                jobs: Vec::new(),
+            };
+            assert_eq!(inner.commit(&other).await?, CommitResult::Committed);
+        }
+        Ok(())
     }
 }
 
 #[tokio::test]
 async fn a_cas_conflict_is_retried_and_the_event_applied_once() {
-    let store = Arc::new(ConcurrentWriter {
-        inner: MemoryStore::new(),
-        armed: AtomicBool::new(true),
-        commits: AtomicU32::new(0),
-    });
+    let commits = Arc::new(AtomicU32::new(0));
+    let hooks = ConcurrentWriter { armed: AtomicBool::new(true), commits: Arc::clone(&commits) };
+    let store = Arc::new(HookedStore::new(Arc::new(MemoryStore::new()), hooks));
     let mut prov = MockProv::new();
     prov.expect_provision().times(1).returning(instance_ok);
     let h = harness(Arc::clone(&store) as Arc<dyn Store>, prov, quiet_notifier(Arc::default()), 5);
     let body = created_body();
     assert_eq!(h.receive(&body).await, Disposition::Applied);
     // Injected write + the lost CAS + the re-decided commit.
-    assert_eq!(store.commits.load(Ordering::SeqCst), 2);
+    assert_eq!(commits.load(Ordering::SeqCst), 2);
     let state = store.load_subscription(SUB).await.unwrap().unwrap();
     assert_eq!(state.version, 2, "the other write and ours");
     assert_eq!(state.good_standing_at, Some(at(1_785_000_000)), "our decision was made on the reloaded state");

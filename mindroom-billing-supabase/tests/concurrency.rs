@@ -14,12 +14,11 @@ use chrono::{DateTime, Duration, Utc};
 use common::{DAHLIA, DAY, SUB, T0, TestClock, at, fixture, signed};
 use mindroom_billing_core::conformance::job;
 use mindroom_billing_core::ports::{EventFilter, JobFilter};
+use mindroom_billing_core::testing::{HookedStore, StoreHooks};
 use mindroom_billing_core::{
-    Account, Claim, Commit, CommitResult, Disposition, EventStatus, InstanceRecord, InstanceStatus, Job, JobCounts,
-    JobFinish, JobResolution, Limit, NewEvent, NewJob, Recorded, Store, StoreError, StoredEvent, SubscriptionState,
-    Tier, UsageKey, UsageResult,
+    Claim, CommitResult, Disposition, EventStatus, InstanceStatus, JobFinish, JobResolution, NewEvent, NewJob,
+    Recorded, Store, StoreError, Tier,
 };
-use uuid::Uuid;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn eight_replicas_record_one_event_exactly_once() {
@@ -200,78 +199,25 @@ impl NowAt for TestClock {
     }
 }
 
-/// A store that makes its first `load_subscription` wait for a peer's, so two deciders load the
-/// same version and then race their commits; counts lost compare-and-swaps.
+/// Hooks that make the first `load_subscription` wait for a peer's, so two deciders load the same
+/// version and then race their commits; they count lost compare-and-swaps.
 struct Racing {
-    inner: Arc<dyn Store>,
     barrier: Arc<tokio::sync::Barrier>,
     armed: AtomicBool,
     conflicts: Arc<AtomicU32>,
 }
 
 #[async_trait]
-impl Store for Racing {
-    async fn record_event(&self, event: &NewEvent<'_>) -> Result<Recorded, StoreError> {
-        self.inner.record_event(event).await
-    }
-    async fn load_event(&self, id: &str) -> Result<Option<StoredEvent>, StoreError> {
-        self.inner.load_event(id).await
-    }
-    async fn list_events(&self, filter: &EventFilter) -> Result<Vec<StoredEvent>, StoreError> {
-        self.inner.list_events(filter).await
-    }
-    async fn unapplied_events(&self, before: DateTime<Utc>, limit: u32) -> Result<Vec<StoredEvent>, StoreError> {
-        self.inner.unapplied_events(before, limit).await
-    }
-    async fn load_subscription(&self, id: &str) -> Result<Option<SubscriptionState>, StoreError> {
-        let loaded = self.inner.load_subscription(id).await;
+impl StoreHooks for Racing {
+    async fn after_load(&self, _subscription_id: &str) {
         if self.armed.swap(false, Ordering::SeqCst) {
             self.barrier.wait().await;
         }
-        loaded
     }
-    async fn commit(&self, commit: &Commit) -> Result<CommitResult, StoreError> {
-        let r = self.inner.commit(commit).await;
-        if matches!(r, Err(StoreError::Conflict(_))) {
+    async fn after_commit(&self, result: &Result<CommitResult, StoreError>) {
+        if matches!(result, Err(StoreError::Conflict(_))) {
             self.conflicts.fetch_add(1, Ordering::SeqCst);
         }
-        r
-    }
-    async fn expired_grace(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<String>, StoreError> {
-        self.inner.expired_grace(now, limit).await
-    }
-    async fn subscriptions_for_account(&self, account_id: Uuid) -> Result<Vec<SubscriptionState>, StoreError> {
-        self.inner.subscriptions_for_account(account_id).await
-    }
-    async fn load_account(&self, customer: &str) -> Result<Option<Account>, StoreError> {
-        self.inner.load_account(customer).await
-    }
-    async fn load_instance(&self, id: &str) -> Result<Option<InstanceRecord>, StoreError> {
-        self.inner.load_instance(id).await
-    }
-    async fn enqueue(&self, jobs: &[NewJob]) -> Result<(), StoreError> {
-        self.inner.enqueue(jobs).await
-    }
-    async fn claim_jobs(&self, claim: &Claim) -> Result<Vec<Job>, StoreError> {
-        self.inner.claim_jobs(claim).await
-    }
-    async fn finish_job(&self, finish: &JobFinish) -> Result<bool, StoreError> {
-        self.inner.finish_job(finish).await
-    }
-    async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, StoreError> {
-        self.inner.list_jobs(filter).await
-    }
-    async fn job_counts(&self) -> Result<JobCounts, StoreError> {
-        self.inner.job_counts().await
-    }
-    async fn consume_usage(&self, key: UsageKey, count: u64, limit: Limit) -> Result<UsageResult, StoreError> {
-        self.inner.consume_usage(key, count, limit).await
-    }
-    async fn usage(&self, key: UsageKey) -> Result<u64, StoreError> {
-        self.inner.usage(key).await
-    }
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.inner.ping().await
     }
 }
 
@@ -288,12 +234,9 @@ async fn concurrent_commits_on_one_aggregate_both_end_up_applied() {
     let conflicts = Arc::new(AtomicU32::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     for name in ["customer.subscription.updated", "invoice.payment_failed"] {
-        let racing = Racing {
-            inner: common::replica(&fresh.db).await as Arc<dyn Store>,
-            barrier: Arc::clone(&barrier),
-            armed: AtomicBool::new(true),
-            conflicts: Arc::clone(&conflicts),
-        };
+        let hooks =
+            Racing { barrier: Arc::clone(&barrier), armed: AtomicBool::new(true), conflicts: Arc::clone(&conflicts) };
+        let racing = HookedStore::new(common::replica(&fresh.db).await as Arc<dyn Store>, hooks);
         let billing = common::billing(Arc::new(racing), Arc::clone(&clock), Tier::Professional);
         let body = fixture(DAHLIA, name);
         let header = signed(&body, now);
