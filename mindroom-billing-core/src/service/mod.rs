@@ -1,0 +1,454 @@
+//! The orchestrator: the imperative shell over the pure core. It verifies and records webhooks,
+//! commits decisions and runs the grace sweeper here; the job worker is in `worker`, usage and
+//! entitlements in `usage`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::watch;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::event::{self, Event, EventType, ParseError};
+use crate::model::{Commit, CommitResult, NewEvent, Outcome, Recorded, StoredEvent, SubscriptionState};
+use crate::ports::{Clock, Notifier, Provisioner, Store, StoreError, SystemClock};
+use crate::signature::{SignatureError, Verifier};
+use crate::transition::{self, Policy};
+
+mod usage;
+mod worker;
+
+pub use usage::{Entitlements, UsageReport, UsageToday};
+pub use worker::app_name_for;
+
+/// How many times a commit is re-decided after losing a compare-and-swap.
+const MAX_COMMIT_ATTEMPTS: u32 = 16;
+
+/// Job worker and sweeper settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerConfig {
+    /// Lease of a claimed job; after it another worker may take the job over.
+    pub lease: chrono::Duration,
+    /// Attempts before a job is dead.
+    pub max_attempts: u32,
+    /// First retry delay; doubled per attempt, with jitter.
+    pub backoff_base: Duration,
+    /// Longest retry delay.
+    pub backoff_max: Duration,
+    /// Idle wait between polls of the job table.
+    pub poll_interval: Duration,
+    /// Concurrent job runners per process.
+    pub concurrency: usize,
+    /// How often the grace sweeper and the unapplied-event pick-up run.
+    pub sweep_interval: Duration,
+    /// A `received` event older than this is applied by the worker without waiting for Stripe.
+    pub unapplied_after: chrono::Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            lease: chrono::Duration::seconds(120),
+            max_attempts: 10,
+            backoff_base: Duration::from_secs(2),
+            backoff_max: Duration::from_secs(600),
+            poll_interval: Duration::from_millis(500),
+            concurrency: 4,
+            sweep_interval: Duration::from_secs(30),
+            unapplied_after: chrono::Duration::seconds(60),
+        }
+    }
+}
+
+/// Everything the orchestrator is configured with.
+#[derive(Debug, Clone)]
+pub struct BillingConfig {
+    /// Webhook secrets and tolerance.
+    pub verifier: Verifier,
+    /// Prices and grace period.
+    pub policy: Policy,
+    /// Worker settings.
+    pub worker: WorkerConfig,
+    /// Where operator alerts go; without it they are only logged.
+    pub admin_email: Option<String>,
+}
+
+impl BillingConfig {
+    /// A configuration with the given verifier and defaults elsewhere.
+    pub fn new(verifier: Verifier) -> Self {
+        Self { verifier, policy: Policy::default(), worker: WorkerConfig::default(), admin_email: None }
+    }
+
+    /// Sets the policy.
+    #[must_use]
+    pub fn with_policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Sets the worker settings.
+    #[must_use]
+    pub fn with_worker(mut self, worker: WorkerConfig) -> Self {
+        self.worker = worker;
+        self
+    }
+
+    /// Sets the admin e-mail.
+    #[must_use]
+    pub fn with_admin_email(mut self, email: impl Into<String>) -> Self {
+        self.admin_email = Some(email.into());
+        self
+    }
+}
+
+/// What happened to a delivered webhook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disposition {
+    /// Applied now.
+    Applied,
+    /// Already processed (by this or another replica): nothing else happened.
+    Duplicate,
+    /// Older than the applied state; recorded.
+    Stale,
+    /// Not acted on; recorded.
+    Ignored,
+    /// Recorded as failed (e.g. unknown price), an admin alert queued; replayable.
+    Failed(String),
+}
+
+impl Disposition {
+    fn of(outcome: &Outcome) -> Self {
+        match outcome {
+            Outcome::Applied => Self::Applied,
+            Outcome::Stale => Self::Stale,
+            Outcome::Ignored => Self::Ignored,
+            Outcome::Failed(reason) => Self::Failed(reason.clone()),
+        }
+    }
+
+    /// Label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Applied => "applied",
+            Self::Duplicate => "duplicate",
+            Self::Stale => "stale",
+            Self::Ignored => "ignored",
+            Self::Failed(_) => "failed",
+        }
+    }
+}
+
+/// The result of receiving one webhook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    /// `evt_…`
+    pub event_id: String,
+    /// Type.
+    pub event_type: EventType,
+    /// The subscription concerned.
+    pub subscription_id: Option<String>,
+    /// What happened.
+    pub disposition: Disposition,
+}
+
+/// Why a webhook was not accepted.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReceiveError {
+    /// The signature did not verify (400; nothing stored).
+    #[error(transparent)]
+    Signature(#[from] SignatureError),
+    /// The verified payload is not an event we can read (400; nothing stored).
+    #[error(transparent)]
+    Parse(#[from] ParseError),
+    /// The store failed (503 when unavailable: Stripe retries).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why a replay did not happen.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReplayError {
+    /// No such event.
+    #[error("no event {0}")]
+    NotFound(String),
+    /// The stored payload no longer parses.
+    #[error(transparent)]
+    Parse(#[from] ParseError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The billing service: pure decisions, durable effects.
+pub struct Billing {
+    store: Arc<dyn Store>,
+    provisioner: Arc<dyn Provisioner>,
+    notifier: Arc<dyn Notifier>,
+    clock: Arc<dyn Clock>,
+    config: BillingConfig,
+}
+
+impl std::fmt::Debug for Billing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Billing").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+/// An error and its sources, one line.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        s.push_str(": ");
+        s.push_str(&src.to_string());
+        cur = src.source();
+    }
+    s
+}
+
+impl Billing {
+    /// Wires the service with the system clock.
+    pub fn new(
+        store: Arc<dyn Store>,
+        provisioner: Arc<dyn Provisioner>,
+        notifier: Arc<dyn Notifier>,
+        config: BillingConfig,
+    ) -> Self {
+        Self { store, provisioner, notifier, clock: Arc::new(SystemClock), config }
+    }
+
+    /// Replaces the clock (tests, simulations).
+    #[must_use]
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &BillingConfig {
+        &self.config
+    }
+
+    /// Now, per the configured clock.
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+
+    /// Receives one webhook: verify the raw bytes, parse, record, decide, commit. Returns once the
+    /// decision is durable; side effects run later from the job queue.
+    pub async fn receive(&self, signature: Option<&str>, body: &[u8]) -> Result<Receipt, ReceiveError> {
+        let started = Instant::now();
+        let now = self.clock.now();
+        if let Err(e) = self.config.verifier.verify(signature, body, now.timestamp()) {
+            metrics::counter!("billing_webhook_verification_failures_total", "reason" => e.reason()).increment(1);
+            return Err(e.into());
+        }
+        let payload = std::str::from_utf8(body).map_err(|_| ParseError::Json("payload is not UTF-8".into()))?;
+        let event = match event::parse(body) {
+            Ok(event) => event,
+            Err(e) => {
+                metrics::counter!("billing_webhook_parse_failures_total").increment(1);
+                return Err(e.into());
+            }
+        };
+        let span = info_span!("webhook", event_id = %event.id, event_type = %event.event_type,
+            subscription_id = event.subscription_id().unwrap_or(""));
+        async move {
+            let lag = (now - event.created).num_milliseconds().max(0);
+            #[allow(clippy::cast_precision_loss)]
+            metrics::histogram!("billing_webhook_delivery_lag_seconds").record(lag as f64 / 1000.0);
+            let new_event = NewEvent {
+                id: &event.id,
+                event_type: event.event_type.as_str(),
+                created: event.created,
+                api_version: event.api_version.as_deref(),
+                livemode: event.livemode,
+                payload,
+                received_at: now,
+            };
+            let (recorded, state) = self.store.record_and_load(&new_event, event.subscription_id()).await?;
+            let disposition = match recorded {
+                Recorded::Done(_) => Disposition::Duplicate,
+                Recorded::Fresh | Recorded::Pending(_) => self.apply_from(&event, Some(state)).await?,
+            };
+            metrics::counter!("billing_webhook_events_total", "type" => event.event_type.metric_label(),
+                "outcome" => disposition.label())
+            .increment(1);
+            metrics::histogram!("billing_webhook_processing_seconds").record(started.elapsed().as_secs_f64());
+            debug!(disposition = disposition.label(), "webhook processed");
+            Ok(Receipt {
+                subscription_id: event.subscription_id().map(str::to_owned),
+                event_id: event.id,
+                event_type: event.event_type,
+                disposition,
+            })
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Applies a recorded event: load, decide, commit with compare-and-swap, re-deciding on conflict.
+    pub async fn apply(&self, event: &Event) -> Result<Disposition, StoreError> {
+        self.apply_from(event, None).await
+    }
+
+    /// [`Billing::apply`] starting from an aggregate loaded with the event's record (`Some`), or
+    /// loading it first (`None`). After a lost compare-and-swap it always reloads.
+    async fn apply_from(
+        &self,
+        event: &Event,
+        mut preloaded: Option<Option<SubscriptionState>>,
+    ) -> Result<Disposition, StoreError> {
+        for _ in 0..MAX_COMMIT_ATTEMPTS {
+            let state = match (preloaded.take(), event.subscription_id()) {
+                (Some(state), _) => state,
+                (None, Some(id)) => self.store.load_subscription(id).await?,
+                (None, None) => None,
+            };
+            let now = self.clock.now();
+            let decision = transition::decide(&self.config.policy, state.as_ref(), event, now);
+            if let Outcome::Failed(reason) = &decision.outcome {
+                warn!(event_id = %event.id, %reason, "event failed; admin alert queued");
+            }
+            let commit = Commit {
+                now,
+                event_id: Some(event.id.clone()),
+                outcome: decision.outcome.clone(),
+                subscription: decision.subscription,
+                account: decision.account,
+                jobs: decision.jobs,
+            };
+            match self.store.commit(&commit).await {
+                Ok(CommitResult::Committed) => return Ok(Disposition::of(&decision.outcome)),
+                Ok(CommitResult::AlreadyDone) => return Ok(Disposition::Duplicate),
+                Err(StoreError::Conflict(what)) => {
+                    metrics::counter!("billing_commit_conflicts_total").increment(1);
+                    debug!(%what, "compare-and-swap lost; deciding again");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StoreError::Conflict(format!("gave up on {} after {MAX_COMMIT_ATTEMPTS} conflicts", event.id)))
+    }
+
+    /// Re-applies a stored event by id (after fixing configuration, for a failed one). An event that
+    /// is already applied, stale or ignored is not applied twice.
+    pub async fn replay(&self, event_id: &str) -> Result<Disposition, ReplayError> {
+        let stored = self.store.load_event(event_id).await?.ok_or_else(|| ReplayError::NotFound(event_id.into()))?;
+        self.apply_stored(&stored).await
+    }
+
+    async fn apply_stored(&self, stored: &StoredEvent) -> Result<Disposition, ReplayError> {
+        if stored.status.is_done() {
+            return Ok(Disposition::Duplicate);
+        }
+        let event = event::parse(stored.payload.as_bytes())?;
+        Ok(self.apply(&event).await?)
+    }
+
+    /// Applies events recorded more than `unapplied_after` ago whose commit never happened (a crash
+    /// between recording and committing). Returns how many were applied.
+    pub async fn pick_up_unapplied(&self) -> Result<usize, StoreError> {
+        let before = self.clock.now() - self.config.worker.unapplied_after;
+        let stale = self.store.unapplied_events(before, 100).await?;
+        let mut applied = 0;
+        for stored in &stale {
+            match self.apply_stored(stored).await {
+                Ok(_) => applied += 1,
+                Err(ReplayError::Store(e)) => return Err(e),
+                Err(e) => warn!(event_id = %stored.id, error = %error_chain(&e), "cannot apply stored event"),
+            }
+        }
+        if applied > 0 {
+            info!(applied, "picked up unapplied events");
+        }
+        Ok(applied)
+    }
+
+    /// Handles expired grace periods: marks each handled (compare-and-swap, so one replica wins)
+    /// and queues the deprovisioning reconcile and the e-mail. Returns how many were handled.
+    pub async fn sweep_grace(&self) -> Result<usize, StoreError> {
+        let now = self.clock.now();
+        let mut handled = 0;
+        for subscription_id in self.store.expired_grace(now, 100).await? {
+            for _ in 0..MAX_COMMIT_ATTEMPTS {
+                let Some(state) = self.store.load_subscription(&subscription_id).await? else { break };
+                let Some(decision) = transition::expire_grace(&state, now) else { break };
+                let commit = Commit {
+                    now,
+                    event_id: None,
+                    outcome: decision.outcome,
+                    subscription: decision.subscription,
+                    account: None,
+                    jobs: decision.jobs,
+                };
+                match self.store.commit(&commit).await {
+                    Ok(_) => {
+                        info!(%subscription_id, "grace period expired; deprovisioning");
+                        handled += 1;
+                        break;
+                    }
+                    Err(StoreError::Conflict(_)) => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(handled)
+    }
+
+    /// turns true; a job that is running then is finished first.
+    pub async fn run_background(self: Arc<Self>, shutdown: watch::Receiver<bool>) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..self.config.worker.concurrency.max(1) {
+            let (this, mut stop) = (Arc::clone(&self), shutdown.clone());
+            tasks.spawn(async move {
+                while !*stop.borrow() {
+                    let idle = match this.run_due_jobs(1).await {
+                        Ok(n) => n == 0,
+                        Err(e) => {
+                            warn!(error = %error_chain(&e), "job worker: store error");
+                            true
+                        }
+                    };
+                    if idle {
+                        tokio::select! {
+                            _ = tokio::time::sleep(this.config.worker.poll_interval) => {}
+                            _ = stop.changed() => {}
+                        }
+                    }
+                }
+            });
+        }
+        let (this, mut stop) = (Arc::clone(&self), shutdown);
+        tasks.spawn(async move {
+            while !*stop.borrow() {
+                if let Err(e) = this.sweep_grace().await {
+                    warn!(error = %error_chain(&e), "grace sweeper: store error");
+                }
+                if let Err(e) = this.pick_up_unapplied().await {
+                    warn!(error = %error_chain(&e), "unapplied pick-up: store error");
+                }
+                if let Ok(counts) = this.store.job_counts().await {
+                    #[allow(clippy::cast_precision_loss)]
+                    {
+                        metrics::gauge!("billing_jobs_pending").set(counts.pending as f64);
+                        metrics::gauge!("billing_jobs_running").set(counts.running as f64);
+                        metrics::gauge!("billing_jobs_dead").set(counts.dead as f64);
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(this.config.worker.sweep_interval) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+        });
+        while tasks.join_next().await.is_some() {}
+    }
+}

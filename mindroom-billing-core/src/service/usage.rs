@@ -1,0 +1,108 @@
+//! Usage counters and entitlements, answered for the other MindRoom services.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::Billing;
+use crate::model::{DesiredInstance, SubscriptionState, UsageKey};
+use crate::ports::StoreError;
+use crate::tier::{Limit, Limits, Metric, Tier};
+
+/// The answer to a usage increment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct UsageReport {
+    /// Within the limit (and counted).
+    pub allowed: bool,
+    /// Used today, after this call.
+    pub used: u64,
+    /// Today's limit (`-1` = unlimited).
+    pub limit: Limit,
+    /// Left today (`-1` = unlimited).
+    #[serde(serialize_with = "remaining_wire")]
+    pub remaining: Option<u64>,
+}
+
+fn remaining_wire<S: serde::Serializer>(remaining: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+    match remaining {
+        Some(n) => s.serialize_u64(*n),
+        None => s.serialize_i64(-1),
+    }
+}
+
+/// What an account may use now.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Entitlements {
+    /// Account.
+    pub account_id: Uuid,
+    /// The best running tier (free without a paid subscription).
+    pub tier: Tier,
+    /// Status of the subscription granting it.
+    pub status: Option<String>,
+    /// The subscription granting it.
+    pub subscription_id: Option<String>,
+    /// Limits.
+    pub limits: Limits,
+    /// Grace deadline, if a payment failed.
+    pub grace_period_ends_at: Option<DateTime<Utc>>,
+    /// Usage today.
+    pub usage_today: UsageToday,
+}
+
+/// Today's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct UsageToday {
+    /// Messages.
+    pub messages: u64,
+    /// API calls.
+    pub api_calls: u64,
+}
+
+impl Billing {
+    /// Counts `count` units of `metric` for the account today, if its tier allows it (atomically).
+    pub async fn consume_usage(&self, account_id: Uuid, metric: Metric, count: u64) -> Result<UsageReport, StoreError> {
+        let now = self.clock.now();
+        let (_, limits, _) = self.best_subscription(account_id, now).await?;
+        let limit = metric.limit_in(&limits);
+        let key = UsageKey { account_id, metric, day: now.date_naive() };
+        let result = self.store.consume_usage(key, count, limit).await?;
+        Ok(UsageReport { allowed: result.allowed, used: result.used, limit, remaining: limit.remaining(result.used) })
+    }
+
+    /// The account's tier, limits, grace deadline and today's usage.
+    pub async fn entitlements(&self, account_id: Uuid) -> Result<Entitlements, StoreError> {
+        let now = self.clock.now();
+        let (tier, limits, state) = self.best_subscription(account_id, now).await?;
+        let day = now.date_naive();
+        let messages = self.store.usage(UsageKey { account_id, metric: Metric::Messages, day }).await?;
+        let api_calls = self.store.usage(UsageKey { account_id, metric: Metric::ApiCalls, day }).await?;
+        Ok(Entitlements {
+            account_id,
+            tier,
+            status: state.as_ref().and_then(SubscriptionState::status).map(|s| s.as_str().to_owned()),
+            subscription_id: state.as_ref().map(|s| s.subscription_id.clone()),
+            limits,
+            grace_period_ends_at: state.as_ref().and_then(|s| s.grace).map(|g| g.ends_at),
+            usage_today: crate::service::UsageToday { messages, api_calls },
+        })
+    }
+
+    async fn best_subscription(
+        &self,
+        account_id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<(Tier, Limits, Option<SubscriptionState>), StoreError> {
+        let subscriptions = self.store.subscriptions_for_account(account_id).await?;
+        let best = subscriptions
+            .into_iter()
+            .filter_map(|s| match s.desired(now) {
+                DesiredInstance::Running { tier, limits } => Some((tier, limits, s)),
+                DesiredInstance::Absent => None,
+            })
+            .max_by_key(|(tier, _, _)| *tier);
+        Ok(match best {
+            Some((tier, limits, s)) => (tier, limits, Some(s)),
+            None => (Tier::Free, Tier::Free.limits(), None),
+        })
+    }
+}
