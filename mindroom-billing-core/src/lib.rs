@@ -7,7 +7,7 @@ pub mod signature;
 pub mod tier;
 pub mod transition;
 
-pub use event::{Event, EventObject, EventType, ParseError, SubscriptionStatus, parse};
+pub use event::{Event, EventObject, EventType, ParseError, SubscriptionStatus, parse, parse_str};
 pub use model::*;
 pub use ports::{Clock, Notifier, Provisioner, Store, StoreError, SystemClock};
 pub use signature::{SignatureError, Verifier, WebhookSecret};

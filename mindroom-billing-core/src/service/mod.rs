@@ -250,9 +250,11 @@ impl Billing {
             metrics::counter!("billing_webhook_verification_failures_total", "reason" => e.reason()).increment(1);
             return Err(e.into());
         }
-        let payload = std::str::from_utf8(body).map_err(|_| ParseError::Json("payload is not UTF-8".into()))?;
-        let event = match event::parse(body) {
-            Ok(event) => event,
+        let parsed = std::str::from_utf8(body)
+            .map_err(|_| ParseError::Json("payload is not UTF-8".into()))
+            .and_then(|payload| Ok((payload, event::parse_str(payload)?)));
+        let (payload, event) = match parsed {
+            Ok(parsed) => parsed,
             Err(e) => {
                 metrics::counter!("billing_webhook_parse_failures_total").increment(1);
                 return Err(e.into());
