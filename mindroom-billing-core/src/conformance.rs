@@ -13,8 +13,8 @@ use std::sync::Arc;
 use chrono::{DateTime, Duration, TimeZone, Utc};
 
 use crate::model::{
-    AccountPatch, Claim, Commit, CommitResult, EventStatus, Grace, InstanceRecord, InstanceStatus, JobFinish, JobKind,
-    JobResolution, JobState, NewEvent, NewJob, Outcome, Recorded, SubscriptionState, UsageKey,
+    AccountPatch, Claim, Commit, CommitResult, EventStatus, Failure, Grace, InstanceRecord, InstanceStatus, JobFinish,
+    JobKind, JobResolution, JobState, NewEvent, NewJob, Outcome, PaidInvoice, Recorded, SubscriptionState, UsageKey,
 };
 use crate::ports::{EventFilter, JobFilter, Store, StoreError};
 use crate::tier::{Limit, Metric, Tier};
@@ -154,7 +154,12 @@ pub async fn commit_is_compare_and_swap(store: Arc<dyn Store>) {
     assert_eq!(after.version, 2);
     // Round trip of every field.
     let mut full = after.clone();
-    full.failures = vec![t0() + Duration::seconds(5)];
+    full.failures = vec![
+        Failure { at: t0() + Duration::seconds(5), invoice_id: Some("in_b".into()) },
+        Failure { at: t0() + Duration::seconds(6), invoice_id: None },
+    ];
+    full.paid_invoices = vec![PaidInvoice { invoice_id: "in_a".into(), at: t0() + Duration::seconds(4) }];
+    full.last_payment_at = Some(t0() + Duration::seconds(4));
     full.good_standing_at = Some(t0());
     full.grace = Some(Grace { started_at: t0() + Duration::seconds(5), ends_at: t0() + Duration::days(7) });
     store.commit(&commit_for(None, Some(full.clone()), vec![])).await.unwrap();
@@ -372,19 +377,27 @@ pub async fn grace_and_unapplied_queries(store: Arc<dyn Store>) {
 
 /// Account patches merge; subscriptions are found by account.
 pub async fn accounts_and_listing(store: Arc<dyn Store>) {
-    let patch = |email: Option<&str>, reference: Option<&str>| {
+    let patch_at = |email: Option<&str>, reference: Option<&str>, secs: i64| {
         let mut c = commit_for(None, None, vec![]);
         c.account = Some(AccountPatch {
             stripe_customer_id: "cus_1".into(),
             email: email.map(Into::into),
             reference: reference.map(Into::into),
+            observed_at: t0() + Duration::seconds(secs),
         });
         c
     };
-    store.commit(&patch(Some("a@example.com"), Some("user_1"))).await.unwrap();
-    store.commit(&patch(None, None)).await.unwrap();
+    store.commit(&patch_at(Some("a@example.com"), Some("user_1"), 10)).await.unwrap();
+    store.commit(&patch_at(None, None, 20)).await.unwrap();
     let account = store.load_account("cus_1").await.unwrap().expect("account");
     assert_eq!((account.email.as_deref(), account.reference.as_deref()), (Some("a@example.com"), Some("user_1")));
+    // The e-mail of the newest fact by `created` wins, whatever the processing order.
+    store.commit(&patch_at(Some("old@example.com"), None, 5)).await.unwrap();
+    let account = store.load_account("cus_1").await.unwrap().expect("account");
+    assert_eq!(account.email.as_deref(), Some("a@example.com"), "an older fact does not overwrite a newer e-mail");
+    store.commit(&patch_at(Some("new@example.com"), None, 30)).await.unwrap();
+    let account = store.load_account("cus_1").await.unwrap().expect("account");
+    assert_eq!(account.email.as_deref(), Some("new@example.com"), "a newer fact does");
     assert_eq!(account.id, crate::model::account_id_for_customer("cus_1"));
     store.commit(&commit_for(None, Some(state("sub_1")), vec![])).await.unwrap();
     store.commit(&commit_for(None, Some(state("sub_2")), vec![])).await.unwrap();

@@ -265,6 +265,8 @@ pub struct SubscriptionSnapshot {
     pub canceled_at: Option<DateTime<Utc>>,
     /// Whether it cancels at period end.
     pub cancel_at_period_end: bool,
+    /// `metadata.email`: the address the platform put on the subscription (Checkout / the seed).
+    pub email: Option<String>,
 }
 
 /// What an invoice event tells billing.
@@ -451,6 +453,7 @@ fn parse_subscription(raw: RawSubscription<'_>) -> Result<SubscriptionSnapshot, 
         trial_end: opt_timestamp("data.object.trial_end", raw.trial_end)?,
         canceled_at: opt_timestamp("data.object.canceled_at", raw.canceled_at)?,
         cancel_at_period_end: raw.cancel_at_period_end.unwrap_or(false),
+        email: raw.metadata.and_then(|m| m.email).map(Cow::into_owned).filter(|e| !e.trim().is_empty()),
     })
 }
 
@@ -528,6 +531,8 @@ struct RawAnyObject<'a> {
     cancel_at_period_end: Option<bool>,
     #[serde(borrow)]
     items: Option<RawList<RawItem<'a>>>,
+    #[serde(borrow)]
+    metadata: Option<RawEmailMetadata<'a>>,
     subscription: Option<ExpandableId>,
     parent: Option<RawInvoiceParent>,
     amount_due: Option<i64>,
@@ -560,6 +565,7 @@ impl<'a> RawAnyObject<'a> {
                 canceled_at: self.canceled_at,
                 cancel_at_period_end: self.cancel_at_period_end,
                 items: self.items,
+                metadata: self.metadata,
             }),
             ObjectKind::Invoice => RawObject::Invoice(RawInvoice {
                 id: self.id,
@@ -601,6 +607,15 @@ struct RawSubscription<'a> {
     cancel_at_period_end: Option<bool>,
     #[serde(borrow)]
     items: Option<RawList<RawItem<'a>>>,
+    #[serde(borrow)]
+    metadata: Option<RawEmailMetadata<'a>>,
+}
+
+/// `metadata.email` (Stripe metadata values are strings).
+#[derive(Deserialize)]
+struct RawEmailMetadata<'a> {
+    #[serde(borrow)]
+    email: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]

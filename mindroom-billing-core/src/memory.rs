@@ -24,6 +24,8 @@ struct Inner {
     events: BTreeMap<String, StoredEvent>,
     subscriptions: BTreeMap<String, SubscriptionState>,
     accounts: BTreeMap<String, Account>,
+    /// `created` of the fact the account's e-mail came from (the newest wins).
+    email_observed_at: BTreeMap<String, DateTime<Utc>>,
     instances: BTreeMap<String, InstanceRecord>,
     jobs: BTreeMap<i64, Job>,
     job_keys: BTreeSet<String>,
@@ -185,14 +187,18 @@ impl Store for MemoryStore {
             });
         }
         if let Some(patch) = &commit.account {
+            let inner = &mut *inner;
             let account = inner.accounts.entry(patch.stripe_customer_id.clone()).or_insert_with(|| Account {
                 id: account_id_for_customer(&patch.stripe_customer_id),
                 stripe_customer_id: patch.stripe_customer_id.clone(),
                 email: None,
                 reference: None,
             });
-            if patch.email.is_some() {
+            let observed =
+                inner.email_observed_at.entry(patch.stripe_customer_id.clone()).or_insert(DateTime::<Utc>::MIN_UTC);
+            if patch.email.is_some() && patch.observed_at >= *observed {
                 account.email.clone_from(&patch.email);
+                *observed = patch.observed_at;
             }
             if patch.reference.is_some() {
                 account.reference.clone_from(&patch.reference);

@@ -37,6 +37,9 @@ pub struct AccountPatch {
     pub email: Option<String>,
     /// New platform reference, if the event carries one.
     pub reference: Option<String>,
+    /// `created` of the event that carried the patch: a store keeps the e-mail of the newest fact,
+    /// whatever the order events are processed in.
+    pub observed_at: DateTime<Utc>,
 }
 
 /// The subscription as last applied from Stripe.
@@ -75,6 +78,42 @@ pub struct PricedAt {
     pub tier: Tier,
 }
 
+/// One delinquency fact: a failed payment of an invoice, or a delinquent snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Failure {
+    /// `created` of the event that carried it.
+    pub at: DateTime<Utc>,
+    /// The unpaid invoice (`invoice.payment_failed`); `None` for a `past_due` / `unpaid` / `paused`
+    /// snapshot, which does not say which invoice is unpaid.
+    pub invoice_id: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for Failure {
+    /// Reads both shapes: `{"at", "invoice_id"}` and a bare time (aggregates stored before failures
+    /// were tracked per invoice; those read as snapshot facts).
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Shape {
+            Fact { at: DateTime<Utc>, invoice_id: Option<String> },
+            Time(DateTime<Utc>),
+        }
+        Ok(match Shape::deserialize(deserializer)? {
+            Shape::Fact { at, invoice_id } => Self { at, invoice_id },
+            Shape::Time(at) => Self { at, invoice_id: None },
+        })
+    }
+}
+
+/// A paid invoice, remembered so that a late delivery of its failure does not open a grace period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaidInvoice {
+    /// `in_…`
+    pub invoice_id: String,
+    /// `created` of the payment event.
+    pub at: DateTime<Utc>,
+}
+
 /// A grace period: the instance keeps running until `ends_at`, then is deprovisioned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Grace {
@@ -96,10 +135,19 @@ pub struct SubscriptionState {
     pub account_id: Uuid,
     /// The latest applied snapshot; `None` while only invoices have been seen.
     pub snapshot: Option<AppliedSnapshot>,
-    /// Latest time the account was in good standing (`invoice.paid` or an active/trialing snapshot).
+    /// Latest `active` / `trialing` snapshot: it resolves every failure up to its time. (Aggregates
+    /// stored before failures were tracked per invoice may also hold a payment time here.)
     pub good_standing_at: Option<DateTime<Utc>>,
-    /// Delinquency facts (payment failures, past-due snapshots) newer than `good_standing_at`, sorted.
-    pub failures: Vec<DateTime<Utc>>,
+    /// Latest payment of any invoice: it resolves the delinquent-snapshot facts older than it.
+    #[serde(default)]
+    pub last_payment_at: Option<DateTime<Utc>>,
+    /// Unresolved delinquency facts, sorted by time (Stripe's retries of one invoice add facts, but
+    /// the grace runs from the earliest, so they never extend it). A failure is resolved by the
+    /// payment of its own invoice or by a good-standing snapshot at or after it.
+    pub failures: Vec<Failure>,
+    /// The latest paid invoices (at most [`MAX_FAILURE_FACTS`]).
+    #[serde(default)]
+    pub paid_invoices: Vec<PaidInvoice>,
     /// The current grace period, derived from `failures`.
     pub grace: Option<Grace>,
     /// Whether the sweeper has handled the expiry of the current grace period.
@@ -112,7 +160,8 @@ pub struct SubscriptionState {
     pub version: u64,
 }
 
-/// Most delinquency facts remembered (the earliest are kept: they define the grace start).
+/// Most delinquency facts remembered (the earliest are kept: they define the grace start), and most
+/// paid invoices remembered (the latest are kept).
 pub const MAX_FAILURE_FACTS: usize = 32;
 
 impl SubscriptionState {
@@ -125,7 +174,9 @@ impl SubscriptionState {
             customer_id,
             snapshot: None,
             good_standing_at: None,
+            last_payment_at: None,
             failures: Vec::new(),
+            paid_invoices: Vec::new(),
             grace: None,
             grace_expiry_handled: false,
             last_priced: None,

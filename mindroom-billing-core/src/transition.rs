@@ -4,8 +4,8 @@ use chrono::{DateTime, Duration, Utc};
 
 use crate::event::{Event, EventObject, EventType, InvoiceFact, SubscriptionSnapshot, SubscriptionStatus};
 use crate::model::{
-    AccountPatch, AppliedSnapshot, EmailKind, Grace, JobKind, MAX_FAILURE_FACTS, NewJob, Outcome, PricedAt,
-    SubscriptionState,
+    AccountPatch, AppliedSnapshot, EmailKind, Failure, Grace, JobKind, MAX_FAILURE_FACTS, NewJob, Outcome, PaidInvoice,
+    PricedAt, SubscriptionState,
 };
 use crate::tier::{PriceCatalog, Tier};
 
@@ -69,6 +69,7 @@ pub fn decide(policy: &Policy, state: Option<&SubscriptionState>, event: &Event,
                 stripe_customer_id: customer.id.clone(),
                 email: customer.email.clone(),
                 reference: None,
+                observed_at: event.created,
             }),
             ..Decision::outcome(Outcome::Applied)
         },
@@ -78,6 +79,7 @@ pub fn decide(policy: &Policy, state: Option<&SubscriptionState>, event: &Event,
                     stripe_customer_id: customer.clone(),
                     email: session.email.clone(),
                     reference: session.client_reference_id.clone(),
+                    observed_at: event.created,
                 }),
                 ..Decision::outcome(Outcome::Applied)
             },
@@ -118,7 +120,12 @@ fn apply_snapshot(
     now: DateTime<Utc>,
 ) -> Decision {
     let current = state.and_then(|s| s.snapshot.as_ref());
-    let resolved = snapshot.prices.iter().find_map(|p| policy.prices.resolve(p).map(|tier| (p, tier)));
+    // Several items (a base plan and add-ons): the highest tier any of their prices maps to.
+    let resolved = snapshot
+        .prices
+        .iter()
+        .filter_map(|p| policy.prices.resolve(p).map(|tier| (p, tier)))
+        .max_by_key(|&(_, tier)| tier);
     let (price_id, tier) = match resolved {
         Some((price, tier)) => (price.id.clone(), Some(tier)),
         // A terminal snapshot removes the instance whatever its price says; its tier is filled in
@@ -135,7 +142,9 @@ fn apply_snapshot(
         }
     }
     match snapshot.status {
-        status if status.is_delinquent() => add_failure(&mut next, created),
+        status if status.is_delinquent() => {
+            add_failure(&mut next, Failure { at: created, invoice_id: None });
+        }
         SubscriptionStatus::Active | SubscriptionStatus::Trialing => add_good_standing(&mut next, created),
         _ => {}
     }
@@ -176,7 +185,13 @@ fn apply_snapshot(
     }
     recompute_grace(&mut next, policy);
     let outcome = if apply { Outcome::Applied } else { Outcome::Stale };
-    finish(state, next, event, outcome, jobs, None, now)
+    let account = snapshot.email.as_ref().map(|email| AccountPatch {
+        stripe_customer_id: snapshot.customer.clone(),
+        email: Some(email.clone()),
+        reference: None,
+        observed_at: created,
+    });
+    finish(state, next, event, outcome, jobs, account, now)
 }
 
 fn apply_invoice(
@@ -190,6 +205,7 @@ fn apply_invoice(
         stripe_customer_id: invoice.customer.clone(),
         email: Some(email.clone()),
         reference: None,
+        observed_at: event.created,
     });
     let Some(subscription_id) = &invoice.subscription else {
         return Decision { account, ..Decision::outcome(Outcome::Ignored) };
@@ -198,14 +214,9 @@ fn apply_invoice(
     let created = event.created;
     let mut jobs = Vec::new();
     let relevant = match event.event_type {
-        EventType::InvoicePaid | EventType::InvoicePaymentSucceeded => {
-            let relevant = next.good_standing_at.is_none_or(|g| created >= g);
-            add_good_standing(&mut next, created);
-            relevant
-        }
+        EventType::InvoicePaid | EventType::InvoicePaymentSucceeded => add_payment(&mut next, &invoice.id, created),
         EventType::InvoicePaymentFailed => {
-            let relevant = next.good_standing_at.is_none_or(|g| created > g);
-            add_failure(&mut next, created);
+            let relevant = add_failure(&mut next, Failure { at: created, invoice_id: Some(invoice.id.clone()) });
             if relevant {
                 let email = EmailKind::PaymentFailed {
                     invoice_id: invoice.id.clone(),
@@ -265,26 +276,68 @@ fn unknown_price(event: &Event, snapshot: &SubscriptionSnapshot, now: DateTime<U
     Decision { outcome: Outcome::Failed(reason), subscription: None, account: None, jobs: vec![alert] }
 }
 
+/// An `active` / `trialing` snapshot at `at`: every failure up to then is resolved.
 fn add_good_standing(state: &mut SubscriptionState, at: DateTime<Utc>) {
-    let good = state.good_standing_at.map_or(at, |g| g.max(at));
-    state.good_standing_at = Some(good);
-    state.failures.retain(|f| *f > good);
+    state.good_standing_at = Some(state.good_standing_at.map_or(at, |g| g.max(at)));
+    retain_unresolved(state);
 }
 
-fn add_failure(state: &mut SubscriptionState, at: DateTime<Utc>) {
-    if state.good_standing_at.is_some_and(|g| at <= g) {
-        return;
+/// A payment of `invoice_id` at `at`: resolves that invoice's failure (whenever it is delivered) and
+/// the delinquent-snapshot facts older than the payment. Returns whether it was news
+/// (not older than a report of the same payment already seen).
+fn add_payment(state: &mut SubscriptionState, invoice_id: &str, at: DateTime<Utc>) -> bool {
+    state.last_payment_at = Some(state.last_payment_at.map_or(at, |p| p.max(at)));
+    let known = state.paid_invoices.iter_mut().find(|p| p.invoice_id == invoice_id);
+    // `invoice.paid` and `invoice.payment_succeeded` both report one payment: the newer report (or
+    // one of the same second) applies, an older one is stale.
+    let news = match known {
+        Some(paid) if paid.at > at => false,
+        Some(paid) => {
+            paid.at = at;
+            true
+        }
+        None => {
+            state.paid_invoices.push(PaidInvoice { invoice_id: invoice_id.to_owned(), at });
+            true
+        }
+    };
+    // Keep the latest payments (Stripe redelivers and lists events for 30 days: older facts are settled).
+    state.paid_invoices.sort_by(|a, b| b.at.cmp(&a.at).then_with(|| a.invoice_id.cmp(&b.invoice_id)));
+    state.paid_invoices.truncate(MAX_FAILURE_FACTS);
+    retain_unresolved(state);
+    news
+}
+
+/// Adds a delinquency fact unless it is already resolved. Returns whether it is unresolved.
+fn add_failure(state: &mut SubscriptionState, failure: Failure) -> bool {
+    if is_resolved(state, &failure) {
+        return false;
     }
-    if let Err(pos) = state.failures.binary_search(&at) {
-        state.failures.insert(pos, at);
+    if let Err(pos) = state.failures.binary_search(&failure) {
+        state.failures.insert(pos, failure);
         state.failures.truncate(MAX_FAILURE_FACTS);
     }
+    true
+}
+
+fn is_resolved(state: &SubscriptionState, failure: &Failure) -> bool {
+    if state.good_standing_at.is_some_and(|g| failure.at <= g) {
+        return true;
+    }
+    match &failure.invoice_id {
+        Some(invoice) => state.paid_invoices.iter().any(|p| &p.invoice_id == invoice),
+        None => state.last_payment_at.is_some_and(|p| failure.at < p),
+    }
+}
+
+fn retain_unresolved(state: &mut SubscriptionState) {
+    let failures = std::mem::take(&mut state.failures);
+    state.failures = failures.into_iter().filter(|f| !is_resolved(state, f)).collect();
 }
 
 /// The grace period starts at the earliest unresolved failure and is never extended.
 fn recompute_grace(state: &mut SubscriptionState, policy: &Policy) {
-    let grace =
-        state.failures.first().map(|&started_at| Grace { started_at, ends_at: started_at + policy.grace_period });
+    let grace = state.failures.first().map(|f| Grace { started_at: f.at, ends_at: f.at + policy.grace_period });
     if grace.map(|g| g.started_at) != state.grace.map(|g| g.started_at) {
         state.grace_expiry_handled = false;
     }

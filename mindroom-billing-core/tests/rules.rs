@@ -184,7 +184,7 @@ fn grace_expired_before_payment_comes_back_when_paid() {
 }
 
 #[test]
-fn a_failure_older_than_the_last_payment_is_stale() {
+fn a_failure_of_a_paid_invoice_is_stale() {
     let mut run = Run::default();
     run.apply(&sub_ev(1, "customer.subscription.created", T0, "active", STARTER));
     run.apply(&inv_ev(1, "invoice.paid", T0 + 10 * DAY, "in_a"));
@@ -192,15 +192,16 @@ fn a_failure_older_than_the_last_payment_is_stale() {
     assert_eq!(d.outcome, Outcome::Stale);
     assert!(emails(&d).is_empty(), "no payment-failed e-mail for a resolved failure");
     assert!(run.state().grace.is_none());
-    // Same second as the payment: resolved too.
-    let d = run.apply(&inv_ev(3, "invoice.payment_failed", T0 + 10 * DAY, "in_b")).clone();
-    assert_eq!(d.outcome, Outcome::Stale);
-    assert!(run.state().grace.is_none());
-    // An older payment after a newer one is stale as well, and changes nothing.
+    // An older report of the same payment is stale as well, and changes nothing.
     let before = run.state().clone();
-    let d = run.apply(&inv_ev(4, "invoice.paid", T0 + 5 * DAY, "in_0")).clone();
+    let d = run.apply(&inv_ev(4, "invoice.payment_succeeded", T0 + 5 * DAY, "in_a")).clone();
     assert_eq!(d.outcome, Outcome::Stale);
     assert_eq!(run.state(), &before);
+    // Another invoice failing in the same second as that payment is not resolved by it (DESIGN §3:
+    // failures are tracked per invoice).
+    let d = run.apply(&inv_ev(3, "invoice.payment_failed", T0 + 10 * DAY, "in_b")).clone();
+    assert_eq!(d.outcome, Outcome::Applied);
+    assert_eq!(run.state().grace.unwrap().started_at, at(T0 + 10 * DAY));
 }
 
 #[test]
