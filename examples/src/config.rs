@@ -97,6 +97,7 @@ fn worker_from_env() -> Result<WorkerConfig, ConfigError> {
         backoff_max: ms("BILLING_JOB_BACKOFF_MAX_MS", d.backoff_max)?,
         max_attempts: parse("BILLING_JOB_MAX_ATTEMPTS", d.max_attempts, "a number of attempts")?,
         unapplied_after: secs("BILLING_UNAPPLIED_AFTER_SECS", d.unapplied_after)?,
+        email_address_wait: secs("BILLING_EMAIL_ADDRESS_WAIT_SECS", d.email_address_wait)?,
     };
     if worker.lease <= chrono::Duration::zero() {
         return Err(ConfigError { var: "BILLING_JOB_LEASE_SECS", message: "must be positive".into() });

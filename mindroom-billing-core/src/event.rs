@@ -336,6 +336,35 @@ pub fn parse_str(payload: &str) -> Result<Event, ParseError> {
     }
 }
 
+/// An event's envelope, read leniently: enough to store a verified event whose object billing cannot
+/// read, so that it is recorded (as failed) instead of lost, and can be replayed after an upgrade.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// `evt_…`
+    pub id: String,
+    /// `type`, verbatim.
+    pub event_type: String,
+    /// `created`.
+    pub created: DateTime<Utc>,
+    /// `api_version`.
+    pub api_version: Option<String>,
+    /// `livemode`.
+    pub livemode: bool,
+}
+
+/// Reads the envelope of a payload whose object may not parse. `None` when not even `id`, `type`
+/// and `created` can be read (then it is no Stripe event).
+pub fn envelope(payload: &str) -> Option<Envelope> {
+    let raw: RawEnvelope<'_, IgnoredAny> = serde_json::from_str(payload).ok()?;
+    Some(Envelope {
+        id: raw.id?.into_owned(),
+        event_type: raw.kind?.into_owned(),
+        created: DateTime::from_timestamp(raw.created?, 0)?,
+        api_version: raw.api_version.map(Cow::into_owned),
+        livemode: raw.livemode.unwrap_or(false),
+    })
+}
+
 fn parse_two_pass(payload: &str) -> Result<Event, ParseError> {
     let raw: RawEnvelope<'_, &RawValue> = serde_json::from_str(payload).map_err(|e| ParseError::Json(e.to_string()))?;
     parse_envelope(raw, |kind, object| match kind {

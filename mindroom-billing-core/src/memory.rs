@@ -302,12 +302,27 @@ impl Store for MemoryStore {
                 job.state = JobState::Dead;
                 job.last_error = Some(error.clone());
             }
+            JobResolution::Skipped { reason } => {
+                job.state = JobState::Done;
+                job.last_error = Some(format!("skipped: {reason}"));
+            }
         }
         if let Some(instance) = &finish.instance {
             inner.instances.insert(instance.subscription_id.clone(), instance.clone());
         }
         inner.enqueue(&finish.enqueue, finish.now);
         Ok(true)
+    }
+
+    async fn extend_lease(&self, job_id: i64, attempt: u32, locked_until: DateTime<Utc>) -> Result<bool, StoreError> {
+        let mut inner = self.lock()?;
+        match inner.jobs.get_mut(&job_id) {
+            Some(job) if job.state == JobState::Running && job.attempts == attempt => {
+                job.locked_until = Some(locked_until);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, StoreError> {

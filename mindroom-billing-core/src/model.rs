@@ -641,6 +641,12 @@ pub enum JobResolution {
         /// What went wrong.
         error: String,
     },
+    /// Not run because what it was for no longer holds (e.g. a payment-failed e-mail for an
+    /// invoice paid meanwhile). Stored as `done`, with `skipped: <reason>` as its last error.
+    Skipped {
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Finishing a claimed job, atomically with the instance it recorded and the jobs it spawned.

@@ -129,6 +129,11 @@ pub trait Store: Send + Sync + 'static {
     /// (and writes nothing) when the job is no longer `running` at `attempt` (the lease was lost).
     async fn finish_job(&self, finish: &JobFinish) -> Result<bool, StoreError>;
 
+    /// Extends the lease of a job still `running` at `attempt` to `locked_until` (the worker renews
+    /// it while a slow call is in flight, so no other worker takes the job over meanwhile). Returns
+    /// `false` (and writes nothing) when the lease was already lost.
+    async fn extend_lease(&self, job_id: i64, attempt: u32, locked_until: DateTime<Utc>) -> Result<bool, StoreError>;
+
     /// Lists jobs, newest first.
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, StoreError>;
 

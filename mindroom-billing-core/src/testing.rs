@@ -92,6 +92,9 @@ impl<H: StoreHooks> Store for HookedStore<H> {
     async fn finish_job(&self, finish: &JobFinish) -> Result<bool, StoreError> {
         self.inner.finish_job(finish).await
     }
+    async fn extend_lease(&self, job_id: i64, attempt: u32, locked_until: DateTime<Utc>) -> Result<bool, StoreError> {
+        self.inner.extend_lease(job_id, attempt, locked_until).await
+    }
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, StoreError> {
         self.inner.list_jobs(filter).await
     }

@@ -137,7 +137,8 @@ async fn retryable_provisioner_errors_are_retried_with_backoff() {
     let mut prov = MockProv::new();
     let c = Arc::clone(&calls);
     prov.expect_provision().times(3).returning(move |req| {
-        assert_eq!(req.idempotency_key, format!("provision:{SUB}:1"), "one key for every retry");
+        // Operation, generation, desired tier and job: one key for every retry of this job.
+        assert_eq!(req.idempotency_key, format!("provision:{SUB}:1:starter:1"), "one key for every retry");
         match c.fetch_add(1, Ordering::SeqCst) {
             0 | 1 => Err(ProvisionError::retryable("503 from provisioner")),
             _ => instance_ok(req),
@@ -309,6 +310,9 @@ async fn a_duplicate_of_an_applied_event_produces_nothing() {
     prov.expect_provision().times(1).returning(instance_ok);
     let h = harness(Arc::new(MemoryStore::new()), prov, quiet_notifier(Arc::default()), 5);
     let body = created_body();
+    // The customer's address first, so the welcome e-mail goes out instead of waiting for one.
+    let customer = fixture_bytes("2026-07-29.dahlia", "customer.updated");
+    assert_eq!(h.receive(&customer).await, Disposition::Applied);
     assert_eq!(h.receive(&body).await, Disposition::Applied);
     // Drain: the reconcile, then the welcome e-mail it queued.
     while h.billing.run_due_jobs(10).await.unwrap() > 0 {}

@@ -300,12 +300,25 @@ pub(crate) async fn claim_jobs<R: Rpc + ?Sized>(rpc: &R, claim: &Claim) -> Resul
     decode(F, rpc.call(F, p).await?)
 }
 
+pub(crate) async fn extend_lease<R: Rpc + ?Sized>(
+    rpc: &R,
+    job_id: i64,
+    attempt: u32,
+    locked_until: DateTime<Utc>,
+) -> Result<bool, StoreError> {
+    const F: &str = "billing_extend_lease";
+    let p = json!({ "job_id": job_id.to_string(), "attempt": attempt.to_string(), "locked_until": locked_until });
+    let out = rpc.call(F, p).await?;
+    out.as_bool().ok_or_else(|| decode_err(F, format!("bad result {out}")))
+}
+
 pub(crate) async fn finish_job<R: Rpc + ?Sized>(rpc: &R, finish: &JobFinish) -> Result<bool, StoreError> {
     const F: &str = "billing_finish_job";
     let resolution = match &finish.resolution {
         JobResolution::Done => json!({ "kind": "done" }),
         JobResolution::Retry { run_after, error } => json!({ "kind": "retry", "run_after": run_after, "error": error }),
         JobResolution::Dead { error } => json!({ "kind": "dead", "error": error }),
+        JobResolution::Skipped { reason } => json!({ "kind": "skipped", "error": format!("skipped: {reason}") }),
     };
     let instance = match &finish.instance {
         None => Value::Null,
@@ -470,6 +483,14 @@ macro_rules! impl_store_via_rpc {
                 finish: &mindroom_billing_core::JobFinish,
             ) -> Result<bool, mindroom_billing_core::StoreError> {
                 crate::wire::finish_job(self, finish).await
+            }
+            async fn extend_lease(
+                &self,
+                job_id: i64,
+                attempt: u32,
+                locked_until: chrono::DateTime<chrono::Utc>,
+            ) -> Result<bool, mindroom_billing_core::StoreError> {
+                crate::wire::extend_lease(self, job_id, attempt, locked_until).await
             }
             async fn list_jobs(
                 &self,

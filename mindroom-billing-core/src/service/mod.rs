@@ -10,7 +10,9 @@ use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::event::{self, Event, EventType, ParseError};
-use crate::model::{Commit, CommitResult, NewEvent, Outcome, Recorded, StoredEvent, SubscriptionState};
+use crate::model::{
+    Commit, CommitResult, JobKind, NewEvent, NewJob, Outcome, Recorded, StoredEvent, SubscriptionState,
+};
 use crate::ports::{Clock, Notifier, Provisioner, Store, StoreError, SystemClock};
 use crate::signature::{SignatureError, Verifier};
 use crate::transition::{self, Policy};
@@ -43,6 +45,9 @@ pub struct WorkerConfig {
     pub sweep_interval: Duration,
     /// A `received` event older than this is applied by the worker without waiting for Stripe.
     pub unapplied_after: chrono::Duration,
+    /// How long a customer e-mail whose address is not known yet keeps waiting for an event that
+    /// brings it (retried with backoff, whatever `max_attempts` says) before it is given up.
+    pub email_address_wait: chrono::Duration,
 }
 
 impl Default for WorkerConfig {
@@ -56,6 +61,7 @@ impl Default for WorkerConfig {
             concurrency: 4,
             sweep_interval: Duration::from_secs(30),
             unapplied_after: chrono::Duration::seconds(60),
+            email_address_wait: chrono::Duration::hours(24),
         }
     }
 }
@@ -158,7 +164,8 @@ pub enum ReceiveError {
     /// The signature did not verify (400; nothing stored).
     #[error(transparent)]
     Signature(#[from] SignatureError),
-    /// The verified payload is not an event we can read (400; nothing stored).
+    /// The verified payload is not a Stripe event: not even its `id`, `type` and `created` can be
+    /// read (400; nothing stored). An event whose object does not parse is stored as failed instead.
     #[error(transparent)]
     Parse(#[from] ParseError),
     /// The store failed (503 when unavailable: Stripe retries).
@@ -257,7 +264,7 @@ impl Billing {
             Ok(parsed) => parsed,
             Err(e) => {
                 metrics::counter!("billing_webhook_parse_failures_total").increment(1);
-                return Err(e.into());
+                return self.receive_unreadable(body, e, now).await;
             }
         };
         let span = info_span!("webhook", event_id = %event.id, event_type = %event.event_type,
@@ -294,6 +301,79 @@ impl Billing {
         }
         .instrument(span)
         .await
+    }
+
+    /// A verified payload whose object does not parse (say, a subscription status this version does
+    /// not know): stored raw as `failed` with the parse error, an admin alert queued, so it is not lost
+    /// when Stripe stops retrying and can be replayed after an upgrade. Without even an id, `type` and
+    /// `created` it is no Stripe event and is refused.
+    async fn receive_unreadable(
+        &self,
+        body: &[u8],
+        error: ParseError,
+        now: DateTime<Utc>,
+    ) -> Result<Receipt, ReceiveError> {
+        let Some((payload, envelope)) = std::str::from_utf8(body).ok().and_then(|p| Some((p, event::envelope(p)?)))
+        else {
+            return Err(error.into());
+        };
+        let new_event = NewEvent {
+            id: &envelope.id,
+            event_type: &envelope.event_type,
+            created: envelope.created,
+            api_version: envelope.api_version.as_deref(),
+            livemode: envelope.livemode,
+            payload,
+            received_at: now,
+        };
+        let (recorded, _) = self.store.record_and_load(&new_event, None).await?;
+        let disposition = match recorded {
+            Recorded::Done(_) => Disposition::Duplicate,
+            Recorded::Fresh | Recorded::Pending(_) => {
+                self.fail_unreadable(&envelope.id, &envelope.event_type, &error, now).await?
+            }
+        };
+        let event_type = EventType::from_stripe(&envelope.event_type);
+        metrics::counter!("billing_webhook_events_total", "type" => event_type.metric_label(),
+            "outcome" => disposition.label())
+        .increment(1);
+        Ok(Receipt { event_id: envelope.id, event_type, subscription_id: None, disposition })
+    }
+
+    /// Commits a recorded event that does not parse as `failed`, with an admin alert.
+    async fn fail_unreadable(
+        &self,
+        event_id: &str,
+        event_type: &str,
+        error: &ParseError,
+        now: DateTime<Utc>,
+    ) -> Result<Disposition, StoreError> {
+        let reason = format!("cannot read the event ({error}); replay it once billing understands it");
+        warn!(event_id, event_type, %reason, "verified event recorded as failed; admin alert queued");
+        let alert = NewJob {
+            key: format!("alert:unreadable:{event_id}"),
+            group: None,
+            kind: JobKind::AdminAlert {
+                subject: format!("Unreadable Stripe event {event_id}"),
+                detail: format!(
+                    "Event {event_id} ({event_type}) is verified and stored, but billing cannot read it: {error}. \
+                     Upgrade mindroom-billing, then run `mindroom-billing events replay {event_id}`."
+                ),
+            },
+            run_after: now,
+        };
+        let commit = Commit {
+            now,
+            event_id: Some(event_id.to_owned()),
+            outcome: Outcome::Failed(reason.clone()),
+            subscription: None,
+            account: None,
+            jobs: vec![alert],
+        };
+        Ok(match self.store.commit(&commit).await? {
+            CommitResult::Committed => Disposition::Failed(reason),
+            CommitResult::AlreadyDone => Disposition::Duplicate,
+        })
     }
 
     /// Applies a recorded event: load, decide, commit with compare-and-swap, re-deciding on conflict.
@@ -364,8 +444,15 @@ impl Billing {
         for stored in &stale {
             match self.apply_stored(stored).await {
                 Ok(_) => applied += 1,
-                Err(ReplayError::Store(e)) => return Err(e),
-                Err(e) => warn!(event_id = %stored.id, error = %error_chain(&e), "cannot apply stored event"),
+                Err(ReplayError::Parse(e)) => {
+                    self.fail_unreadable(&stored.id, &stored.event_type, &e, self.clock.now()).await?;
+                }
+                // Only an unavailable store ends the pass: one poison event must not hold up the rest.
+                Err(ReplayError::Store(e @ StoreError::Unavailable(_))) => return Err(e),
+                Err(e) => {
+                    metrics::counter!("billing_unapplied_pickup_errors_total").increment(1);
+                    warn!(event_id = %stored.id, error = %error_chain(&e), "cannot apply stored event; going on");
+                }
             }
         }
         if applied > 0 {

@@ -8,6 +8,7 @@ use sha2::{Digest, Sha256};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{Billing, error_chain};
+use crate::event::SubscriptionStatus;
 use crate::model::{
     Claim, DesiredInstance, EmailKind, InstanceRecord, InstanceStatus, Job, JobFinish, JobKind, JobResolution, NewJob,
     SubscriptionState,
@@ -28,9 +29,38 @@ pub fn app_name_for(subscription_id: &str) -> String {
     format!("mr-{readable}-{}", hex::encode(&digest[..3]))
 }
 
+/// A provisioner operation, as named in idempotency keys and admin alerts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Operation {
+    Provision,
+    Update,
+    Deprovision,
+}
+
+impl Operation {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Provision => "provision",
+            Self::Update => "update",
+            Self::Deprovision => "deprovision",
+        }
+    }
+
+    fn request(self) -> &'static str {
+        match self {
+            Self::Provision => "POST /provision",
+            Self::Update => "PUT /update",
+            Self::Deprovision => "DELETE /deprovision",
+        }
+    }
+}
+
 enum JobError {
     Retryable(String, Option<Duration>),
     Permanent(String),
+    /// Waiting for a fact a later event brings (a customer's e-mail address): retried with backoff
+    /// until [`super::WorkerConfig::email_address_wait`] has passed, whatever the attempt limit.
+    Waiting(String),
 }
 
 impl From<StoreError> for JobError {
@@ -59,10 +89,49 @@ impl From<NotifyError> for JobError {
     }
 }
 
+/// A failed attempt, with the provisioner operation it was in (if any): a dead job's consequence
+/// depends on it (only a dead provision marks the instance failed).
+struct JobFailure {
+    error: JobError,
+    operation: Option<Operation>,
+}
+
+impl JobFailure {
+    fn during(operation: Operation, error: impl Into<JobError>) -> Self {
+        Self { error: error.into(), operation: Some(operation) }
+    }
+}
+
+impl From<JobError> for JobFailure {
+    fn from(error: JobError) -> Self {
+        Self { error, operation: None }
+    }
+}
+
+impl From<StoreError> for JobFailure {
+    fn from(e: StoreError) -> Self {
+        JobError::from(e).into()
+    }
+}
+
+impl From<NotifyError> for JobFailure {
+    fn from(e: NotifyError) -> Self {
+        JobError::from(e).into()
+    }
+}
+
 #[derive(Default)]
 struct JobOutput {
     instance: Option<InstanceRecord>,
     enqueue: Vec<NewJob>,
+    /// Set when the job did nothing because what it was for no longer holds.
+    skipped: Option<String>,
+}
+
+impl JobOutput {
+    fn skipped(reason: String) -> Self {
+        Self { skipped: Some(reason), ..Self::default() }
+    }
 }
 
 impl Billing {
@@ -87,27 +156,42 @@ impl Billing {
                 JobKind::AdminAlert { subject, detail } => self.send_alert(job, subject, detail).await,
             };
             let now = self.clock.now();
+            let worker = &self.config.worker;
             let (resolution, output) = match result {
-                Ok(output) => (JobResolution::Done, output),
-                Err(JobError::Retryable(error, retry_after)) if job.attempts < self.config.worker.max_attempts => {
-                    // A server's Retry-After is honoured, but never beyond the configured maximum.
-                    let delay = retry_after
-                        .map_or_else(|| self.backoff(job.attempts), |d| d.min(self.config.worker.backoff_max));
-                    warn!(%error, retry_in_ms = delay.as_millis(), "job failed; will retry");
-                    let run_after = chrono::Duration::from_std(delay)
-                        .ok()
-                        .and_then(|d| now.checked_add_signed(d))
-                        .unwrap_or(DateTime::<Utc>::MAX_UTC);
-                    (JobResolution::Retry { run_after, error }, JobOutput::default())
+                Ok(mut output) => match output.skipped.take() {
+                    Some(reason) => {
+                        info!(%reason, "job skipped");
+                        (JobResolution::Skipped { reason }, output)
+                    }
+                    None => (JobResolution::Done, output),
+                },
+                Err(JobFailure { error: JobError::Waiting(error), .. })
+                    if now < job.created_at + worker.email_address_wait =>
+                {
+                    let delay = self.backoff(job.attempts);
+                    info!(%error, retry_in_ms = delay.as_millis(), "job waits");
+                    (JobResolution::Retry { run_after: later(now, delay), error }, JobOutput::default())
                 }
-                Err(JobError::Retryable(error, _) | JobError::Permanent(error)) => {
+                Err(JobFailure { error: JobError::Retryable(error, retry_after), .. })
+                    if job.attempts < worker.max_attempts =>
+                {
+                    // A server's Retry-After is honoured, but never beyond the configured maximum.
+                    let delay = retry_after.map_or_else(|| self.backoff(job.attempts), |d| d.min(worker.backoff_max));
+                    warn!(%error, retry_in_ms = delay.as_millis(), "job failed; will retry");
+                    (JobResolution::Retry { run_after: later(now, delay), error }, JobOutput::default())
+                }
+                Err(JobFailure {
+                    error: JobError::Retryable(error, _) | JobError::Permanent(error) | JobError::Waiting(error),
+                    operation,
+                }) => {
                     warn!(%error, "job is dead");
-                    let output = self.dead_job_output(job, &error, now).await?;
+                    let output = self.dead_job_output(job, operation, &error, now).await?;
                     (JobResolution::Dead { error }, output)
                 }
             };
             let label = match &resolution {
                 JobResolution::Done => "done",
+                JobResolution::Skipped { .. } => "skipped",
                 JobResolution::Retry { .. } => "retry",
                 JobResolution::Dead { .. } => "dead",
             };
@@ -138,40 +222,69 @@ impl Billing {
         capped.mul_f64(jitter)
     }
 
-    async fn dead_job_output(&self, job: &Job, error: &str, now: DateTime<Utc>) -> Result<JobOutput, StoreError> {
+    /// What a dead job leaves behind. Only a dead *provision* marks the instance `failed`: a dead
+    /// update or deprovision leaves the instance as it is (the next reconcile tries again, with a new
+    /// idempotency key). Every dead reconcile queues one admin alert naming the operation.
+    async fn dead_job_output(
+        &self,
+        job: &Job,
+        operation: Option<Operation>,
+        error: &str,
+        now: DateTime<Utc>,
+    ) -> Result<JobOutput, StoreError> {
         let JobKind::Reconcile { subscription_id } = &job.kind else { return Ok(JobOutput::default()) };
         let existing = self.store.load_instance(subscription_id).await?;
-        let mut instance = existing.unwrap_or_else(|| InstanceRecord {
-            subscription_id: subscription_id.clone(),
-            app_name: app_name_for(subscription_id),
-            status: InstanceStatus::Failed,
-            generation: 1,
-            tier: None,
-            limits: None,
-            subdomain: None,
-            frontend_url: None,
-            backend_url: None,
-            deprovisioned_at: None,
-            updated_at: now,
-        });
-        instance.status = InstanceStatus::Failed;
-        instance.updated_at = now;
+        let app = existing.as_ref().map_or_else(|| app_name_for(subscription_id), |i| i.app_name.clone());
+        let (subject, consequence, instance) = match operation {
+            Some(Operation::Provision) => {
+                let mut instance = existing.unwrap_or_else(|| InstanceRecord {
+                    subscription_id: subscription_id.clone(),
+                    app_name: app.clone(),
+                    status: InstanceStatus::Failed,
+                    generation: 1,
+                    tier: None,
+                    limits: None,
+                    subdomain: None,
+                    frontend_url: None,
+                    backend_url: None,
+                    deprovisioned_at: None,
+                    updated_at: now,
+                });
+                instance.status = InstanceStatus::Failed;
+                instance.updated_at = now;
+                let subject = format!("Provisioning failed for {subscription_id}");
+                (subject, format!("The instance {app} is marked failed."), Some(instance))
+            }
+            Some(op) => {
+                let subject = format!("{} of {app} failed for {subscription_id}", op.request());
+                let consequence = format!(
+                    "The instance {app} is left as it was ({}); the next reconcile of the subscription tries again.",
+                    existing.as_ref().map_or("no record", |i| i.status.as_str())
+                );
+                (subject, consequence, None)
+            }
+            None => (
+                format!("Reconcile failed for {subscription_id}"),
+                format!("The instance {app} is left as it was; the next reconcile tries again."),
+                None,
+            ),
+        };
         let alert = NewJob {
             key: format!("alert:dead_job:{}", job.id),
             group: None,
             kind: JobKind::AdminAlert {
-                subject: format!("Provisioning failed for {subscription_id}"),
+                subject,
                 detail: format!(
-                    "Job {} ({}) gave up after {} attempts: {error}. The instance {} is marked failed.",
-                    job.id, job.key, job.attempts, instance.app_name
+                    "Job {} ({}) gave up after {} attempts: {error}. {consequence}",
+                    job.id, job.key, job.attempts
                 ),
             },
             run_after: now,
         };
-        Ok(JobOutput { instance: Some(instance), enqueue: vec![alert] })
+        Ok(JobOutput { instance, enqueue: vec![alert], skipped: None })
     }
 
-    async fn reconcile(&self, job: &Job, subscription_id: &str) -> Result<JobOutput, JobError> {
+    async fn reconcile(&self, job: &Job, subscription_id: &str) -> Result<JobOutput, JobFailure> {
         let Some(state) = self.store.load_subscription(subscription_id).await? else {
             return Ok(JobOutput::default());
         };
@@ -179,6 +292,8 @@ impl Billing {
         let now = self.clock.now();
         let desired = state.desired(now);
         let op_started = Instant::now();
+        // Idempotency keys name the operation, the desired state and the job: a retry of this job
+        // (after a crash or a lost lease) repeats its key; a later job, e.g. after a dead one, does not.
         let output = match (desired, instance) {
             (DesiredInstance::Running { tier, limits }, Some(mut current))
                 if current.status == InstanceStatus::Running =>
@@ -186,31 +301,44 @@ impl Billing {
                 if current.limits == Some(limits) {
                     return Ok(JobOutput::default());
                 }
-                let key = format!("update:{subscription_id}:{}:{}", current.generation, job.id);
-                self.provisioner_call("update", self.provisioner.update_limits(&current.app_name, &limits, &key))
-                    .await?;
+                let key = format!("update:{subscription_id}:{}:{tier}:{}", current.generation, job.id);
+                let call = self.provisioner.update_limits(&current.app_name, &limits, &key);
+                self.provisioner_call(job, Operation::Update, call).await?;
                 info!(app = %current.app_name, %tier, "instance limits updated");
                 current.tier = Some(tier);
                 current.limits = Some(limits);
                 current.updated_at = now;
-                JobOutput { instance: Some(current), enqueue: Vec::new() }
+                JobOutput { instance: Some(current), ..JobOutput::default() }
             }
             (DesiredInstance::Running { tier, limits }, current) => {
-                let generation = match &current {
-                    Some(c) if c.status == InstanceStatus::Deprovisioned => c.generation + 1,
-                    Some(c) => c.generation,
-                    None => 1,
+                let (generation, app_name) = match &current {
+                    Some(c) if c.status == InstanceStatus::Deprovisioned => {
+                        (c.generation + 1, app_name_for(subscription_id))
+                    }
+                    Some(c) => (c.generation, c.app_name.clone()),
+                    None => (1, app_name_for(subscription_id)),
                 };
                 let request = ProvisionRequest {
                     subscription_id: subscription_id.to_owned(),
                     customer_id: state.customer_id.clone(),
                     account_id: state.account_id,
-                    app_name: app_name_for(subscription_id),
+                    app_name,
                     tier,
                     limits,
-                    idempotency_key: format!("provision:{subscription_id}:{generation}"),
+                    idempotency_key: format!("provision:{subscription_id}:{generation}:{tier}:{}", job.id),
                 };
-                let created = self.provisioner_call("provision", self.provisioner.provision(&request)).await?;
+                let call = self.provisioner.provision(&request);
+                let created = self.provisioner_call(job, Operation::Provision, call).await?;
+                if created.app_name != request.app_name {
+                    // Recording another name would leak the app we asked for (nothing would ever
+                    // remove it) and point billing at one it did not ask for.
+                    let error = format!(
+                        "contract violation: the provisioner answered appName {:?} to a request for {:?}; \
+                         check both apps on the Dokku host",
+                        created.app_name, request.app_name
+                    );
+                    return Err(JobFailure::during(Operation::Provision, JobError::Permanent(error)));
+                }
                 info!(app = %created.app_name, %tier, generation, "instance provisioned");
                 let welcome = NewJob {
                     key: format!("email:welcome:{subscription_id}:{generation}"),
@@ -235,16 +363,17 @@ impl Billing {
                     deprovisioned_at: None,
                     updated_at: now,
                 };
-                JobOutput { instance: Some(record), enqueue: vec![welcome] }
+                JobOutput { instance: Some(record), enqueue: vec![welcome], skipped: None }
             }
             (DesiredInstance::Absent, Some(mut current)) if current.status != InstanceStatus::Deprovisioned => {
-                let key = format!("deprovision:{subscription_id}:{}", current.generation);
-                self.provisioner_call("deprovision", self.provisioner.deprovision(&current.app_name, &key)).await?;
+                let key = format!("deprovision:{subscription_id}:{}:{}", current.generation, job.id);
+                let call = self.provisioner.deprovision(&current.app_name, &key);
+                self.provisioner_call(job, Operation::Deprovision, call).await?;
                 info!(app = %current.app_name, "instance deprovisioned");
                 current.status = InstanceStatus::Deprovisioned;
                 current.deprovisioned_at = Some(now);
                 current.updated_at = now;
-                JobOutput { instance: Some(current), enqueue: Vec::new() }
+                JobOutput { instance: Some(current), ..JobOutput::default() }
             }
             (DesiredInstance::Absent, _) => JobOutput::default(),
         };
@@ -252,19 +381,48 @@ impl Billing {
         Ok(output)
     }
 
+    /// Runs one provisioner call, renewing the job's lease while it is in flight (so a slow call is
+    /// never run twice by two workers), with metrics.
     async fn provisioner_call<T>(
         &self,
-        op: &'static str,
+        job: &Job,
+        op: Operation,
         call: impl std::future::Future<Output = Result<T, ProvisionError>>,
-    ) -> Result<T, ProvisionError> {
+    ) -> Result<T, JobFailure> {
         let started = Instant::now();
-        let result = call.await;
-        metrics::histogram!("billing_provisioner_request_seconds", "op" => op).record(started.elapsed().as_secs_f64());
-        if let Err(e) = &result {
+        let result = tokio::select! {
+            biased;
+            result = call => result,
+            () = self.keep_lease(job) => unreachable!("keep_lease never returns"),
+        };
+        metrics::histogram!("billing_provisioner_request_seconds", "op" => op.label())
+            .record(started.elapsed().as_secs_f64());
+        result.map_err(|e| {
             let kind = if e.is_retryable() { "retryable" } else { "permanent" };
-            metrics::counter!("billing_provisioner_errors_total", "op" => op, "kind" => kind).increment(1);
+            metrics::counter!("billing_provisioner_errors_total", "op" => op.label(), "kind" => kind).increment(1);
+            JobFailure::during(op, e)
+        })
+    }
+
+    /// Renews the lease of `job` every third of the lease, for as long as it is polled.
+    async fn keep_lease(&self, job: &Job) {
+        let lease = self.config.worker.lease;
+        let every = (lease / 3).to_std().unwrap_or(Duration::from_secs(1)).max(Duration::from_millis(10));
+        let mut held = true;
+        loop {
+            tokio::time::sleep(every).await;
+            if !held {
+                continue;
+            }
+            match self.store.extend_lease(job.id, job.attempts, self.clock.now() + lease).await {
+                Ok(true) => debug!("lease renewed"),
+                Ok(false) => {
+                    warn!("lease lost during a provisioner call; another worker owns the job now");
+                    held = false;
+                }
+                Err(e) => warn!(error = %error_chain(&e), "cannot renew the lease; will try again"),
+            }
         }
-        result
     }
 
     async fn send_email(
@@ -273,26 +431,24 @@ impl Billing {
         customer_id: &str,
         subscription_id: Option<&str>,
         email: &EmailKind,
-    ) -> Result<JobOutput, JobError> {
-        let Some(to) = self.store.load_account(customer_id).await?.and_then(|a| a.email) else {
-            warn!(customer_id, email = email.label(), "no e-mail address known; e-mail not sent");
-            return Ok(JobOutput::default());
+    ) -> Result<JobOutput, JobFailure> {
+        let (state, instance) = match subscription_id {
+            Some(id) => (self.store.load_subscription(id).await?, self.store.load_instance(id).await?),
+            None => (None, None),
         };
-        let state = match subscription_id {
-            Some(id) => self.store.load_subscription(id).await?,
-            None => None,
+        // An e-mail says what holds when it is sent, not when it was queued.
+        if let Err(reason) = still_true(email, state.as_ref(), instance.as_ref(), self.clock.now()) {
+            return Ok(JobOutput::skipped(reason));
+        }
+        let Some(to) = self.store.load_account(customer_id).await?.and_then(|a| a.email) else {
+            let error = format!("no e-mail address known for {customer_id} yet; waiting for an event that brings one");
+            return Err(JobError::Waiting(error).into());
         };
         let message = match email {
-            EmailKind::Welcome => {
-                let instance = match subscription_id {
-                    Some(id) => self.store.load_instance(id).await?,
-                    None => None,
-                };
-                Message::Welcome {
-                    tier: state.as_ref().and_then(SubscriptionState::tier).unwrap_or(Tier::Free),
-                    instance_url: instance.and_then(|i| i.frontend_url),
-                }
-            }
+            EmailKind::Welcome => Message::Welcome {
+                tier: state.as_ref().and_then(SubscriptionState::tier).unwrap_or(Tier::Free),
+                instance_url: instance.and_then(|i| i.frontend_url),
+            },
             EmailKind::PaymentFailed { amount_due, currency, hosted_invoice_url, .. } => Message::PaymentFailed {
                 amount_due: *amount_due,
                 currency: currency.clone(),
@@ -307,7 +463,7 @@ impl Billing {
         Ok(JobOutput::default())
     }
 
-    async fn send_alert(&self, job: &Job, subject: &str, detail: &str) -> Result<JobOutput, JobError> {
+    async fn send_alert(&self, job: &Job, subject: &str, detail: &str) -> Result<JobOutput, JobFailure> {
         let Some(to) = self.config.admin_email.clone() else {
             warn!(subject, detail, "admin alert (no ADMIN_EMAIL configured)");
             return Ok(JobOutput::default());
@@ -316,6 +472,55 @@ impl Billing {
         self.notifier.send(&Notification { to, message, idempotency_key: job.key.clone() }).await?;
         Ok(JobOutput::default())
     }
+}
+
+/// Whether what an e-mail tells the customer still holds at `now`; `Err(reason)` when it does not.
+fn still_true(
+    email: &EmailKind,
+    state: Option<&SubscriptionState>,
+    instance: Option<&InstanceRecord>,
+    now: DateTime<Utc>,
+) -> Result<(), String> {
+    let status = state.and_then(SubscriptionState::status);
+    match email {
+        EmailKind::Welcome => match instance.map(|i| i.status) {
+            Some(InstanceStatus::Running) => Ok(()),
+            other => Err(format!("the instance is not running ({})", other.map_or("none", InstanceStatus::as_str))),
+        },
+        EmailKind::PaymentFailed { invoice_id, .. } => {
+            let Some(state) = state else { return Err("the subscription is unknown".into()) };
+            match status {
+                Some(SubscriptionStatus::Incomplete | SubscriptionStatus::IncompleteExpired) => {
+                    return Err("the first payment of an incomplete subscription failed: no instance exists".into());
+                }
+                Some(SubscriptionStatus::Canceled) => return Err("the subscription is canceled".into()),
+                _ => {}
+            }
+            if state.failures.iter().any(|f| f.invoice_id.as_deref() == Some(invoice_id.as_str())) {
+                Ok(())
+            } else {
+                Err(format!("the failure of invoice {invoice_id} is resolved"))
+            }
+        }
+        EmailKind::GraceExpired => match state.and_then(|s| s.grace) {
+            Some(grace) if grace.ends_at <= now && state.is_some_and(|s| s.desired(now) == DesiredInstance::Absent) => {
+                Ok(())
+            }
+            _ => Err("the grace period is no longer expired (a payment arrived)".into()),
+        },
+        EmailKind::TrialEnding { .. } => match status {
+            Some(SubscriptionStatus::Trialing) => Ok(()),
+            other => {
+                Err(format!("the subscription is no longer trialing ({})", other.map_or("unknown", |s| s.as_str())))
+            }
+        },
+        EmailKind::Cancellation => Ok(()),
+    }
+}
+
+/// `now + delay`, saturating.
+fn later(now: DateTime<Utc>, delay: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(delay).ok().and_then(|d| now.checked_add_signed(d)).unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 #[cfg(test)]
