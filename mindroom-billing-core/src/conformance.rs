@@ -76,6 +76,34 @@ where
     grace_and_unapplied_queries(fresh().await).await;
     accounts_and_listing(fresh().await).await;
     record_and_load_returns_the_aggregate(fresh().await).await;
+    leases_renew_and_skipped_jobs_keep_their_reason(fresh().await).await;
+}
+
+/// `extend_lease` keeps a running job from being taken over and is refused once the lease is lost;
+/// a skipped job is stored as done with its reason.
+pub async fn leases_renew_and_skipped_jobs_keep_their_reason(store: Arc<dyn Store>) {
+    store.enqueue(&[job("slow", None, t0()), job("skip", None, t0())]).await.unwrap();
+    let claim = |secs, limit| Claim { now: t0() + Duration::seconds(secs), lease: Duration::seconds(30), limit };
+    let slow = store.claim_jobs(&claim(0, 1)).await.unwrap().remove(0);
+    assert!(store.extend_lease(slow.id, slow.attempts, t0() + Duration::seconds(90)).await.unwrap());
+    let others = store.claim_jobs(&claim(60, 10)).await.unwrap();
+    assert_eq!(others.iter().map(|j| j.key.as_str()).collect::<Vec<_>>(), ["skip"], "the renewed lease holds");
+    assert!(!store.extend_lease(slow.id, slow.attempts + 1, t0() + Duration::seconds(200)).await.unwrap());
+    let taken = store.claim_jobs(&claim(91, 1)).await.unwrap();
+    assert_eq!((taken[0].key.as_str(), taken[0].attempts), ("slow", 2), "after it runs out, another worker takes over");
+    assert!(!store.extend_lease(slow.id, slow.attempts, t0() + Duration::seconds(300)).await.unwrap(), "lost lease");
+    let skipped = JobFinish {
+        job_id: others[0].id,
+        attempt: others[0].attempts,
+        now: t0() + Duration::seconds(61),
+        resolution: JobResolution::Skipped { reason: "the invoice was paid".into() },
+        instance: None,
+        enqueue: vec![],
+    };
+    assert!(store.finish_job(&skipped).await.unwrap());
+    let done = store.list_jobs(&JobFilter { state: Some(JobState::Done), limit: 5 }).await.unwrap();
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].last_error.as_deref(), Some("skipped: the invoice was paid"));
 }
 
 /// `record_and_load` records like `record_event` and hands back the aggregate unless the event is done.

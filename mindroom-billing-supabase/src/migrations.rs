@@ -30,6 +30,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "billing_record_and_load",
         sql: include_str!("../migrations/20261125000200_billing_record_and_load.sql"),
     },
+    Migration {
+        version: "20261201000200",
+        name: "billing_edges",
+        sql: include_str!("../migrations/20261201000200_billing_edges.sql"),
+    },
 ];
 
 #[cfg(test)]
@@ -70,20 +75,20 @@ mod tests {
         }
     }
 
-    /// PostgREST cannot call overloaded functions: every function name is unique.
+    /// PostgREST cannot call overloaded functions: a name always has the same parameters (a later
+    /// migration may replace a function, never overload it).
     #[test]
-    fn function_names_are_unique() {
-        let mut names = Vec::new();
+    fn function_names_are_never_overloaded() {
+        let mut signatures = std::collections::BTreeMap::new();
         for m in MIGRATIONS {
             let lower = m.sql.to_ascii_lowercase();
             for part in lower.split("create or replace function ").skip(1) {
-                names.push(part.split('(').next().unwrap_or("").trim().to_owned());
+                let (name, rest) = part.split_once('(').unwrap_or((part, ""));
+                let params = rest.split(')').next().unwrap_or("").trim().to_owned();
+                let seen = signatures.entry(name.trim().to_owned()).or_insert_with(|| params.clone());
+                assert_eq!(*seen, params, "{} is overloaded in {}", name.trim(), m.name);
             }
         }
-        let before = names.len();
-        names.sort();
-        names.dedup();
-        assert_eq!(before, names.len(), "overloaded function names");
-        assert!(names.len() > 15);
+        assert!(signatures.len() > 15);
     }
 }

@@ -223,6 +223,7 @@ fn commit_payload(commit: &Commit) -> Result<Value, StoreError> {
             "stripe_customer_id": a.stripe_customer_id,
             "email": a.email,
             "reference": a.reference,
+            "observed_at": a.observed_at,
         })
     });
     let reason = match &commit.outcome {
