@@ -62,7 +62,7 @@ pub struct Life {
     pub cancelled: bool,
 }
 
-fn subscription_event(id: &str, kind: &str, created: i64, life: &Life, status: &str, price: &str) -> SentEvent {
+pub fn subscription_event(id: &str, kind: &str, created: i64, life: &Life, status: &str, price: &str) -> SentEvent {
     let canceled_at = if status == "canceled" { created.to_string() } else { "null".into() };
     let body = format!(
         r#"{{"id":"{id}","object":"event","api_version":"2026-07-29.dahlia","created":{created},"livemode":false,"pending_webhooks":1,"request":{{"id":null,"idempotency_key":null}},"type":"{kind}","data":{{"object":{{"id":"{sub}","object":"subscription","customer":"{cus}","status":"{status}","cancel_at_period_end":false,"canceled_at":{canceled_at},"trial_end":null,"metadata":{{"app_user_id":"user_{cus}"}},"items":{{"object":"list","data":[{{"id":"si_{sub}","object":"subscription_item","current_period_start":{created},"current_period_end":{end},"price":{{"id":"{price}","object":"price","lookup_key":null,"metadata":{{}},"unit_amount":4900,"currency":"usd"}}}}]}}}}}}}}"#,
@@ -73,7 +73,7 @@ fn subscription_event(id: &str, kind: &str, created: i64, life: &Life, status: &
     SentEvent { id: id.into(), body }
 }
 
-fn invoice_event(id: &str, kind: &str, created: i64, life: &Life, invoice: &str, status: &str) -> SentEvent {
+pub fn invoice_event(id: &str, kind: &str, created: i64, life: &Life, invoice: &str, status: &str) -> SentEvent {
     let body = format!(
         r#"{{"id":"{id}","object":"event","api_version":"2026-07-29.dahlia","created":{created},"livemode":false,"pending_webhooks":1,"request":{{"id":null,"idempotency_key":null}},"type":"{kind}","data":{{"object":{{"id":"{invoice}","object":"invoice","customer":"{cus}","customer_email":"{cus}@example.com","status":"{status}","amount_due":4900,"currency":"usd","hosted_invoice_url":"https://invoice.stripe.com/i/{invoice}","parent":{{"type":"subscription_details","subscription_details":{{"subscription":"{sub}","metadata":{{}}}}}}}}}}}}"#,
         sub = life.sub,
@@ -176,12 +176,26 @@ pub struct AppRecord {
     pub limits: Option<WireLimits>,
 }
 
+/// One call as the stub provisioner saw it: method and path, app name, limits, idempotency key.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StubCall {
+    pub op: String,
+    pub app: String,
+    pub limits: Option<WireLimits>,
+    pub key: String,
+}
+
 #[derive(Default)]
 struct StubState {
     apps: HashMap<String, AppRecord>,
     fail_until: Option<Instant>,
     delay: Duration,
     calls: u64,
+    log: Vec<StubCall>,
+    /// Answers `PUT /update` with 400 while set.
+    reject_updates: bool,
+    /// Answers `POST /provision` with this app name instead of the requested one.
+    answer_app_name: Option<String>,
 }
 
 /// A local HTTP server speaking the Dokku provisioner's wire contract; it records every call.
@@ -251,18 +265,22 @@ impl StubProvisioner {
         };
         let app = v["appName"].as_str().unwrap_or_default().to_owned();
         let mut s = state.lock().unwrap();
+        let op = format!("{} {}", parts.method, parts.uri.path());
+        s.log.push(StubCall { op, app: app.clone(), limits: limits_of(&v), key: key.clone() });
         match (parts.method.as_str(), parts.uri.path()) {
             ("POST", "/provision") => {
                 let record = s.apps.entry(app.clone()).or_default();
                 record.provision_keys.insert(key);
                 record.alive = true;
                 record.limits = limits_of(&v);
+                let answered = s.answer_app_name.clone().unwrap_or(app);
                 json(
                     200,
-                    serde_json::json!({"appName": app, "subdomain": format!("{app}.test"),
-                    "frontendUrl": format!("https://{app}.test"), "backendUrl": format!("https://api.{app}.test")}),
+                    serde_json::json!({"appName": answered, "subdomain": format!("{answered}.test"),
+                    "frontendUrl": format!("https://{answered}.test"), "backendUrl": format!("https://api.{answered}.test")}),
                 )
             }
+            ("PUT", "/update") if s.reject_updates => json(400, serde_json::json!({"error": "limits rejected"})),
             ("PUT", "/update") => match s.apps.get_mut(&app) {
                 Some(r) if r.alive => {
                     r.limits = limits_of(&v);
@@ -292,6 +310,19 @@ impl StubProvisioner {
 
     pub fn set_delay(&self, d: Duration) {
         self.state.lock().unwrap().delay = d;
+    }
+
+    /// Every authenticated call, in arrival order.
+    pub fn calls(&self) -> Vec<StubCall> {
+        self.state.lock().unwrap().log.clone()
+    }
+
+    pub fn reject_updates(&self, reject: bool) {
+        self.state.lock().unwrap().reject_updates = reject;
+    }
+
+    pub fn answer_app_name(&self, name: Option<&str>) {
+        self.state.lock().unwrap().answer_app_name = name.map(str::to_owned);
     }
 }
 
@@ -416,6 +447,7 @@ impl Cluster {
                 .env("STRIPE_WEBHOOK_SECRET", SECRET)
                 .env("STRIPE_PRICE_STARTER", &options.prices[0])
                 .env("STRIPE_PRICE_PRO", &options.prices[1])
+                .env("STRIPE_PRICE_ENTERPRISE", options.prices.get(2).map_or("", String::as_str))
                 .env("DOKKU_PROVISIONER_URL", &options.provisioner_url)
                 .env("PROVISIONER_API_KEY", PROVISIONER_KEY)
                 .env("BILLING_API_KEY", "e2e-billing-key")
@@ -496,6 +528,20 @@ impl Cluster {
             Ok(r) => r.status().as_u16(),
             Err(_) => 0,
         }
+    }
+
+    /// Sends one body, signed now, to replica `i`; returns the status and the body of the answer.
+    pub async fn post(&self, i: usize, body: &str) -> (u16, String) {
+        let header = self.sign(body.as_bytes(), now_secs());
+        let r = self
+            .client
+            .post(self.url(i, "/webhooks/stripe"))
+            .header("Stripe-Signature", header)
+            .body(body.to_owned())
+            .send()
+            .await
+            .expect("replica answers");
+        (r.status().as_u16(), r.text().await.unwrap_or_default())
     }
 
     pub async fn send_once(&self, events: &[SentEvent]) -> Vec<u16> {
