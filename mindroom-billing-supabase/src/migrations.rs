@@ -30,6 +30,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "billing_record_and_load",
         sql: include_str!("../migrations/20261125000200_billing_record_and_load.sql"),
     },
+    Migration {
+        version: "20261126000000",
+        name: "billing_adopt_instances",
+        sql: include_str!("../migrations/20261126000000_billing_adopt_instances.sql"),
+    },
 ];
 
 #[cfg(test)]
@@ -70,20 +75,25 @@ mod tests {
         }
     }
 
-    /// PostgREST cannot call overloaded functions: every function name is unique.
+    /// PostgREST cannot call overloaded functions: every function name has one argument list (a
+    /// later migration may replace a function, with the same arguments).
     #[test]
     fn function_names_are_unique() {
-        let mut names = Vec::new();
+        let mut signatures = Vec::new();
         for m in MIGRATIONS {
             let lower = m.sql.to_ascii_lowercase();
             for part in lower.split("create or replace function ").skip(1) {
-                names.push(part.split('(').next().unwrap_or("").trim().to_owned());
+                let (name, rest) = part.split_once('(').unwrap_or((part, ""));
+                let args = rest.split(')').next().unwrap_or("");
+                signatures.push((name.trim().to_owned(), args.split_whitespace().collect::<Vec<_>>().join(" ")));
             }
         }
+        signatures.sort();
+        signatures.dedup();
+        let mut names: Vec<&str> = signatures.iter().map(|(name, _)| name.as_str()).collect();
         let before = names.len();
-        names.sort();
         names.dedup();
-        assert_eq!(before, names.len(), "overloaded function names");
+        assert_eq!(before, names.len(), "overloaded function names: {signatures:?}");
         assert!(names.len() > 15);
     }
 }
