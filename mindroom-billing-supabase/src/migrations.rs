@@ -35,6 +35,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "billing_adopt_instances",
         sql: include_str!("../migrations/20261126000000_billing_adopt_instances.sql"),
     },
+    Migration {
+        version: "20261126000100",
+        name: "billing_entitlement_status",
+        sql: include_str!("../migrations/20261126000100_billing_entitlement_status.sql"),
+    },
 ];
 
 #[cfg(test)]
