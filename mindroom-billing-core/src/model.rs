@@ -213,6 +213,79 @@ impl SubscriptionState {
     }
 }
 
+impl SubscriptionState {
+    /// What the subscription entitles its account to at `now`: the effective tier and limits (free
+    /// unless it grants its own) and why. The entitlements answer and the public `subscriptions` row
+    /// (`max_*`, `entitlement_status`) both come from here. Grants exactly when [`Self::desired`] is
+    /// a running instance.
+    pub fn entitlement(&self, now: DateTime<Utc>) -> Entitlement {
+        let status = match &self.snapshot {
+            None => EntitlementStatus::Suspended,
+            Some(snapshot) => match snapshot.status {
+                SubscriptionStatus::Canceled | SubscriptionStatus::IncompleteExpired => EntitlementStatus::Canceled,
+                SubscriptionStatus::Incomplete => EntitlementStatus::Suspended,
+                SubscriptionStatus::Active
+                | SubscriptionStatus::Trialing
+                | SubscriptionStatus::PastDue
+                | SubscriptionStatus::Unpaid
+                | SubscriptionStatus::Paused => match self.grace {
+                    Some(grace) if now >= grace.ends_at => EntitlementStatus::Suspended,
+                    Some(_) => EntitlementStatus::Grace,
+                    None => EntitlementStatus::Active,
+                },
+            },
+        };
+        let tier = match (&self.snapshot, status.grants()) {
+            (Some(snapshot), true) => snapshot.tier,
+            _ => Tier::Free,
+        };
+        Entitlement { tier, limits: tier.limits(), status }
+    }
+}
+
+/// Why a subscription grants what it grants; stored as `subscriptions.entitlement_status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntitlementStatus {
+    /// Paid up (active or trialing): the tier's limits.
+    Active,
+    /// A payment failed and the grace period runs: still the tier's limits.
+    Grace,
+    /// Nothing granted for now: the grace period ran out, the first payment is still missing
+    /// (`incomplete`), or only invoices are known. Free limits.
+    Suspended,
+    /// Canceled (or `incomplete_expired`): free limits for good.
+    Canceled,
+}
+
+impl EntitlementStatus {
+    /// The database and wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Grace => "grace",
+            Self::Suspended => "suspended",
+            Self::Canceled => "canceled",
+        }
+    }
+
+    /// Whether the subscription's own tier applies.
+    pub fn grants(self) -> bool {
+        matches!(self, Self::Active | Self::Grace)
+    }
+}
+
+/// What a subscription entitles its account to at one time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entitlement {
+    /// The effective tier: the subscription's while it grants, else free.
+    pub tier: Tier,
+    /// The effective limits (`tier`'s).
+    pub limits: Limits,
+    /// Why.
+    pub status: EntitlementStatus,
+}
+
 /// The instance a subscription should have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DesiredInstance {
@@ -697,4 +770,58 @@ pub struct UsageResult {
     pub allowed: bool,
     /// The counter after the call.
     pub used: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(secs, 0).unwrap_or_default()
+    }
+
+    fn with(status: SubscriptionStatus, grace_ends: Option<i64>) -> SubscriptionState {
+        let mut s = SubscriptionState::new("sub_1", "cus_1");
+        s.snapshot = Some(AppliedSnapshot {
+            status,
+            price_id: "price_pro".into(),
+            tier: Tier::Professional,
+            tier_from_price: true,
+            current_period_end: None,
+            trial_end: None,
+            canceled_at: None,
+            event_created: at(0),
+        });
+        s.grace = grace_ends.map(|e| Grace { started_at: at(e - 7 * 86_400), ends_at: at(e) });
+        s
+    }
+
+    #[test]
+    fn entitlement_follows_status_and_grace_and_grants_exactly_when_an_instance_runs() {
+        use EntitlementStatus::{Active, Canceled, Grace, Suspended};
+        use SubscriptionStatus as S;
+        let now = at(1_000_000);
+        let cases = [
+            (S::Active, None, Active),
+            (S::Trialing, None, Active),
+            (S::PastDue, Some(1_000_001), Grace),
+            (S::Unpaid, Some(1_000_000), Suspended),
+            (S::Active, Some(999_999), Suspended),
+            (S::Paused, Some(2_000_000), Grace),
+            (S::Incomplete, None, Suspended),
+            (S::Canceled, None, Canceled),
+            (S::IncompleteExpired, Some(1), Canceled),
+        ];
+        for (status, grace_ends, expected) in cases {
+            let state = with(status, grace_ends);
+            let e = state.entitlement(now);
+            assert_eq!(e.status, expected, "{status:?} {grace_ends:?}");
+            let tier = if expected.grants() { Tier::Professional } else { Tier::Free };
+            assert_eq!((e.tier, e.limits), (tier, tier.limits()), "{status:?} {grace_ends:?}");
+            let runs = matches!(state.desired(now), DesiredInstance::Running { .. });
+            assert_eq!(runs, expected.grants(), "{status:?} {grace_ends:?}");
+        }
+        let unknown = SubscriptionState::new("sub_2", "cus_2").entitlement(now);
+        assert_eq!((unknown.tier, unknown.status), (Tier::Free, Suspended));
+    }
 }

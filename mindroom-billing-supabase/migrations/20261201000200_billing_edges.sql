@@ -1,7 +1,8 @@
 -- mindroom-billing: decisions at the edges (issue 10). Idempotent.
 --
 -- * accounts.billing_email_observed_at: the account's e-mail is the one of the newest fact by the
---   event's `created`, not of the event processed last (billing_commit).
+--   event's `created`, not of the event processed last (billing_commit, as in
+--   billing_entitlement_status otherwise).
 -- * billing_finish_job: a `skipped` resolution (an e-mail whose content no longer holds) is stored as
 --   `done` with `skipped: <reason>` as its last error.
 -- * billing_extend_lease: the worker renews a job's lease while a slow provisioner call is in flight.
@@ -119,11 +120,12 @@ begin
         select a.id into v_account_id from public.accounts a where a.stripe_customer_id = v_sub ->> 'customer_id';
         insert into public.subscriptions as s
             (account_id, stripe_subscription_id, stripe_price_id, tier, status, max_agents,
-             max_messages_per_day, current_period_end, trial_ends_at, cancelled_at, grace_period_ends_at,
-             created_at, updated_at)
+             max_messages_per_day, entitlement_status, current_period_end, trial_ends_at, cancelled_at,
+             grace_period_ends_at, created_at, updated_at)
         values (
             v_account_id, v_sub ->> 'id', v_pub ->> 'stripe_price_id', v_pub ->> 'tier', v_pub ->> 'status',
             (v_pub ->> 'max_agents')::integer, (v_pub ->> 'max_messages_per_day')::integer,
+            v_pub ->> 'entitlement_status',
             (v_pub ->> 'current_period_end')::timestamptz, (v_pub ->> 'trial_ends_at')::timestamptz,
             (v_pub ->> 'cancelled_at')::timestamptz, (v_pub ->> 'grace_period_ends_at')::timestamptz,
             v_now, v_now
@@ -135,6 +137,7 @@ begin
             status = excluded.status,
             max_agents = excluded.max_agents,
             max_messages_per_day = excluded.max_messages_per_day,
+            entitlement_status = excluded.entitlement_status,
             current_period_end = excluded.current_period_end,
             trial_ends_at = excluded.trial_ends_at,
             cancelled_at = excluded.cancelled_at,

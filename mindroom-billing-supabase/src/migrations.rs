@@ -31,6 +31,16 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../migrations/20261125000200_billing_record_and_load.sql"),
     },
     Migration {
+        version: "20261126000000",
+        name: "billing_adopt_instances",
+        sql: include_str!("../migrations/20261126000000_billing_adopt_instances.sql"),
+    },
+    Migration {
+        version: "20261126000100",
+        name: "billing_entitlement_status",
+        sql: include_str!("../migrations/20261126000100_billing_entitlement_status.sql"),
+    },
+    Migration {
         version: "20261201000200",
         name: "billing_edges",
         sql: include_str!("../migrations/20261201000200_billing_edges.sql"),

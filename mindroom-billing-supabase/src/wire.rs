@@ -81,16 +81,19 @@ fn jobs_json(jobs: &[NewJob]) -> Result<Value, StoreError> {
     jobs.iter().map(job_json).collect::<Result<Vec<_>, _>>().map(Value::Array)
 }
 
-/// The public `subscriptions` row other services read, derived from the aggregate.
-fn subscription_public(state: &SubscriptionState) -> Value {
+/// The public `subscriptions` row other services read, derived from the aggregate at `now`: `tier`
+/// and `status` are what the customer subscribed to (Stripe's), `max_*` the effective limits (what
+/// the entitlements answer says) and `entitlement_status` why.
+fn subscription_public(state: &SubscriptionState, now: DateTime<Utc>) -> Value {
     let snapshot = state.snapshot.as_ref();
-    let limits = snapshot.map(|s| s.tier.limits());
+    let entitlement = state.entitlement(now);
     json!({
         "stripe_price_id": snapshot.map(|s| s.price_id.as_str()),
         "tier": snapshot.map(|s| s.tier.as_str()),
         "status": snapshot.map(|s| s.status.as_str()),
-        "max_agents": limits.map(|l| l.agents.to_wire()),
-        "max_messages_per_day": limits.map(|l| l.messages_per_day.to_wire()),
+        "max_agents": entitlement.limits.agents.to_wire(),
+        "max_messages_per_day": entitlement.limits.messages_per_day.to_wire(),
+        "entitlement_status": entitlement.status.as_str(),
         "current_period_end": snapshot.and_then(|s| s.current_period_end),
         "trial_ends_at": snapshot.and_then(|s| s.trial_end),
         "cancelled_at": snapshot.and_then(|s| s.canceled_at),
@@ -213,7 +216,7 @@ fn commit_payload(commit: &Commit) -> Result<Value, StoreError> {
                 "grace_ends_at": s.grace.map(|g| g.ends_at),
                 "grace_expiry_handled": s.grace_expiry_handled,
                 "terminal": s.status().is_some_and(mindroom_billing_core::SubscriptionStatus::is_terminal),
-                "public": subscription_public(s),
+                "public": subscription_public(s, commit.now),
             })
         }
     };

@@ -8,7 +8,7 @@ mod common;
 use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
-use common::{CUS, DAY, SUB, T0, TestClock, at, fixture, signed};
+use common::{CUS, DAHLIA, DAY, SUB, T0, TestClock, at, fixture, signed};
 use mindroom_billing_core::service::app_name_for;
 use mindroom_billing_core::{Billing, Clock, Disposition, Store, Tier};
 use sqlx::{PgPool, Row};
@@ -206,4 +206,61 @@ async fn fixture_timeline_newest_shape_professional() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fixture_timeline_old_shape_enterprise_is_unlimited() {
     timeline("2023-10-16", Tier::Enterprise).await;
+}
+
+/// `(max_agents, max_messages_per_day, entitlement_status)` of the public row.
+async fn entitlement_columns(pool: &PgPool) -> (Option<i32>, Option<i32>, Option<String>) {
+    let r = sqlx::query(
+        "select max_agents, max_messages_per_day, entitlement_status from public.subscriptions
+         where stripe_subscription_id = $1",
+    )
+    .bind(SUB)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    (r.get(0), r.get(1), r.get(2))
+}
+
+/// The entitlements answer in the public row's terms.
+async fn entitlements_answer(billing: &Billing) -> (Option<i32>, Option<i32>, Option<String>) {
+    let e = billing.entitlements(mindroom_billing_core::account_id_for_customer(CUS)).await.unwrap();
+    let wire = |l: mindroom_billing_core::Limit| i32::try_from(l.to_wire()).ok();
+    (wire(e.limits.agents), wire(e.limits.messages_per_day), e.entitlement_status.map(|s| s.as_str().to_owned()))
+}
+
+/// Other services read `subscriptions` directly: its `max_*` columns and `entitlement_status` say
+/// what the entitlements answer says, in grace and after the sweeper ended the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_row_holds_the_effective_entitlement_after_grace_expiry() {
+    let fresh = common::fresh().await;
+    let pool = fresh.db.pool();
+    let clock = Arc::new(TestClock::new(at(T0 + 10)));
+    let billing = common::billing(fresh.store.clone() as Arc<dyn Store>, Arc::clone(&clock), Tier::Professional);
+    deliver(&billing, &clock, DAHLIA, "customer.subscription.created").await;
+    let active = (Some(3), Some(1000), Some("active".to_owned()));
+    assert_eq!((entitlement_columns(pool).await, entitlements_answer(&billing).await), (active.clone(), active));
+
+    let failed_at = 1_787_595_600;
+    clock.set(at(failed_at + 10));
+    assert_eq!(deliver(&billing, &clock, DAHLIA, "invoice.payment_failed").await, Disposition::Applied);
+    let grace = (Some(3), Some(1000), Some("grace".to_owned()));
+    assert_eq!((entitlement_columns(pool).await, entitlements_answer(&billing).await), (grace.clone(), grace));
+
+    clock.set(at(failed_at) + Duration::days(7) + Duration::seconds(1));
+    assert_eq!(billing.sweep_grace().await.unwrap(), 1);
+    let suspended = (Some(1), Some(100), Some("suspended".to_owned()));
+    assert_eq!(
+        (entitlement_columns(pool).await, entitlements_answer(&billing).await),
+        (suspended.clone(), suspended),
+        "the sweeper's commit leaves free limits in the public row"
+    );
+    let tier: Option<String> =
+        sqlx::query_scalar("select tier from public.subscriptions where stripe_subscription_id = $1")
+            .bind(SUB)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(tier.as_deref(), Some("starter"), "tier stays what was subscribed");
+    fresh.store.close().await;
+    fresh.db.drop_db().await.unwrap();
 }

@@ -300,6 +300,11 @@ impl StubProvisioner {
         }
     }
 
+    /// Registers an app that exists already (provisioned before billing took over).
+    pub fn add_app(&self, app: &str) {
+        self.state.lock().unwrap().apps.insert(app.to_owned(), AppRecord { alive: true, ..AppRecord::default() });
+    }
+
     pub fn apps(&self) -> HashMap<String, AppRecord> {
         self.state.lock().unwrap().apps.clone()
     }
@@ -420,7 +425,11 @@ fn host_port(url: &str) -> (usize, usize) {
 
 impl Cluster {
     pub async fn start(options: ClusterOptions) -> Self {
-        let db = TestDb::create().await.expect("fresh database");
+        Self::start_on(TestDb::create().await.expect("fresh database"), options).await
+    }
+
+    /// Migrates `db` (which may hold tables already, e.g. the Node service's) and starts the replicas.
+    pub async fn start_on(db: TestDb, options: ClusterOptions) -> Self {
         let bin = env!("CARGO_BIN_EXE_mindroom-billing");
         let status =
             Command::new(bin).arg("migrate").env("DATABASE_URL", db.url()).env_remove("SUPABASE_URL").status().unwrap();
@@ -494,6 +503,10 @@ impl Cluster {
 
     pub fn sign(&self, body: &[u8], t: i64) -> String {
         sign(&self.secret, body, t)
+    }
+
+    pub fn db(&self) -> &TestDb {
+        &self.db
     }
 
     pub fn db_cutter(&self) -> Option<&TcpCutter> {

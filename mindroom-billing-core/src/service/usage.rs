@@ -5,7 +5,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use super::Billing;
-use crate::model::{DesiredInstance, SubscriptionState, UsageKey};
+use crate::model::{Entitlement, EntitlementStatus, SubscriptionState, UsageKey};
 use crate::ports::StoreError;
 use crate::tier::{Limit, Limits, Metric, Tier};
 
@@ -35,11 +35,15 @@ fn remaining_wire<S: serde::Serializer>(remaining: &Option<u64>, s: S) -> Result
 pub struct Entitlements {
     /// Account.
     pub account_id: Uuid,
-    /// The best running tier (free without a paid subscription).
+    /// The best tier a subscription grants now (free when none does).
     pub tier: Tier,
-    /// Status of the subscription granting it.
+    /// Stripe's status of the subscription answered for (the granting one, else the most relevant).
     pub status: Option<String>,
-    /// The subscription granting it.
+    /// Why the account has these limits (`active` / `grace` / `suspended` / `canceled`): the
+    /// subscription's `entitlement_status`; `null` for an account without subscriptions.
+    pub entitlement_status: Option<EntitlementStatus>,
+    /// The subscription answered for: the one granting the tier, else a suspended one, else a
+    /// canceled one (the newest).
     pub subscription_id: Option<String>,
     /// Limits.
     pub limits: Limits,
@@ -62,7 +66,8 @@ impl Billing {
     /// Counts `count` units of `metric` for the account today, if its tier allows it (atomically).
     pub async fn consume_usage(&self, account_id: Uuid, metric: Metric, count: u64) -> Result<UsageReport, StoreError> {
         let now = self.clock.now();
-        let (_, limits, _) = self.best_subscription(account_id, now).await?;
+        let limits =
+            self.best_subscription(account_id, now).await?.map_or_else(|| Tier::Free.limits(), |(e, _)| e.limits);
         let limit = metric.limit_in(&limits);
         let key = UsageKey { account_id, metric, day: now.date_naive() };
         let result = self.store.consume_usage(key, count, limit).await?;
@@ -72,37 +77,39 @@ impl Billing {
     /// The account's tier, limits, grace deadline and today's usage.
     pub async fn entitlements(&self, account_id: Uuid) -> Result<Entitlements, StoreError> {
         let now = self.clock.now();
-        let (tier, limits, state) = self.best_subscription(account_id, now).await?;
+        let best = self.best_subscription(account_id, now).await?;
         let day = now.date_naive();
         let messages = self.store.usage(UsageKey { account_id, metric: Metric::Messages, day }).await?;
         let api_calls = self.store.usage(UsageKey { account_id, metric: Metric::ApiCalls, day }).await?;
+        let (entitlement, state) = best.unzip();
+        let tier = entitlement.map_or(Tier::Free, |e| e.tier);
         Ok(Entitlements {
             account_id,
             tier,
             status: state.as_ref().and_then(SubscriptionState::status).map(|s| s.as_str().to_owned()),
+            entitlement_status: entitlement.map(|e| e.status),
             subscription_id: state.as_ref().map(|s| s.subscription_id.clone()),
-            limits,
+            limits: tier.limits(),
             grace_period_ends_at: state.as_ref().and_then(|s| s.grace).map(|g| g.ends_at),
             usage_today: crate::service::UsageToday { messages, api_calls },
         })
     }
 
+    /// The subscription that decides the account's limits, with its entitlement (see
+    /// [`Entitlements::subscription_id`]); `None` without subscriptions.
     async fn best_subscription(
         &self,
         account_id: Uuid,
         now: DateTime<Utc>,
-    ) -> Result<(Tier, Limits, Option<SubscriptionState>), StoreError> {
+    ) -> Result<Option<(Entitlement, SubscriptionState)>, StoreError> {
         let subscriptions = self.store.subscriptions_for_account(account_id).await?;
-        let best = subscriptions
-            .into_iter()
-            .filter_map(|s| match s.desired(now) {
-                DesiredInstance::Running { tier, limits } => Some((tier, limits, s)),
-                DesiredInstance::Absent => None,
-            })
-            .max_by_key(|(tier, _, _)| *tier);
-        Ok(match best {
-            Some((tier, limits, s)) => (tier, limits, Some(s)),
-            None => (Tier::Free, Tier::Free.limits(), None),
-        })
+        Ok(subscriptions.into_iter().map(|s| (s.entitlement(now), s)).max_by_key(|(e, s)| {
+            (
+                e.status.grants(),
+                e.tier,
+                e.status != EntitlementStatus::Canceled,
+                s.snapshot.as_ref().map(|x| x.event_created),
+            )
+        }))
     }
 }
