@@ -34,6 +34,7 @@ pub fn new_event<'a>(id: &'a str, payload: &'a str, received_at: DateTime<Utc>) 
         livemode: false,
         payload,
         received_at,
+        source: crate::model::EventSource::Webhook,
     }
 }
 

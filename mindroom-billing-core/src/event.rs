@@ -365,6 +365,99 @@ pub fn envelope(payload: &str) -> Option<Envelope> {
     })
 }
 
+/// A subscription's latest invoice, as the Stripe API expands it (`expand[]=latest_invoice`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LatestInvoice {
+    /// The invoice (its subscription is the one it was expanded on).
+    pub fact: InvoiceFact,
+    /// `status`: `draft`, `open`, `paid`, `uncollectible` or `void`.
+    pub status: String,
+    /// Whether a payment was attempted (`attempt_count > 0`).
+    pub attempted: bool,
+    /// `created`.
+    pub created: DateTime<Utc>,
+    /// `status_transitions.paid_at`.
+    pub paid_at: Option<DateTime<Utc>>,
+}
+
+/// Reads a subscription object as `GET /v1/subscriptions` returns it (not wrapped in an event), with
+/// its latest invoice when expanded.
+pub fn parse_subscription_object(json: &str) -> Result<(SubscriptionSnapshot, Option<LatestInvoice>), ParseError> {
+    let raw: RawSubscription<'_> = serde_json::from_str(json).map_err(|e| ParseError::Json(e.to_string()))?;
+    let snapshot = parse_subscription(raw)?;
+    let expanded: RawApiSubscription<'_> = serde_json::from_str(json).map_err(|e| ParseError::Json(e.to_string()))?;
+    let latest = match expanded.latest_invoice {
+        Some(RawLatestInvoice::Expanded(invoice)) => {
+            let created = timestamp("latest_invoice.created", invoice.created.unwrap_or(0))?;
+            let paid_at = invoice.status_transitions.and_then(|t| t.paid_at);
+            let fact = parse_invoice(RawInvoice {
+                id: invoice.id,
+                customer: invoice.customer.or_else(|| Some(ExpandableId(snapshot.customer.clone()))),
+                subscription: Some(ExpandableId(snapshot.id.clone())),
+                parent: None,
+                amount_due: invoice.amount_due,
+                currency: invoice.currency,
+                hosted_invoice_url: invoice.hosted_invoice_url,
+                customer_email: invoice.customer_email,
+                next_payment_attempt: None,
+            })?;
+            Some(LatestInvoice {
+                fact,
+                status: invoice.status.map(Cow::into_owned).unwrap_or_default(),
+                attempted: invoice.attempt_count.unwrap_or(0) > 0,
+                created,
+                paid_at: opt_timestamp("latest_invoice.status_transitions.paid_at", paid_at)?,
+            })
+        }
+        Some(RawLatestInvoice::Id(_)) | None => None,
+    };
+    Ok((snapshot, latest))
+}
+
+/// Reads a customer object as `GET /v1/customers/{id}` returns it.
+pub fn parse_customer_object(json: &str) -> Result<CustomerInfo, ParseError> {
+    let raw: RawCustomer<'_> = serde_json::from_str(json).map_err(|e| ParseError::Json(e.to_string()))?;
+    parse_customer(raw)
+}
+
+#[derive(Deserialize)]
+struct RawApiSubscription<'a> {
+    #[serde(borrow)]
+    latest_invoice: Option<RawLatestInvoice<'a>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawLatestInvoice<'a> {
+    Id(#[allow(dead_code)] String),
+    #[serde(borrow)]
+    Expanded(RawExpandedInvoice<'a>),
+}
+
+#[derive(Deserialize)]
+struct RawExpandedInvoice<'a> {
+    #[serde(borrow)]
+    id: Option<Cow<'a, str>>,
+    customer: Option<ExpandableId>,
+    #[serde(borrow)]
+    status: Option<Cow<'a, str>>,
+    attempt_count: Option<i64>,
+    created: Option<i64>,
+    status_transitions: Option<RawStatusTransitions>,
+    amount_due: Option<i64>,
+    #[serde(borrow)]
+    currency: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    hosted_invoice_url: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    customer_email: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct RawStatusTransitions {
+    paid_at: Option<i64>,
+}
+
 fn parse_two_pass(payload: &str) -> Result<Event, ParseError> {
     let raw: RawEnvelope<'_, &RawValue> = serde_json::from_str(payload).map_err(|e| ParseError::Json(e.to_string()))?;
     parse_envelope(raw, |kind, object| match kind {

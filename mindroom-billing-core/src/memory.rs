@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::model::{
     Account, Claim, Commit, CommitResult, EventStatus, InstanceRecord, Job, JobCounts, JobFinish, JobResolution,
-    JobState, NewEvent, NewJob, Recorded, StoredEvent, SubscriptionState, UsageKey, UsageResult,
+    JobState, NewEvent, NewJob, Recorded, StoredEvent, SubscriptionState, SyncCursor, UsageKey, UsageResult,
     account_id_for_customer,
 };
 use crate::ports::{EventFilter, JobFilter, Store, StoreError};
@@ -31,6 +31,9 @@ struct Inner {
     job_keys: BTreeSet<String>,
     next_job_id: i64,
     usage: BTreeMap<UsageKey, u64>,
+    cursors: BTreeMap<String, SyncCursor>,
+    /// Named singleton leases: holder and until when.
+    leases: BTreeMap<String, (String, DateTime<Utc>)>,
 }
 
 /// A [`Store`] in process memory. All operations take one mutex, never across an `.await`.
@@ -127,6 +130,7 @@ impl Store for MemoryStore {
                 received_at: event.received_at,
                 processed_at: None,
                 deliveries: 1,
+                source: event.source,
             },
         );
         Ok(Recorded::Fresh)
@@ -322,6 +326,32 @@ impl Store for MemoryStore {
                 Ok(true)
             }
             _ => Ok(false),
+        }
+    }
+
+    async fn load_cursor(&self, name: &str) -> Result<Option<SyncCursor>, StoreError> {
+        Ok(self.lock()?.cursors.get(name).copied())
+    }
+
+    async fn save_cursor(&self, name: &str, cursor: &SyncCursor) -> Result<(), StoreError> {
+        self.lock()?.cursors.insert(name.to_owned(), *cursor);
+        Ok(())
+    }
+
+    async fn try_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let mut inner = self.lock()?;
+        match inner.leases.get(name) {
+            Some((other, held_until)) if other != holder && *held_until > now => Ok(false),
+            _ => {
+                inner.leases.insert(name.to_owned(), (holder.to_owned(), until));
+                Ok(true)
+            }
         }
     }
 

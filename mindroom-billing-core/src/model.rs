@@ -450,6 +450,36 @@ impl EventStatus {
     }
 }
 
+/// How an event reached billing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventSource {
+    /// A webhook delivery whose signature verified.
+    #[default]
+    Webhook,
+    /// Listed from the Stripe API by catch-up (`GET /v1/events`, authenticated by our key).
+    Api,
+}
+
+impl EventSource {
+    /// The database name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Webhook => "webhook",
+            Self::Api => "api",
+        }
+    }
+}
+
+/// Where catch-up stands: events created before `created` are recorded (Stripe lists by `created`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncCursor {
+    /// The next catch-up lists events created at or after this time.
+    pub created: DateTime<Utc>,
+    /// When the cursor was last saved.
+    pub saved_at: DateTime<Utc>,
+}
+
 /// A verified event to record, with its raw bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewEvent<'a> {
@@ -467,6 +497,8 @@ pub struct NewEvent<'a> {
     pub payload: &'a str,
     /// When we received it.
     pub received_at: DateTime<Utc>,
+    /// How it reached us (the first delivery's source is kept).
+    pub source: EventSource,
 }
 
 /// What recording an event found.
@@ -501,6 +533,9 @@ pub struct StoredEvent {
     pub processed_at: Option<DateTime<Utc>>,
     /// How many times it was delivered (1 + duplicates).
     pub deliveries: u32,
+    /// How its first delivery reached us.
+    #[serde(default)]
+    pub source: EventSource,
 }
 
 /// Everything one decision writes, atomically.

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::model::{
     Account, Claim, Commit, CommitResult, EventStatus, InstanceRecord, Job, JobCounts, JobFinish, JobState, NewEvent,
-    NewJob, Recorded, StoredEvent, SubscriptionState, UsageKey, UsageResult,
+    NewJob, Recorded, StoredEvent, SubscriptionState, SyncCursor, UsageKey, UsageResult,
 };
 use crate::tier::{Limit, Limits, Tier};
 
@@ -133,6 +133,23 @@ pub trait Store: Send + Sync + 'static {
     /// it while a slow call is in flight, so no other worker takes the job over meanwhile). Returns
     /// `false` (and writes nothing) when the lease was already lost.
     async fn extend_lease(&self, job_id: i64, attempt: u32, locked_until: DateTime<Utc>) -> Result<bool, StoreError>;
+
+    /// The cursor saved under `name` (e.g. Stripe catch-up's), if any.
+    async fn load_cursor(&self, name: &str) -> Result<Option<SyncCursor>, StoreError>;
+
+    /// Saves the cursor `name` (last write wins; only the lease holder writes it).
+    async fn save_cursor(&self, name: &str, cursor: &SyncCursor) -> Result<(), StoreError>;
+
+    /// Takes or renews the named singleton lease (one replica at a time runs a periodic task): granted
+    /// to `holder` when it is free, expired at `now`, or already `holder`'s, and then held until
+    /// `until`. Of concurrent callers for a free lease exactly one gets `true`.
+    async fn try_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
 
     /// Lists jobs, newest first.
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, StoreError>;

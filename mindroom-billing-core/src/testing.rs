@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use crate::model::{
     Account, Claim, Commit, CommitResult, InstanceRecord, Job, JobCounts, JobFinish, NewEvent, NewJob, Recorded,
-    StoredEvent, SubscriptionState, UsageKey, UsageResult,
+    StoredEvent, SubscriptionState, SyncCursor, UsageKey, UsageResult,
 };
 use crate::ports::{EventFilter, JobFilter, Store, StoreError};
 use crate::tier::Limit;
@@ -94,6 +94,21 @@ impl<H: StoreHooks> Store for HookedStore<H> {
     }
     async fn extend_lease(&self, job_id: i64, attempt: u32, locked_until: DateTime<Utc>) -> Result<bool, StoreError> {
         self.inner.extend_lease(job_id, attempt, locked_until).await
+    }
+    async fn load_cursor(&self, name: &str) -> Result<Option<SyncCursor>, StoreError> {
+        self.inner.load_cursor(name).await
+    }
+    async fn save_cursor(&self, name: &str, cursor: &SyncCursor) -> Result<(), StoreError> {
+        self.inner.save_cursor(name, cursor).await
+    }
+    async fn try_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        self.inner.try_lease(name, holder, now, until).await
     }
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, StoreError> {
         self.inner.list_jobs(filter).await

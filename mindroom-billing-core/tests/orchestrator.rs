@@ -345,6 +345,7 @@ fn new_event<'a>(
         livemode: event.livemode,
         payload,
         received_at,
+        source: mindroom_billing_core::EventSource::Webhook,
     }
 }
 

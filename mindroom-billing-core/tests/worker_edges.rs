@@ -322,6 +322,7 @@ async fn one_poison_event_does_not_stop_the_unapplied_pick_up() {
             livemode: false,
             payload: body,
             received_at: at(T0 - 600),
+            source: mindroom_billing_core::EventSource::Webhook,
         };
         store.record_event(&event).await.unwrap();
     }

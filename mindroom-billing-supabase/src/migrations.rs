@@ -45,6 +45,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "billing_edges",
         sql: include_str!("../migrations/20261201000200_billing_edges.sql"),
     },
+    Migration {
+        version: "20261203000000",
+        name: "billing_stripe_sync",
+        sql: include_str!("../migrations/20261203000000_billing_stripe_sync.sql"),
+    },
 ];
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use mindroom_billing_core::ports::{EventFilter, JobFilter, StoreError};
 use mindroom_billing_core::{
     Account, Claim, Commit, CommitResult, EventStatus, InstanceRecord, Job, JobCounts, JobFinish, JobResolution, Limit,
-    NewEvent, NewJob, Outcome, Recorded, StoredEvent, SubscriptionState, UsageKey, UsageResult,
+    NewEvent, NewJob, Outcome, Recorded, StoredEvent, SubscriptionState, SyncCursor, UsageKey, UsageResult,
 };
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -150,6 +150,7 @@ fn record_payload(event: &NewEvent<'_>) -> Value {
         "livemode": event.livemode,
         "payload": event.payload,
         "received_at": event.received_at,
+        "source": event.source.as_str(),
     })
 }
 
@@ -313,6 +314,29 @@ pub(crate) async fn extend_lease<R: Rpc + ?Sized>(
     const F: &str = "billing_extend_lease";
     let p = json!({ "job_id": job_id.to_string(), "attempt": attempt.to_string(), "locked_until": locked_until });
     let out = rpc.call(F, p).await?;
+    out.as_bool().ok_or_else(|| decode_err(F, format!("bad result {out}")))
+}
+
+pub(crate) async fn load_cursor<R: Rpc + ?Sized>(rpc: &R, name: &str) -> Result<Option<SyncCursor>, StoreError> {
+    const F: &str = "billing_load_cursor";
+    decode_opt(F, rpc.call(F, json!({ "name": name })).await?)
+}
+
+pub(crate) async fn save_cursor<R: Rpc + ?Sized>(rpc: &R, name: &str, cursor: &SyncCursor) -> Result<(), StoreError> {
+    const F: &str = "billing_save_cursor";
+    let p = json!({ "name": name, "created": cursor.created, "saved_at": cursor.saved_at });
+    rpc.call(F, p).await.map(drop)
+}
+
+pub(crate) async fn try_lease<R: Rpc + ?Sized>(
+    rpc: &R,
+    name: &str,
+    holder: &str,
+    now: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> Result<bool, StoreError> {
+    const F: &str = "billing_try_lease";
+    let out = rpc.call(F, json!({ "name": name, "holder": holder, "now": now, "until": until })).await?;
     out.as_bool().ok_or_else(|| decode_err(F, format!("bad result {out}")))
 }
 
@@ -495,6 +519,28 @@ macro_rules! impl_store_via_rpc {
                 locked_until: chrono::DateTime<chrono::Utc>,
             ) -> Result<bool, mindroom_billing_core::StoreError> {
                 crate::wire::extend_lease(self, job_id, attempt, locked_until).await
+            }
+            async fn load_cursor(
+                &self,
+                name: &str,
+            ) -> Result<Option<mindroom_billing_core::SyncCursor>, mindroom_billing_core::StoreError> {
+                crate::wire::load_cursor(self, name).await
+            }
+            async fn save_cursor(
+                &self,
+                name: &str,
+                cursor: &mindroom_billing_core::SyncCursor,
+            ) -> Result<(), mindroom_billing_core::StoreError> {
+                crate::wire::save_cursor(self, name, cursor).await
+            }
+            async fn try_lease(
+                &self,
+                name: &str,
+                holder: &str,
+                now: chrono::DateTime<chrono::Utc>,
+                until: chrono::DateTime<chrono::Utc>,
+            ) -> Result<bool, mindroom_billing_core::StoreError> {
+                crate::wire::try_lease(self, name, holder, now, until).await
             }
             async fn list_jobs(
                 &self,

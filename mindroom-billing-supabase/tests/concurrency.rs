@@ -38,6 +38,7 @@ async fn eight_replicas_record_one_event_exactly_once() {
                 livemode: false,
                 payload: &payload,
                 received_at: at(T0 + 1),
+                source: mindroom_billing_core::EventSource::Webhook,
             };
             let r = store.record_event(&event).await.unwrap();
             store.close().await;
@@ -271,6 +272,7 @@ async fn an_event_recorded_but_never_committed_is_applied_on_redelivery() {
             livemode: event.livemode,
             payload,
             received_at: at(T0 + 5),
+            source: mindroom_billing_core::EventSource::Webhook,
         })
         .await
         .unwrap();
@@ -306,6 +308,7 @@ async fn the_worker_picks_up_an_unapplied_event_without_stripe() {
             livemode: event.livemode,
             payload: std::str::from_utf8(&body).unwrap(),
             received_at: at(T0 + 5),
+            source: mindroom_billing_core::EventSource::Webhook,
         })
         .await
         .unwrap();

@@ -11,15 +11,18 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::event::{self, Event, EventType, ParseError};
 use crate::model::{
-    Commit, CommitResult, JobKind, NewEvent, NewJob, Outcome, Recorded, StoredEvent, SubscriptionState,
+    Commit, CommitResult, EventSource, JobKind, NewEvent, NewJob, Outcome, Recorded, StoredEvent, SubscriptionState,
 };
 use crate::ports::{Clock, Notifier, Provisioner, Store, StoreError, SystemClock};
 use crate::signature::{SignatureError, Verifier};
+use crate::stripe_api::StripeApi;
 use crate::transition::{self, Policy};
 
+mod sync;
 mod usage;
 mod worker;
 
+pub use sync::{CATCH_UP_TYPES, CatchUpReport, Drift, DriftField, ReconcileReport, StripeSyncConfig, SyncError};
 pub use usage::{Entitlements, UsageReport, UsageToday};
 pub use worker::app_name_for;
 
@@ -77,12 +80,27 @@ pub struct BillingConfig {
     pub worker: WorkerConfig,
     /// Where operator alerts go; without it they are only logged.
     pub admin_email: Option<String>,
+    /// Catch-up and reconciliation from the Stripe API (used when one is configured).
+    pub stripe_sync: StripeSyncConfig,
 }
 
 impl BillingConfig {
     /// A configuration with the given verifier and defaults elsewhere.
     pub fn new(verifier: Verifier) -> Self {
-        Self { verifier, policy: Policy::default(), worker: WorkerConfig::default(), admin_email: None }
+        Self {
+            verifier,
+            policy: Policy::default(),
+            worker: WorkerConfig::default(),
+            admin_email: None,
+            stripe_sync: StripeSyncConfig::default(),
+        }
+    }
+
+    /// Sets the catch-up and reconciliation settings.
+    #[must_use]
+    pub fn with_stripe_sync(mut self, stripe_sync: StripeSyncConfig) -> Self {
+        self.stripe_sync = stripe_sync;
+        self
     }
 
     /// Sets the policy.
@@ -195,6 +213,10 @@ pub struct Billing {
     notifier: Arc<dyn Notifier>,
     clock: Arc<dyn Clock>,
     config: BillingConfig,
+    /// The Stripe API (read only), when configured: catch-up, reconciliation, customer e-mails.
+    stripe: Option<Arc<dyn StripeApi>>,
+    /// Names this process as the holder of singleton leases.
+    holder: String,
 }
 
 impl std::fmt::Debug for Billing {
@@ -223,7 +245,15 @@ impl Billing {
         notifier: Arc<dyn Notifier>,
         config: BillingConfig,
     ) -> Self {
-        Self { store, provisioner, notifier, clock: Arc::new(SystemClock), config }
+        let holder = format!("billing-{}", uuid::Uuid::new_v4());
+        Self { store, provisioner, notifier, clock: Arc::new(SystemClock), config, stripe: None, holder }
+    }
+
+    /// Adds the Stripe API: catch-up and reconciliation (DESIGN §8), and customer e-mail look-ups.
+    #[must_use]
+    pub fn with_stripe_api(mut self, api: Arc<dyn StripeApi>) -> Self {
+        self.stripe = Some(api);
+        self
     }
 
     /// Replaces the clock (tests, simulations).
@@ -273,20 +303,7 @@ impl Billing {
             let lag = (now - event.created).num_milliseconds().max(0);
             #[allow(clippy::cast_precision_loss)]
             metrics::histogram!("billing_webhook_delivery_lag_seconds").record(lag as f64 / 1000.0);
-            let new_event = NewEvent {
-                id: &event.id,
-                event_type: event.event_type.as_str(),
-                created: event.created,
-                api_version: event.api_version.as_deref(),
-                livemode: event.livemode,
-                payload,
-                received_at: now,
-            };
-            let (recorded, state) = self.store.record_and_load(&new_event, event.subscription_id()).await?;
-            let disposition = match recorded {
-                Recorded::Done(_) => Disposition::Duplicate,
-                Recorded::Fresh | Recorded::Pending(_) => self.apply_from(&event, Some(state)).await?,
-            };
+            let disposition = self.ingest(payload, &event, EventSource::Webhook, now).await?;
             metrics::counter!("billing_webhook_events_total", "type" => event.event_type.metric_label(),
                 "outcome" => disposition.label())
             .increment(1);
@@ -303,6 +320,33 @@ impl Billing {
         .await
     }
 
+    /// Records an authenticated event (a verified webhook, or one listed from the Stripe API) and
+    /// applies it unless it is done already: the one path both channels share, so an event delivered
+    /// by both is applied once.
+    pub(crate) async fn ingest(
+        &self,
+        payload: &str,
+        event: &Event,
+        source: EventSource,
+        now: DateTime<Utc>,
+    ) -> Result<Disposition, StoreError> {
+        let new_event = NewEvent {
+            id: &event.id,
+            event_type: event.event_type.as_str(),
+            created: event.created,
+            api_version: event.api_version.as_deref(),
+            livemode: event.livemode,
+            payload,
+            received_at: now,
+            source,
+        };
+        let (recorded, state) = self.store.record_and_load(&new_event, event.subscription_id()).await?;
+        match recorded {
+            Recorded::Done(_) => Ok(Disposition::Duplicate),
+            Recorded::Fresh | Recorded::Pending(_) => self.apply_from(event, Some(state)).await,
+        }
+    }
+
     /// A verified payload whose object does not parse (say, a subscription status this version does
     /// not know): stored raw as `failed` with the parse error, an admin alert queued, so it is not lost
     /// when Stripe stops retrying and can be replayed after an upgrade. Without even an id, `type` and
@@ -313,10 +357,26 @@ impl Billing {
         error: ParseError,
         now: DateTime<Utc>,
     ) -> Result<Receipt, ReceiveError> {
-        let Some((payload, envelope)) = std::str::from_utf8(body).ok().and_then(|p| Some((p, event::envelope(p)?)))
-        else {
+        let Some(payload) = std::str::from_utf8(body).ok() else { return Err(error.into()) };
+        let Some(receipt) = self.ingest_unreadable(payload, &error, EventSource::Webhook, now).await? else {
             return Err(error.into());
         };
+        metrics::counter!("billing_webhook_events_total", "type" => receipt.event_type.metric_label(),
+            "outcome" => receipt.disposition.label())
+        .increment(1);
+        Ok(receipt)
+    }
+
+    /// Records an authenticated payload whose object does not parse as `failed` (see
+    /// [`Billing::receive`]); `None` when not even its envelope can be read.
+    pub(crate) async fn ingest_unreadable(
+        &self,
+        payload: &str,
+        error: &ParseError,
+        source: EventSource,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Receipt>, StoreError> {
+        let Some(envelope) = event::envelope(payload) else { return Ok(None) };
         let new_event = NewEvent {
             id: &envelope.id,
             event_type: &envelope.event_type,
@@ -325,19 +385,17 @@ impl Billing {
             livemode: envelope.livemode,
             payload,
             received_at: now,
+            source,
         };
         let (recorded, _) = self.store.record_and_load(&new_event, None).await?;
         let disposition = match recorded {
             Recorded::Done(_) => Disposition::Duplicate,
             Recorded::Fresh | Recorded::Pending(_) => {
-                self.fail_unreadable(&envelope.id, &envelope.event_type, &error, now).await?
+                self.fail_unreadable(&envelope.id, &envelope.event_type, error, now).await?
             }
         };
         let event_type = EventType::from_stripe(&envelope.event_type);
-        metrics::counter!("billing_webhook_events_total", "type" => event_type.metric_label(),
-            "outcome" => disposition.label())
-        .increment(1);
-        Ok(Receipt { event_id: envelope.id, event_type, subscription_id: None, disposition })
+        Ok(Some(Receipt { event_id: envelope.id, event_type, subscription_id: None, disposition }))
     }
 
     /// Commits a recorded event that does not parse as `failed`, with an admin alert.
@@ -514,6 +572,10 @@ impl Billing {
                     }
                 }
             });
+        }
+        if self.stripe.is_some() {
+            let (this, stop) = (Arc::clone(&self), shutdown.clone());
+            tasks.spawn(async move { this.run_stripe_sync(stop).await });
         }
         let (this, mut stop) = (Arc::clone(&self), shutdown);
         tasks.spawn(async move {

@@ -440,7 +440,15 @@ impl Billing {
         if let Err(reason) = still_true(email, state.as_ref(), instance.as_ref(), self.clock.now()) {
             return Ok(JobOutput::skipped(reason));
         }
-        let Some(to) = self.store.load_account(customer_id).await?.and_then(|a| a.email) else {
+        let mut to = self.store.load_account(customer_id).await?.and_then(|a| a.email);
+        if to.is_none() && self.stripe.is_some() && job.attempts == 1 {
+            // Ask Stripe once; the address is recorded on the account for the next e-mails too.
+            match self.fetch_customer_email(customer_id).await {
+                Ok(email) => to = email,
+                Err(e) => warn!(customer_id, error = %error_chain(&e), "cannot look the customer up at Stripe"),
+            }
+        }
+        let Some(to) = to else {
             let error = format!("no e-mail address known for {customer_id} yet; waiting for an event that brings one");
             return Err(JobError::Waiting(error).into());
         };

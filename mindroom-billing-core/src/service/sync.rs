@@ -1,0 +1,529 @@
+//! The second source of truth (DESIGN §8): catch-up from `GET /v1/events` and reconciliation
+//! against `GET /v1/subscriptions`, both read-only, both through the same decide / commit path as
+//! webhooks, so that a delivery Stripe gave up on heals by itself.
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tracing::{Instrument, error, info, info_span, warn};
+
+use super::{Billing, Disposition, MAX_COMMIT_ATTEMPTS, error_chain};
+use crate::event::{self, Event, EventObject, EventType, LatestInvoice};
+use crate::model::{Commit, DesiredInstance, EventSource, JobKind, NewJob, Outcome, SubscriptionState, SyncCursor};
+use crate::ports::StoreError;
+use crate::stripe_api::{EventsQuery, RawObject, StripeApi, StripeApiError};
+use crate::transition;
+
+/// The event types catch-up lists (`types[]`): every type billing acts on.
+pub const CATCH_UP_TYPES: [&str; 12] = [
+    "customer.subscription.created",
+    "customer.subscription.updated",
+    "customer.subscription.deleted",
+    "customer.subscription.paused",
+    "customer.subscription.resumed",
+    "customer.subscription.trial_will_end",
+    "invoice.paid",
+    "invoice.payment_succeeded",
+    "invoice.payment_failed",
+    "customer.created",
+    "customer.updated",
+    "checkout.session.completed",
+];
+
+/// The store cursor of catch-up.
+const CURSOR: &str = "stripe_catch_up";
+/// Lease names of the periodic tasks (one replica at a time).
+const CATCH_UP_LEASE: &str = "stripe_catch_up";
+const RECONCILE_LEASE: &str = "stripe_reconcile";
+
+/// Catch-up and reconciliation settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StripeSyncConfig {
+    /// How often catch-up runs in `serve` (`STRIPE_CATCH_UP_INTERVAL_SECS`, 300 s).
+    pub catch_up_interval: Duration,
+    /// How often reconciliation runs in `serve` (`STRIPE_RECONCILE_INTERVAL_SECS`, one day).
+    pub reconcile_interval: Duration,
+    /// How long Stripe keeps events listable (30 days): an older cursor means reconciliation.
+    pub event_retention: chrono::Duration,
+    /// Each catch-up lists again from this long before it started (events may show in the list a
+    /// little after their `created`); relisted events are duplicates.
+    pub relist_margin: chrono::Duration,
+}
+
+impl Default for StripeSyncConfig {
+    fn default() -> Self {
+        Self {
+            catch_up_interval: Duration::from_secs(300),
+            reconcile_interval: Duration::from_secs(86_400),
+            event_retention: chrono::Duration::days(30),
+            relist_margin: chrono::Duration::minutes(5),
+        }
+    }
+}
+
+/// Why catch-up or reconciliation stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SyncError {
+    /// No Stripe API is configured.
+    #[error("no Stripe API configured: set STRIPE_SECRET_KEY")]
+    NotConfigured,
+    /// The Stripe API refused or failed (a 401/403 names `STRIPE_SECRET_KEY`).
+    #[error("Stripe API: {0}")]
+    Api(#[from] StripeApiError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl SyncError {
+    fn label(&self) -> &'static str {
+        match self {
+            Self::NotConfigured => "not_configured",
+            Self::Api(StripeApiError::Unauthorized(_)) => "unauthorized",
+            Self::Api(_) => "api",
+            Self::Store(_) => "store",
+        }
+    }
+}
+
+/// What one catch-up did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CatchUpReport {
+    /// Events listed by Stripe since the cursor.
+    pub listed: usize,
+    /// Events applied now (the others were duplicates, stale, ignored or failed).
+    pub applied: usize,
+    /// Events already recorded (delivered by webhook or caught up before).
+    pub duplicates: usize,
+    /// Events recorded as stale, ignored or failed.
+    pub other: usize,
+    /// The cursor after the run.
+    pub cursor: Option<DateTime<Utc>>,
+    /// Set when there was no usable cursor and the run reconciled instead.
+    pub reconciled: Option<ReconcileReport>,
+}
+
+/// A field that differed between billing's record and Stripe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DriftField {
+    /// The tier.
+    Tier,
+    /// Stripe's status.
+    Status,
+    /// The grace deadline.
+    Grace,
+    /// The instance (running at which tier, or absent).
+    Instance,
+}
+
+impl DriftField {
+    /// Label for metrics and tables.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Tier => "tier",
+            Self::Status => "status",
+            Self::Grace => "grace",
+            Self::Instance => "instance",
+        }
+    }
+}
+
+/// One difference found by reconciliation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Drift {
+    /// `sub_…`
+    pub subscription_id: String,
+    /// Which field.
+    pub field: DriftField,
+    /// Billing's value before.
+    pub before: String,
+    /// The value Stripe's object gives.
+    pub after: String,
+}
+
+impl fmt::Display for Drift {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:<32} {:<9} {:<28} -> {}", self.subscription_id, self.field.label(), self.before, self.after)
+    }
+}
+
+/// What one reconciliation found (and, unless a dry run, fixed).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReconcileReport {
+    /// Subscriptions compared.
+    pub checked: usize,
+    /// Differences found.
+    pub drift: Vec<Drift>,
+    /// Subscriptions Stripe returned that billing could not read or decide (logged).
+    pub failed: usize,
+    /// Nothing was written.
+    pub dry_run: bool,
+}
+
+impl Billing {
+    fn stripe_api(&self) -> Result<&dyn StripeApi, SyncError> {
+        self.stripe.as_deref().ok_or(SyncError::NotConfigured)
+    }
+
+    /// Lists the events Stripe holds since the cursor (or `since`), oldest first, through the same
+    /// record / decide / commit path as webhooks (recorded with source `api`). Without a cursor, or
+    /// with one older than Stripe's event retention, reconciles instead and starts the cursor there.
+    pub async fn catch_up(&self, since: Option<DateTime<Utc>>) -> Result<CatchUpReport, SyncError> {
+        let span = info_span!("stripe_catch_up");
+        self.catch_up_inner(since).instrument(span).await
+    }
+
+    async fn catch_up_inner(&self, since: Option<DateTime<Utc>>) -> Result<CatchUpReport, SyncError> {
+        let api = self.stripe_api()?;
+        let settings = &self.config.stripe_sync;
+        let started = self.clock.now();
+        let from = match since {
+            Some(t) => Some(t),
+            None => self.store.load_cursor(CURSOR).await?.map(|c| c.created),
+        };
+        let Some(from) = from.filter(|f| *f > started - settings.event_retention) else {
+            info!("no catch-up cursor within Stripe's 30-day event retention: reconciling instead");
+            let reconciled = self.reconcile_stripe(None, false).await?;
+            let cursor = started - settings.relist_margin;
+            self.save_catch_up_cursor(cursor).await?;
+            return Ok(CatchUpReport {
+                cursor: Some(cursor),
+                reconciled: Some(reconciled),
+                ..CatchUpReport::default()
+            });
+        };
+        // Stripe lists newest first: read every page, then apply oldest first.
+        let mut listed = Vec::new();
+        let mut query = EventsQuery {
+            types: CATCH_UP_TYPES.iter().map(|t| (*t).to_owned()).collect(),
+            created_gte: Some(from),
+            starting_after: None,
+            limit: 100,
+        };
+        loop {
+            let page = api.list_events(&query).await?;
+            query.starting_after = page.data.last().map(|e| e.id.clone());
+            listed.extend(page.data);
+            if !page.has_more || query.starting_after.is_none() {
+                break;
+            }
+        }
+        listed.reverse();
+        listed.sort_by_key(|e| e.created);
+        let mut report = CatchUpReport { listed: listed.len(), ..CatchUpReport::default() };
+        let mut cursor = from;
+        for api_event in &listed {
+            let now = self.clock.now();
+            let disposition = match event::parse_str(&api_event.raw) {
+                Ok(event) => self.ingest(&api_event.raw, &event, EventSource::Api, now).await,
+                Err(e) => match self.ingest_unreadable(&api_event.raw, &e, EventSource::Api, now).await {
+                    Ok(Some(receipt)) => Ok(receipt.disposition),
+                    Ok(None) => {
+                        warn!(event_id = %api_event.id, "Stripe listed an event without an envelope; skipped");
+                        Ok(Disposition::Ignored)
+                    }
+                    Err(e) => Err(e),
+                },
+            };
+            let disposition = match disposition {
+                Ok(d) => d,
+                Err(e) => {
+                    // The cursor never passes an event that is not recorded.
+                    self.save_catch_up_cursor(cursor).await?;
+                    return Err(e.into());
+                }
+            };
+            metrics::counter!("billing_stripe_catch_up_events_total", "outcome" => disposition.label()).increment(1);
+            match disposition {
+                Disposition::Applied => report.applied += 1,
+                Disposition::Duplicate => report.duplicates += 1,
+                _ => report.other += 1,
+            }
+            cursor = cursor.max(api_event.created);
+        }
+        // Everything listed is recorded: the next run starts a little before this one did.
+        cursor = cursor.max(started - settings.relist_margin);
+        self.save_catch_up_cursor(cursor).await?;
+        report.cursor = Some(cursor);
+        if report.applied > 0 {
+            info!(listed = report.listed, applied = report.applied, duplicates = report.duplicates, "caught up");
+        }
+        Ok(report)
+    }
+
+    async fn save_catch_up_cursor(&self, created: DateTime<Utc>) -> Result<(), StoreError> {
+        let now = self.clock.now();
+        self.store.save_cursor(CURSOR, &SyncCursor { created, saved_at: now }).await?;
+        #[allow(clippy::cast_precision_loss)]
+        metrics::gauge!("billing_stripe_cursor_lag_seconds").set((now - created).num_seconds().max(0) as f64);
+        Ok(())
+    }
+
+    /// Compares every subscription Stripe holds (or one) with billing's record: each object is a
+    /// snapshot taken at fetch time, its latest invoice gives the payment facts, and both go through
+    /// `decide` like any event. Reports the drift per field; a dry run writes nothing.
+    pub async fn reconcile_stripe(
+        &self,
+        subscription: Option<&str>,
+        dry_run: bool,
+    ) -> Result<ReconcileReport, SyncError> {
+        let api = self.stripe_api()?;
+        let span = info_span!("stripe_reconcile", dry_run);
+        async {
+            let mut report = ReconcileReport { dry_run, ..ReconcileReport::default() };
+            match subscription {
+                Some(id) => {
+                    if let Some(object) = api.get_subscription(id).await? {
+                        self.reconcile_object(&object, dry_run, &mut report).await?;
+                    }
+                }
+                None => {
+                    let mut after: Option<String> = None;
+                    loop {
+                        let page = api.list_subscriptions(after.as_deref()).await?;
+                        for object in &page.data {
+                            self.reconcile_object(object, dry_run, &mut report).await?;
+                        }
+                        after = page.data.last().map(|o| o.id.clone());
+                        if !page.has_more || after.is_none() {
+                            break;
+                        }
+                    }
+                }
+            }
+            for drift in &report.drift {
+                metrics::counter!("billing_stripe_drift_total", "field" => drift.field.label()).increment(1);
+            }
+            info!(checked = report.checked, drift = report.drift.len(), dry_run, "reconciled against Stripe");
+            Ok(report)
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn reconcile_object(
+        &self,
+        object: &RawObject,
+        dry_run: bool,
+        report: &mut ReconcileReport,
+    ) -> Result<(), SyncError> {
+        report.checked += 1;
+        let fetched_at = self.clock.now();
+        let (snapshot, latest) = match event::parse_subscription_object(&object.raw) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                report.failed += 1;
+                warn!(subscription_id = %object.id, error = %e, "cannot read the subscription Stripe returned");
+                return Ok(());
+            }
+        };
+        let sub = snapshot.id.clone();
+        let mut facts: Vec<Event> = latest.iter().filter_map(|i| invoice_fact(&sub, i)).collect();
+        facts.push(Event {
+            id: format!("reconcile_{sub}_{}", fetched_at.timestamp_micros()),
+            event_type: EventType::SubscriptionUpdated,
+            created: fetched_at,
+            api_version: None,
+            livemode: false,
+            account: None,
+            object: EventObject::Subscription(snapshot),
+        });
+        for _ in 0..MAX_COMMIT_ATTEMPTS {
+            let now = self.clock.now();
+            let before = self.store.load_subscription(&sub).await?;
+            let instance = self.store.load_instance(&sub).await?;
+            let mut after = before.clone();
+            let mut jobs = Vec::new();
+            let mut account = None;
+            for fact in &facts {
+                let decision = transition::decide(&self.config.policy, after.as_ref(), fact, now);
+                if let Outcome::Failed(reason) = &decision.outcome {
+                    report.failed += 1;
+                    warn!(subscription_id = %sub, %reason, "cannot decide on the subscription Stripe returned");
+                    return Ok(());
+                }
+                if let Some(next) = decision.subscription {
+                    after = Some(next);
+                }
+                jobs.extend(decision.jobs);
+                account = decision.account.or(account);
+            }
+            let Some(after_state) = &after else { return Ok(()) };
+            let drift = compare(&sub, before.as_ref(), after_state, instance_desired(instance.as_ref()), now);
+            let instance_drift = drift.iter().any(|d| d.field == DriftField::Instance);
+            let changed = after != before;
+            if dry_run || (!changed && !instance_drift) {
+                report.drift.extend(drift);
+                return Ok(());
+            }
+            if instance_drift && !jobs.iter().any(|j| matches!(j.kind, JobKind::Reconcile { .. })) {
+                jobs.push(NewJob {
+                    key: format!("reconcile:{sub}:drift:{}", now.timestamp_micros()),
+                    group: Some(sub.clone()),
+                    kind: JobKind::Reconcile { subscription_id: sub.clone() },
+                    run_after: now,
+                });
+            }
+            let commit = Commit {
+                now,
+                event_id: None,
+                outcome: Outcome::Applied,
+                subscription: changed.then(|| after.clone()).flatten(),
+                account,
+                jobs,
+            };
+            match self.store.commit(&commit).await {
+                Ok(_) => {
+                    report.drift.extend(drift);
+                    return Ok(());
+                }
+                Err(StoreError::Conflict(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(StoreError::Conflict(format!("gave up reconciling {sub} after {MAX_COMMIT_ATTEMPTS} conflicts")).into())
+    }
+
+    /// Runs catch-up at start and every interval, and reconciliation likewise, each on one replica
+    /// at a time (a lease in the store). Errors are logged and counted; webhooks are not affected.
+    pub(crate) async fn run_stripe_sync(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        if self.stripe.is_none() {
+            return;
+        }
+        let settings = self.config.stripe_sync.clone();
+        let mut next_catch_up = tokio::time::Instant::now();
+        let mut next_reconcile = next_catch_up + settings.reconcile_interval;
+        while !*stop.borrow() {
+            let now = tokio::time::Instant::now();
+            if now >= next_catch_up {
+                next_catch_up = now + settings.catch_up_interval;
+                if self.lease(CATCH_UP_LEASE, settings.catch_up_interval).await {
+                    if let Err(e) = self.catch_up(None).await {
+                        report_sync_error("catch_up", &e);
+                    }
+                }
+            }
+            if now >= next_reconcile {
+                next_reconcile = now + settings.reconcile_interval;
+                if self.lease(RECONCILE_LEASE, settings.reconcile_interval).await {
+                    if let Err(e) = self.reconcile_stripe(None, false).await {
+                        report_sync_error("reconcile", &e);
+                    }
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(next_catch_up.min(next_reconcile)) => {}
+                _ = stop.changed() => {}
+            }
+        }
+    }
+
+    async fn lease(&self, name: &str, interval: Duration) -> bool {
+        let now = self.clock.now();
+        let until = now + chrono::Duration::from_std(interval).unwrap_or(chrono::Duration::days(1));
+        match self.store.try_lease(name, &self.holder, now, until).await {
+            Ok(held) => held,
+            Err(e) => {
+                warn!(lease = name, error = %error_chain(&e), "cannot take the lease");
+                false
+            }
+        }
+    }
+
+    /// The customer's address from `GET /v1/customers/{id}`, recorded on the account (once per job).
+    pub(crate) async fn fetch_customer_email(&self, customer_id: &str) -> Result<Option<String>, SyncError> {
+        let Some(object) = self.stripe_api()?.get_customer(customer_id).await? else { return Ok(None) };
+        let email = event::parse_customer_object(&object.raw).ok().and_then(|c| c.email);
+        if let Some(email) = &email {
+            let now = self.clock.now();
+            let patch = crate::model::AccountPatch {
+                stripe_customer_id: customer_id.to_owned(),
+                email: Some(email.clone()),
+                reference: None,
+                observed_at: now,
+            };
+            let commit = Commit {
+                now,
+                event_id: None,
+                outcome: Outcome::Applied,
+                subscription: None,
+                account: Some(patch),
+                jobs: vec![],
+            };
+            self.store.commit(&commit).await?;
+        }
+        Ok(email)
+    }
+}
+
+fn report_sync_error(task: &'static str, e: &SyncError) {
+    metrics::counter!("billing_stripe_sync_errors_total", "task" => task, "kind" => e.label()).increment(1);
+    match e {
+        SyncError::Api(StripeApiError::Unauthorized(_)) => {
+            error!(task, error = %error_chain(e), "Stripe refused the key; catch-up stopped (webhooks keep working)");
+        }
+        _ => warn!(task, error = %error_chain(e), "Stripe sync failed; will try again"),
+    }
+}
+
+/// The payment fact a subscription's latest invoice gives: paid, or a failed attempt.
+fn invoice_fact(subscription_id: &str, invoice: &LatestInvoice) -> Option<Event> {
+    let (event_type, at) = match invoice.status.as_str() {
+        "paid" => (EventType::InvoicePaid, invoice.paid_at.unwrap_or(invoice.created)),
+        "open" | "uncollectible" if invoice.attempted => (EventType::InvoicePaymentFailed, invoice.created),
+        _ => return None,
+    };
+    Some(Event {
+        id: format!("reconcile_{subscription_id}_{}_{}", invoice.fact.id, event_type.as_str()),
+        event_type,
+        created: at,
+        api_version: None,
+        livemode: false,
+        account: None,
+        object: EventObject::Invoice(invoice.fact.clone()),
+    })
+}
+
+/// What the recorded instance is, as a desired-instance value (for drift).
+fn instance_desired(instance: Option<&crate::model::InstanceRecord>) -> DesiredInstance {
+    use crate::model::InstanceStatus;
+    match instance {
+        Some(i) if matches!(i.status, InstanceStatus::Running | InstanceStatus::Provisioning) => {
+            match (i.tier, i.limits) {
+                (Some(tier), Some(limits)) => DesiredInstance::Running { tier, limits },
+                _ => DesiredInstance::Absent,
+            }
+        }
+        _ => DesiredInstance::Absent,
+    }
+}
+
+fn compare(
+    sub: &str,
+    before: Option<&SubscriptionState>,
+    after: &SubscriptionState,
+    recorded_instance: DesiredInstance,
+    now: DateTime<Utc>,
+) -> Vec<Drift> {
+    let show = |v: Option<String>| v.unwrap_or_else(|| "-".to_owned());
+    let tier = |s: Option<&SubscriptionState>| s.and_then(SubscriptionState::tier).map(|t| t.to_string());
+    let status = |s: Option<&SubscriptionState>| s.and_then(SubscriptionState::status).map(|t| t.as_str().to_owned());
+    let grace = |s: Option<&SubscriptionState>| s.and_then(|s| s.grace).map(|g| g.ends_at.to_rfc3339());
+    let instance = |d: DesiredInstance| match d {
+        DesiredInstance::Running { tier, .. } => format!("running {tier}"),
+        DesiredInstance::Absent => "absent".to_owned(),
+    };
+    let mut drift = Vec::new();
+    let mut push = |field, b: Option<String>, a: Option<String>| {
+        if b != a {
+            drift.push(Drift { subscription_id: sub.to_owned(), field, before: show(b), after: show(a) });
+        }
+    };
+    push(DriftField::Tier, tier(before), tier(Some(after)));
+    push(DriftField::Status, status(before), status(Some(after)));
+    push(DriftField::Grace, grace(before), grace(Some(after)));
+    push(DriftField::Instance, Some(instance(recorded_instance)), Some(instance(after.desired(now))));
+    drift
+}
