@@ -40,6 +40,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "billing_entitlement_status",
         sql: include_str!("../migrations/20261126000100_billing_entitlement_status.sql"),
     },
+    Migration {
+        version: "20261126000200",
+        name: "billing_usage_idempotency",
+        sql: include_str!("../migrations/20261126000200_billing_usage_idempotency.sql"),
+    },
 ];
 
 #[cfg(test)]
