@@ -41,9 +41,9 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../migrations/20261126000100_billing_entitlement_status.sql"),
     },
     Migration {
-        version: "20261126000200",
+        version: "20261202000000",
         name: "billing_usage_idempotency",
-        sql: include_str!("../migrations/20261126000200_billing_usage_idempotency.sql"),
+        sql: include_str!("../migrations/20261202000000_billing_usage_idempotency.sql"),
     },
 ];
 
