@@ -74,6 +74,7 @@ where
     concurrent_claimers_run_each_job_once(fresh().await).await;
     finish_job_records_instance_and_dead(fresh().await).await;
     usage_is_atomic_and_limited(fresh().await).await;
+    usage_idempotency_key_counts_once(fresh().await).await;
     grace_and_unapplied_queries(fresh().await).await;
     accounts_and_listing(fresh().await).await;
     record_and_load_returns_the_aggregate(fresh().await).await;
@@ -368,7 +369,7 @@ pub async fn usage_is_atomic_and_limited(store: Arc<dyn Store>) {
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..20 {
         let store = Arc::clone(&store);
-        tasks.spawn(async move { store.consume_usage(key, 1, Limit::Limited(15)).await.unwrap().allowed });
+        tasks.spawn(async move { store.consume_usage(key, 1, Limit::Limited(15), None).await.unwrap().allowed });
     }
     let mut allowed = 0;
     while let Some(r) = tasks.join_next().await {
@@ -376,12 +377,52 @@ pub async fn usage_is_atomic_and_limited(store: Arc<dyn Store>) {
     }
     assert_eq!(allowed, 15);
     assert_eq!(store.usage(key).await.unwrap(), 15);
-    let refused = store.consume_usage(key, 1, Limit::Limited(15)).await.unwrap();
+    let refused = store.consume_usage(key, 1, Limit::Limited(15), None).await.unwrap();
     assert_eq!((refused.allowed, refused.used), (false, 15));
     let other_day = UsageKey { day: key.day.succ_opt().unwrap(), ..key };
     assert_eq!(store.usage(other_day).await.unwrap(), 0);
-    let big = store.consume_usage(other_day, 1_000_000, Limit::Unlimited).await.unwrap();
+    let big = store.consume_usage(other_day, 1_000_000, Limit::Unlimited, None).await.unwrap();
     assert_eq!((big.allowed, big.used), (true, 1_000_000));
+}
+
+/// A call retried with its idempotency key counts once and answers what the first call answered,
+/// also when the retries run concurrently; the key is per account and UTC day; a refused call
+/// counted nothing, so its retry is decided again.
+pub async fn usage_idempotency_key_counts_once(store: Arc<dyn Store>) {
+    let key = UsageKey {
+        account_id: crate::model::account_id_for_customer("cus_k"),
+        metric: Metric::Messages,
+        day: t0().date_naive(),
+    };
+    let first = store.consume_usage(key, 4, Limit::Limited(10), Some("req-1")).await.unwrap();
+    assert_eq!((first.allowed, first.used), (true, 4));
+    store.consume_usage(key, 1, Limit::Limited(10), None).await.unwrap();
+    let retried = store.consume_usage(key, 4, Limit::Limited(10), Some("req-1")).await.unwrap();
+    assert_eq!(retried, first, "the first answer, nothing counted");
+    assert_eq!(store.usage(key).await.unwrap(), 5);
+
+    let refused = store.consume_usage(key, 6, Limit::Limited(10), Some("req-2")).await.unwrap();
+    assert_eq!((refused.allowed, refused.used), (false, 5));
+    let decided_again = store.consume_usage(key, 6, Limit::Limited(20), Some("req-2")).await.unwrap();
+    assert_eq!((decided_again.allowed, decided_again.used), (true, 11));
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let store = Arc::clone(&store);
+        tasks.spawn(async move { store.consume_usage(key, 2, Limit::Unlimited, Some("req-3")).await.unwrap() });
+    }
+    while let Some(r) = tasks.join_next().await {
+        assert_eq!((r.unwrap().allowed, store.usage(key).await.unwrap() >= 13), (true, true));
+    }
+    assert_eq!(store.usage(key).await.unwrap(), 13, "eight concurrent retries counted once");
+
+    let other_day = UsageKey { day: key.day.succ_opt().unwrap(), ..key };
+    assert_eq!(store.consume_usage(other_day, 3, Limit::Unlimited, Some("req-1")).await.unwrap().used, 3);
+    let other_account = UsageKey { account_id: crate::model::account_id_for_customer("cus_k2"), ..key };
+    assert_eq!(store.consume_usage(other_account, 3, Limit::Unlimited, Some("req-1")).await.unwrap().used, 3);
+    let api_calls = UsageKey { metric: Metric::ApiCalls, ..key };
+    let same_key = store.consume_usage(api_calls, 3, Limit::Unlimited, Some("req-1")).await.unwrap();
+    assert_eq!((same_key, store.usage(api_calls).await.unwrap()), (first, 0), "one key per account and day");
 }
 
 /// The sweeper's and the pick-up's queries.

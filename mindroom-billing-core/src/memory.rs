@@ -34,6 +34,8 @@ struct Inner {
     cursors: BTreeMap<String, SyncCursor>,
     /// Named singleton leases: holder and until when.
     leases: BTreeMap<String, (String, DateTime<Utc>)>,
+    /// Allowed usage calls with an idempotency key: (account, day, key) → their answer.
+    usage_requests: BTreeMap<(uuid::Uuid, chrono::NaiveDate, String), UsageResult>,
 }
 
 /// A [`Store`] in process memory. All operations take one mutex, never across an `.await`.
@@ -375,16 +377,29 @@ impl Store for MemoryStore {
         Ok(counts)
     }
 
-    async fn consume_usage(&self, key: UsageKey, count: u64, limit: Limit) -> Result<UsageResult, StoreError> {
+    async fn consume_usage(
+        &self,
+        key: UsageKey,
+        count: u64,
+        limit: Limit,
+        idempotency_key: Option<&str>,
+    ) -> Result<UsageResult, StoreError> {
         let mut inner = self.lock()?;
+        let request = idempotency_key.map(|k| (key.account_id, key.day, k.to_owned()));
+        if let Some(done) = request.as_ref().and_then(|r| inner.usage_requests.get(r)) {
+            return Ok(*done);
+        }
         let used = inner.usage.entry(key).or_insert(0);
         let next = used.saturating_add(count);
-        if limit.allows(next) {
-            *used = next;
-            Ok(UsageResult { allowed: true, used: next })
-        } else {
-            Ok(UsageResult { allowed: false, used: *used })
+        if !limit.allows(next) {
+            return Ok(UsageResult { allowed: false, used: *used });
         }
+        *used = next;
+        let result = UsageResult { allowed: true, used: next };
+        if let Some(request) = request {
+            inner.usage_requests.insert(request, result);
+        }
+        Ok(result)
     }
 
     async fn usage(&self, key: UsageKey) -> Result<u64, StoreError> {

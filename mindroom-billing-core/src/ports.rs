@@ -157,9 +157,20 @@ pub trait Store: Send + Sync + 'static {
     /// Counts jobs by state.
     async fn job_counts(&self) -> Result<JobCounts, StoreError>;
 
-    /// Atomically adds `count` to the counter if the result stays within `limit`; otherwise leaves
-    /// it unchanged and answers `allowed: false`.
-    async fn consume_usage(&self, key: UsageKey, count: u64, limit: Limit) -> Result<UsageResult, StoreError>;
+    /// Atomically adds `count` (at most `i64::MAX`) to the counter if the result stays within `limit`;
+    /// otherwise leaves it unchanged and answers `allowed: false`.
+    ///
+    /// With an `idempotency_key`, an allowed call is remembered per account, UTC day and key (whatever
+    /// the metric), atomically with its increment: a later call with the same account, day and key
+    /// counts nothing and answers the remembered result, also when both run at once. A refused call
+    /// counted nothing and is not remembered, so its retry is decided again.
+    async fn consume_usage(
+        &self,
+        key: UsageKey,
+        count: u64,
+        limit: Limit,
+        idempotency_key: Option<&str>,
+    ) -> Result<UsageResult, StoreError>;
 
     /// Reads a counter (0 if absent).
     async fn usage(&self, key: UsageKey) -> Result<u64, StoreError>;

@@ -116,8 +116,14 @@ impl<H: StoreHooks> Store for HookedStore<H> {
     async fn job_counts(&self) -> Result<JobCounts, StoreError> {
         self.inner.job_counts().await
     }
-    async fn consume_usage(&self, key: UsageKey, count: u64, limit: Limit) -> Result<UsageResult, StoreError> {
-        self.inner.consume_usage(key, count, limit).await
+    async fn consume_usage(
+        &self,
+        key: UsageKey,
+        count: u64,
+        limit: Limit,
+        idempotency_key: Option<&str>,
+    ) -> Result<UsageResult, StoreError> {
+        self.inner.consume_usage(key, count, limit, idempotency_key).await
     }
     async fn usage(&self, key: UsageKey) -> Result<u64, StoreError> {
         self.inner.usage(key).await

@@ -295,7 +295,31 @@ fn authorize<B>(state: &AppState, req: &Request<B>) -> Result<(), ApiError> {
 struct UsageRequest {
     account_id: Uuid,
     metric: Metric,
-    count: u64,
+    /// Read as any JSON value so that an out-of-range number gets an answer naming the field.
+    count: serde_json::Value,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+}
+
+/// The longest accepted `idempotency_key`.
+const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
+impl UsageRequest {
+    /// `count` as an integer from 0 to `i64::MAX` (what the stores can count).
+    fn count(&self) -> Result<u64, ApiError> {
+        self.count.as_u64().filter(|n| i64::try_from(*n).is_ok()).ok_or_else(|| {
+            ApiError::BadRequest(format!("invalid usage request: count must be an integer from 0 to {}", i64::MAX))
+        })
+    }
+
+    fn idempotency_key(&self) -> Result<Option<&str>, ApiError> {
+        match self.idempotency_key.as_deref() {
+            Some(key) if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN => Err(ApiError::BadRequest(format!(
+                "invalid usage request: idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} bytes"
+            ))),
+            key => Ok(key),
+        }
+    }
 }
 
 async fn usage<B>(state: &AppState, req: Request<B>, deadline: TokioInstant) -> Result<Response<ResponseBody>, ApiError>
@@ -306,9 +330,9 @@ where
     let body = read_body(req, state.body_limit(), deadline).await?;
     let request: UsageRequest =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid usage request: {e}")))?;
+    let (count, key) = (request.count()?, request.idempotency_key()?);
     let report =
-        match timeout_at(deadline, state.billing().consume_usage(request.account_id, request.metric, request.count))
-            .await
+        match timeout_at(deadline, state.billing().consume_usage(request.account_id, request.metric, count, key)).await
         {
             Err(_) => return Err(ApiError::Unavailable("timed out; retry later")),
             Ok(result) => result.map_err(|e| store_error(&e))?,

@@ -665,6 +665,43 @@ async fn usage_api_counts_until_the_limit_then_answers_429() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_api_names_an_oversized_count_and_counts_a_keyed_retry_once() {
+    let h = Harness::start().await;
+    let account = uuid::Uuid::new_v4();
+    let post = |body: Value| h.client.post(h.url("/v1/usage")).bearer_auth(API_KEY).json(&body).send();
+
+    for count in [json!(9_223_372_036_854_775_808_u64), json!(18_446_744_073_709_551_616_f64), json!(-1), json!(1.5)] {
+        let response = post(json!({"account_id": account, "metric": "messages", "count": count})).await.unwrap();
+        assert_eq!(response.status(), 400, "{count}");
+        let text = response.text().await.unwrap();
+        assert!(text.contains("count") && text.contains("9223372036854775807"), "{count}: {text}");
+    }
+
+    let keyed = json!({"account_id": account, "metric": "messages", "count": 30, "idempotency_key": "req-7"});
+    let first: Value = post(keyed.clone()).await.unwrap().json().await.unwrap();
+    assert_eq!(first, json!({"allowed": true, "used": 30, "limit": 100, "remaining": 70}));
+    let retried = post(keyed).await.unwrap();
+    assert_eq!(retried.status(), 200);
+    assert_eq!(retried.json::<Value>().await.unwrap(), first, "the same answer");
+    let other: Value =
+        post(json!({"account_id": account, "metric": "messages", "count": 30, "idempotency_key": "req-8"}))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert_eq!(other["used"], 60, "another key counts");
+    let (_, body) = h.get(&format!("/v1/accounts/{account}/entitlements"), Some(API_KEY)).await;
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["usage_today"]["messages"], 60);
+
+    let response =
+        post(json!({"account_id": account, "metric": "messages", "count": 1, "idempotency_key": ""})).await.unwrap();
+    assert_eq!(response.status(), 400);
+    assert!(response.text().await.unwrap().contains("idempotency_key"));
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn internal_api_is_disabled_without_a_key() {
     let store = Arc::new(MemoryStore::new());
     let billing = Arc::new(Billing::new(

@@ -46,6 +46,11 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../migrations/20261201000200_billing_edges.sql"),
     },
     Migration {
+        version: "20261202000000",
+        name: "billing_usage_idempotency",
+        sql: include_str!("../migrations/20261202000000_billing_usage_idempotency.sql"),
+    },
+    Migration {
         version: "20261203000000",
         name: "billing_stripe_sync",
         sql: include_str!("../migrations/20261203000000_billing_stripe_sync.sql"),

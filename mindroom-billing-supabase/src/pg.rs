@@ -274,16 +274,14 @@ impl Rpc for PgStore {
     /// A call that failed on a broken connection (a database restart, a pooler recycling its
     /// connections) is sent again on another one. Every function is safe to run again —
     /// `record_event` and `commit` are idempotent by event id and version, `enqueue` by key,
-    /// `claim_jobs`/`finish_job` are fenced by lease and attempt — except `consume_usage`, which
-    /// is never re-sent (it would count twice).
+    /// `claim_jobs`/`finish_job` are fenced by lease and attempt — except `consume_usage` without an
+    /// idempotency key, which is never re-sent (it would count twice).
     async fn call(&self, function: &'static str, p: Value) -> Result<Value, StoreError> {
         let mut attempt = 0;
         loop {
             let result = self.call_once(function, &p).await;
             match result {
-                Err(e)
-                    if attempt < RECONNECT_RETRIES && function != "billing_consume_usage" && broken_connection(&e) =>
-                {
+                Err(e) if attempt < RECONNECT_RETRIES && safe_to_resend(function, &p) && broken_connection(&e) => {
                     attempt += 1;
                     tracing::debug!(function, attempt, "broken database connection; sending again");
                 }
@@ -291,6 +289,12 @@ impl Rpc for PgStore {
             }
         }
     }
+}
+
+/// Whether a call may be sent again after a broken connection: all but a usage increment without
+/// an idempotency key.
+fn safe_to_resend(function: &str, p: &Value) -> bool {
+    function != "billing_consume_usage" || p["idempotency_key"].is_string()
 }
 
 impl PgStore {

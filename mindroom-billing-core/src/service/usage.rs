@@ -63,14 +63,22 @@ pub struct UsageToday {
 }
 
 impl Billing {
-    /// Counts `count` units of `metric` for the account today, if its tier allows it (atomically).
-    pub async fn consume_usage(&self, account_id: Uuid, metric: Metric, count: u64) -> Result<UsageReport, StoreError> {
+    /// Counts `count` units (at most `i64::MAX`) of `metric` for the account today, if its tier
+    /// allows it (atomically). With an `idempotency_key`, a retry of an allowed call (same account,
+    /// UTC day and key) counts nothing and answers the same `used` (see [`crate::Store::consume_usage`]).
+    pub async fn consume_usage(
+        &self,
+        account_id: Uuid,
+        metric: Metric,
+        count: u64,
+        idempotency_key: Option<&str>,
+    ) -> Result<UsageReport, StoreError> {
         let now = self.clock.now();
         let limits =
             self.best_subscription(account_id, now).await?.map_or_else(|| Tier::Free.limits(), |(e, _)| e.limits);
         let limit = metric.limit_in(&limits);
         let key = UsageKey { account_id, metric, day: now.date_naive() };
-        let result = self.store.consume_usage(key, count, limit).await?;
+        let result = self.store.consume_usage(key, count, limit, idempotency_key).await?;
         Ok(UsageReport { allowed: result.allowed, used: result.used, limit, remaining: limit.remaining(result.used) })
     }
 
