@@ -398,9 +398,13 @@ async fn timeline(version: &str) {
     assert_eq!(entitlements["tier"], "professional", "{body}");
     assert!(entitlements["grace_period_ends_at"].is_string(), "grace deadline shown: {body}");
 
-    // Paid (a later invoice.paid: the fixture's `created` is moved after the failure) clears grace.
+    // The failed invoice paid (the fixture's invoice.paid is of the first invoice: it is made the
+    // payment of the failed one, an hour after the failure) clears grace. Paying another invoice
+    // would not: failures are tracked per invoice.
+    let failed: Value = serde_json::from_slice(&events("invoice.payment_failed")).unwrap();
     let mut paid: Value = serde_json::from_slice(&events("invoice.paid")).unwrap();
     paid["created"] = json!(created_of(&events("invoice.payment_failed")) + 3600);
+    paid["data"]["object"]["id"] = failed["data"]["object"]["id"].clone();
     assert_eq!(h.deliver(serde_json::to_vec(&paid).unwrap()).await.0, 200);
     h.drain_jobs().await;
     let (_, body) = h.get(&format!("/v1/accounts/{account}/entitlements"), Some(API_KEY)).await;
