@@ -4,6 +4,7 @@ pub mod event;
 pub mod model;
 pub mod ports;
 pub mod signature;
+pub mod stripe_api;
 pub mod tier;
 pub mod transition;
 
