@@ -348,3 +348,71 @@ fn requests_and_latency_are_counted_per_endpoint_and_status() {
         assert!(text.contains(line), "missing {line} in\n{text}");
     }
 }
+
+/// The stub itself keeps to the contract the client (and later catch-up tests) rely on.
+#[tokio::test]
+async fn the_stub_speaks_the_list_contract() {
+    let stub = StripeStub::start(KEY).await;
+    for i in 0..25i64 {
+        let kind = if i % 2 == 0 { "invoice.paid" } else { "invoice.payment_failed" };
+        stub.add_event(&format!("evt_{i:02}"), kind, T0 + i / 2, json!({"id": format!("in_{i}")}));
+    }
+    let http = reqwest::Client::new();
+    let get = |query: &str, version: Option<&str>| {
+        let mut request = http.get(format!("{}/v1/events?{query}", stub.url)).bearer_auth(KEY);
+        if let Some(v) = version {
+            request = request.header("Stripe-Version", v);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status().as_u16(), response.json::<Value>().await.unwrap())
+        }
+    };
+    let ids = |v: &Value| {
+        v["data"].as_array().unwrap().iter().map(|e| e["id"].as_str().unwrap().to_owned()).collect::<Vec<_>>()
+    };
+    let shape: Value = serde_json::from_str(&fixture("api/events.list.json")).unwrap();
+
+    let (status, first) = get("", Some(API_VERSION)).await;
+    assert_eq!(status, 200);
+    let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(&first), keys(&shape), "same envelope as Stripe's");
+    assert_eq!((first["object"].as_str(), first["url"].as_str()), (Some("list"), Some("/v1/events")));
+    assert_eq!(ids(&first).len(), 10, "default limit");
+    assert_eq!(ids(&first)[0], "evt_24", "newest first; same second: added later first");
+    assert_eq!(ids(&first)[1], "evt_23");
+    assert_eq!(first["has_more"], true);
+
+    let (_, before) = get("ending_before=evt_20&limit=3", Some(API_VERSION)).await;
+    assert_eq!(ids(&before), ["evt_23", "evt_22", "evt_21"]);
+    assert_eq!(before["has_more"], true);
+    let (_, window) =
+        get("created%5Bgt%5D=1785000002&created%5Blte%5D=1785000004&type=invoice.paid", Some(API_VERSION)).await;
+    assert_eq!(ids(&window), ["evt_08", "evt_06"]);
+    let (_, last) = get("starting_after=evt_02&limit=100", Some(API_VERSION)).await;
+    assert_eq!((ids(&last), last["has_more"].as_bool()), (vec!["evt_01".to_owned(), "evt_00".to_owned()], Some(false)));
+
+    for (query, version, expected) in [
+        ("limit=0", Some(API_VERSION), 400),
+        ("limit=101", Some(API_VERSION), 400),
+        ("starting_after=evt_nope", Some(API_VERSION), 400),
+        ("", None, 400),
+        ("", Some("2023-10-16"), 400),
+    ] {
+        let (status, body) = get(query, version).await;
+        assert_eq!(status, expected, "{query} {version:?}");
+        assert!(body["error"]["type"].is_string() && body["error"]["message"].is_string(), "{body}");
+    }
+    let status = http.post(format!("{}/v1/events", stub.url)).bearer_auth(KEY).header("Stripe-Version", API_VERSION);
+    assert_eq!(status.send().await.unwrap().status().as_u16(), 405, "read-only");
+    let (status, body) = {
+        let r = http
+            .get(format!("{}/v1/customers/cus_nope", stub.url))
+            .bearer_auth(KEY)
+            .header("Stripe-Version", API_VERSION);
+        let r = r.send().await.unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    };
+    let missing: Value = serde_json::from_str(&fixture("api/error.404.json")).unwrap();
+    assert_eq!((status, &body["error"]["code"]), (404, &missing["error"]["code"]));
+}
