@@ -1,10 +1,11 @@
 //! A tiny HTTP/1.1 server on 127.0.0.1:0 that records every request and answers from a script:
-//! the stub for the HTTP services we cannot run here (the Dokku provisioner, the Resend API).
+//! the stub for the HTTP services we cannot run here (the Dokku provisioner, the Resend API; the
+//! Stripe API stub in `stripe_stub.rs` is built on it).
 //! Shared by the adapter crates' integration tests through `#[path]`.
 #![allow(dead_code, unreachable_pub)]
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -16,6 +17,8 @@ pub(crate) struct Recorded {
     pub(crate) path: String,
     pub(crate) headers: Vec<(String, String)>,
     pub(crate) body: Vec<u8>,
+    /// When the whole request had arrived.
+    pub(crate) at: Instant,
 }
 
 impl Recorded {
@@ -151,5 +154,5 @@ async fn read_request(socket: &mut TcpStream) -> Option<Recorded> {
         }
         body.extend_from_slice(&chunk[..n]);
     }
-    Some(Recorded { method, path, headers, body })
+    Some(Recorded { method, path, headers, body, at: Instant::now() })
 }

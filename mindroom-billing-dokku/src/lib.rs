@@ -6,7 +6,11 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use mindroom_billing_core::ports::{BoxError, ProvisionError, ProvisionRequest, ProvisionedInstance, Provisioner};
 use mindroom_billing_core::tier::Limits;
-use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
+use mindroom_billing_http::{
+    ClientSettings, REDACTED, TransportFailure, build_client, is_retryable_status, parse_base_url, retry_after,
+    secret_header, snippet,
+};
+use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
@@ -17,9 +21,7 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest `Retry-After` honoured; longer requests are capped to this.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
-/// How many bytes of an error response body are quoted in an error message.
-const SNIPPET_BYTES: usize = 256;
+pub const MAX_RETRY_AFTER: Duration = mindroom_billing_http::MAX_RETRY_AFTER;
 
 /// Where the provisioner is and how to talk to it.
 #[derive(Clone)]
@@ -76,7 +78,7 @@ impl fmt::Debug for DokkuConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DokkuConfig")
             .field("base_url", &self.base_url)
-            .field("api_key", &"[redacted]")
+            .field("api_key", &REDACTED)
             .field("timeout", &self.timeout)
             .field("connect_timeout", &self.connect_timeout)
             .finish()
@@ -122,29 +124,14 @@ impl fmt::Debug for DokkuProvisioner {
 impl DokkuProvisioner {
     /// Builds the client (reqwest with rustls; redirects are not followed).
     pub fn new(config: DokkuConfig) -> Result<Self, DokkuError> {
-        let base = config.base_url.trim().trim_end_matches('/').to_owned();
-        let invalid = |reason: String| DokkuError::InvalidBaseUrl { url: config.base_url.clone(), reason };
-        let url = reqwest::Url::parse(&base).map_err(|e| invalid(e.to_string()))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(invalid(format!("unsupported scheme {:?}", url.scheme())));
-        }
-        if url.query().is_some() || url.fragment().is_some() {
-            return Err(invalid("a query or fragment is not allowed".into()));
-        }
-        let key = config.api_key.expose_secret();
-        if key.is_empty() {
-            return Err(DokkuError::InvalidApiKey("empty"));
-        }
-        let mut api_key =
-            HeaderValue::from_str(key).map_err(|_| DokkuError::InvalidApiKey("not a valid header value"))?;
-        api_key.set_sensitive(true);
-        let client = reqwest::Client::builder()
-            .timeout(config.timeout)
-            .connect_timeout(config.connect_timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("mindroom-billing-dokku/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| DokkuError::Client(Box::new(e)))?;
+        let base = parse_base_url(&config.base_url)
+            .map_err(|e| DokkuError::InvalidBaseUrl { url: config.base_url.clone(), reason: e.to_string() })?;
+        let api_key =
+            secret_header(config.api_key.expose_secret()).map_err(|e| DokkuError::InvalidApiKey(e.as_str()))?;
+        let settings = ClientSettings::new(concat!("mindroom-billing-dokku/", env!("CARGO_PKG_VERSION")))
+            .with_timeout(config.timeout)
+            .with_connect_timeout(config.connect_timeout);
+        let client = build_client(&settings).map_err(|e| DokkuError::Client(Box::new(e)))?;
         Ok(Self { client, base, api_key, config })
     }
 
@@ -180,7 +167,7 @@ impl DokkuProvisioner {
             };
             match result {
                 Ok(answer) => return Ok(answer),
-                Err(e) if !reset_retried && is_connection_reset(&e) => {
+                Err(e) if !reset_retried && TransportFailure::of(&e) == TransportFailure::Reset => {
                     debug!(error = %e, "connection reset; retrying once");
                     reset_retried = true;
                 }
@@ -190,17 +177,14 @@ impl DokkuProvisioner {
     }
 
     fn transport_error(&self, op: Op, e: reqwest::Error) -> ProvisionError {
-        let what = if e.is_timeout() {
-            format!("timed out (timeout {:?})", self.config.timeout)
-        } else if e.is_connect() {
-            "could not connect".to_owned()
-        } else if is_connection_reset(&e) {
-            "connection closed before an answer (after one quick retry)".to_owned()
-        } else if e.is_builder() {
+        let failure = TransportFailure::of(&e);
+        if !failure.is_retryable() {
             return permanent(format!("{op}: invalid request"), Some(Box::new(e.without_url())));
-        } else {
-            "request failed".to_owned()
-        };
+        }
+        let mut what = failure.describe(self.config.timeout);
+        if failure == TransportFailure::Reset {
+            what.push_str(" (after one quick retry)");
+        }
         ProvisionError::Retryable { message: format!("{op}: {what}"), retry_after: None, source: Some(Box::new(e)) }
     }
 
@@ -211,11 +195,7 @@ impl DokkuProvisioner {
         let message =
             if snippet.is_empty() { format!("{op}: HTTP {status}") } else { format!("{op}: HTTP {status}: {snippet}") };
         if is_retryable_status(status) {
-            let retry_after = answer
-                .headers
-                .get(RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| parse_retry_after(v, SystemTime::now()));
+            let retry_after = retry_after(&answer.headers, SystemTime::now());
             ProvisionError::Retryable { message, retry_after, source: None }
         } else {
             permanent(message, None)
@@ -248,63 +228,6 @@ struct Answer {
 
 fn permanent(message: String, source: Option<BoxError>) -> ProvisionError {
     ProvisionError::Permanent { message, source }
-}
-
-/// 408, 429 and 5xx are worth retrying; everything else that is not a success is not.
-fn is_retryable_status(status: StatusCode) -> bool {
-    status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::REQUEST_TIMEOUT
-}
-
-/// Whether the connection was reset or closed before a complete answer arrived.
-fn is_connection_reset(e: &reqwest::Error) -> bool {
-    if e.is_timeout() || e.is_connect() {
-        return false;
-    }
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
-            if matches!(io.kind(), ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof) {
-                return true;
-            }
-        }
-        if err.downcast_ref::<hyper::Error>().is_some_and(|h| h.is_incomplete_message() || h.is_canceled()) {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
-}
-
-/// Parses `Retry-After`: delay seconds or an HTTP-date (relative to `now`), capped at [`MAX_RETRY_AFTER`].
-fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
-    let value = value.trim();
-    let delay = match value.parse::<u64>() {
-        Ok(secs) => Duration::from_secs(secs),
-        Err(_) => {
-            let at = httpdate::parse_http_date(value).ok()?;
-            at.duration_since(now).unwrap_or(Duration::ZERO)
-        }
-    };
-    Some(delay.min(MAX_RETRY_AFTER))
-}
-
-/// A short, single-line quote of a response body, with the API key masked should the server echo it.
-fn snippet(body: &[u8], api_key: &str) -> String {
-    let text = String::from_utf8_lossy(body);
-    let mut out: String = text.trim().chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
-    if !api_key.is_empty() && out.contains(api_key) {
-        out = out.replace(api_key, "[redacted]");
-    }
-    if out.len() > SNIPPET_BYTES {
-        let mut end = SNIPPET_BYTES;
-        while !out.is_char_boundary(end) {
-            end -= 1;
-        }
-        out.truncate(end);
-        out.push('…');
-    }
-    out
 }
 
 #[derive(Serialize)]
@@ -454,39 +377,6 @@ impl Provisioner for DokkuProvisioner {
 mod tests {
     use super::*;
     use mindroom_billing_core::tier::Tier;
-
-    #[test]
-    fn retry_after_seconds_and_dates() {
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_785_000_000);
-        assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
-        assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
-        let later = httpdate::fmt_http_date(now + Duration::from_secs(90));
-        assert_eq!(parse_retry_after(&later, now), Some(Duration::from_secs(90)));
-        let earlier = httpdate::fmt_http_date(now - Duration::from_secs(90));
-        assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
-        assert_eq!(parse_retry_after("soon", now), None);
-        assert_eq!(parse_retry_after("-3", now), None);
-        assert_eq!(parse_retry_after("99999999999", now), Some(MAX_RETRY_AFTER));
-    }
-
-    #[test]
-    fn statuses() {
-        for code in [408, 429, 500, 502, 503, 504] {
-            assert!(is_retryable_status(StatusCode::from_u16(code).unwrap()), "{code}");
-        }
-        for code in [301, 400, 401, 403, 404, 409, 422] {
-            assert!(!is_retryable_status(StatusCode::from_u16(code).unwrap()), "{code}");
-        }
-    }
-
-    #[test]
-    fn snippets_are_short_single_line_and_masked() {
-        assert_eq!(snippet(b"  oops\nbad key k3y \r\n", "k3y"), "oops bad key [redacted]");
-        let long = "é".repeat(400);
-        let s = snippet(long.as_bytes(), "x");
-        assert!(s.len() <= SNIPPET_BYTES + '…'.len_utf8());
-        assert!(s.ends_with('…'));
-    }
 
     #[test]
     fn wire_limits() {

@@ -5,6 +5,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use mindroom_billing_core::ports::{BoxError, Notification, Notifier, NotifyError};
+use mindroom_billing_http::{
+    ClientSettings, REDACTED, TransportFailure, bearer, build_client, is_retryable_status, parse_base_url, snippet,
+};
 use reqwest::StatusCode;
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use secrecy::{ExposeSecret, SecretString};
@@ -23,7 +26,6 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Resend's longest idempotency key.
 const MAX_IDEMPOTENCY_KEY: usize = 256;
-const SNIPPET_BYTES: usize = 256;
 
 /// How to reach Resend and who the e-mails are from.
 #[derive(Clone)]
@@ -83,7 +85,7 @@ impl ResendConfig {
 impl fmt::Debug for ResendConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResendConfig")
-            .field("api_key", &"[redacted]")
+            .field("api_key", &REDACTED)
             .field("from", &self.from)
             .field("base_url", &self.base_url)
             .field("timeout", &self.timeout)
@@ -133,56 +135,23 @@ impl fmt::Debug for ResendNotifier {
 impl ResendNotifier {
     /// Builds the client (reqwest with rustls; redirects are not followed).
     pub fn new(config: ResendConfig) -> Result<Self, ResendError> {
-        let base = config.base_url.trim().trim_end_matches('/').to_owned();
-        let invalid = |reason: String| ResendError::InvalidBaseUrl { url: config.base_url.clone(), reason };
-        let url = reqwest::Url::parse(&base).map_err(|e| invalid(e.to_string()))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(invalid(format!("unsupported scheme {:?}", url.scheme())));
-        }
-        if url.query().is_some() || url.fragment().is_some() {
-            return Err(invalid("a query or fragment is not allowed".into()));
-        }
+        let base = parse_base_url(&config.base_url)
+            .map_err(|e| ResendError::InvalidBaseUrl { url: config.base_url.clone(), reason: e.to_string() })?;
         if config.from.trim().is_empty() {
             return Err(ResendError::MissingFrom);
         }
-        let key = config.api_key.expose_secret();
-        if key.is_empty() {
-            return Err(ResendError::InvalidApiKey("empty"));
-        }
-        let mut authorization = HeaderValue::from_str(&format!("Bearer {key}"))
-            .map_err(|_| ResendError::InvalidApiKey("not a valid header value"))?;
-        authorization.set_sensitive(true);
-        let client = reqwest::Client::builder()
-            .timeout(config.timeout)
-            .connect_timeout(config.connect_timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("mindroom-billing-resend/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| ResendError::Client(Box::new(e)))?;
+        let authorization =
+            bearer(config.api_key.expose_secret()).map_err(|e| ResendError::InvalidApiKey(e.as_str()))?;
+        let settings = ClientSettings::new(concat!("mindroom-billing-resend/", env!("CARGO_PKG_VERSION")))
+            .with_timeout(config.timeout)
+            .with_connect_timeout(config.connect_timeout);
+        let client = build_client(&settings).map_err(|e| ResendError::Client(Box::new(e)))?;
         Ok(Self { client, endpoint: format!("{base}/emails"), authorization, config })
     }
 
     /// The configuration.
     pub fn config(&self) -> &ResendConfig {
         &self.config
-    }
-
-    fn snippet(&self, body: &[u8]) -> String {
-        let text = String::from_utf8_lossy(body);
-        let mut out: String = text.trim().chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
-        let key = self.config.api_key.expose_secret();
-        if !key.is_empty() && out.contains(key) {
-            out = out.replace(key, "[redacted]");
-        }
-        if out.len() > SNIPPET_BYTES {
-            let mut end = SNIPPET_BYTES;
-            while !out.is_char_boundary(end) {
-                end -= 1;
-            }
-            out.truncate(end);
-            out.push('…');
-        }
-        out
     }
 }
 
@@ -197,9 +166,7 @@ struct EmailBody<'a> {
 
 /// Whether an unsuccessful status is worth retrying.
 fn is_retryable(status: StatusCode, body: &[u8]) -> bool {
-    status.is_server_error()
-        || status == StatusCode::TOO_MANY_REQUESTS
-        || status == StatusCode::REQUEST_TIMEOUT
+    is_retryable_status(status)
         // Another request with the same idempotency key is still in flight.
         || (status == StatusCode::CONFLICT && String::from_utf8_lossy(body).contains("concurrent_idempotent_requests"))
 }
@@ -256,7 +223,7 @@ impl Notifier for ResendNotifier {
                 debug!(%status, id = id.as_deref().unwrap_or("?"), subject = %email.subject, "e-mail sent");
                 return Ok(());
             }
-            let snippet = self.snippet(&answer);
+            let snippet = snippet(&answer, self.config.api_key.expose_secret());
             let message = if snippet.is_empty() {
                 format!("POST /emails: HTTP {status}")
             } else {
@@ -275,16 +242,11 @@ impl Notifier for ResendNotifier {
 
 /// Transport failures (connect, timeout, reset) are retryable; a request that cannot be built is not.
 fn transport_error(e: &reqwest::Error, timeout: Duration) -> NotifyError {
-    if e.is_builder() {
+    let failure = TransportFailure::of(e);
+    if !failure.is_retryable() {
         return NotifyError::Permanent("POST /emails: invalid request".into());
     }
-    let what = if e.is_timeout() {
-        format!("timed out (timeout {timeout:?})")
-    } else if e.is_connect() {
-        "could not connect".to_owned()
-    } else {
-        "request failed".to_owned()
-    };
+    let what = failure.describe(timeout);
     // Include the cause chain (it names the URL, never the headers).
     let mut message = format!("POST /emails: {what}: {e}");
     let mut cur = std::error::Error::source(e);
