@@ -54,6 +54,24 @@ pub(crate) async fn build_store(cfg: &Config, migrate: bool) -> Result<Arc<dyn S
     if let (Some(url), Some(key)) = (&cfg.supabase_url, &cfg.supabase_service_key) {
         let store = PostgrestStore::new(url, key.clone(), PostgrestOptions::default())
             .context("SUPABASE_URL: building the PostgREST client")?;
+        // The schema cannot be read through PostgREST; a ping through the store's own function can.
+        match store.ping().await {
+            Ok(()) => {}
+            Err(e) if e.is_retryable() => {
+                return Err(anyhow::Error::new(e).context("SUPABASE_URL: PostgREST does not answer"));
+            }
+            Err(e) => {
+                return Err(ConfigError {
+                    var: "SUPABASE_URL",
+                    message: format!(
+                        "the store's functions do not answer ({}): check SUPABASE_SERVICE_KEY and that the migrations \
+                         are applied (`mindroom-billing migrate` with the project's DATABASE_URL, or `supabase db push`)",
+                        mindroom_billing_core::service::error_chain(&e)
+                    ),
+                }
+                .into());
+            }
+        }
         info!(url = %url, "store: Supabase (PostgREST RPC, SUPABASE_URL)");
         return Ok(Arc::new(store));
     }

@@ -215,6 +215,29 @@ async fn serve_on_an_unmigrated_database_stops_and_serve_migrate_starts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_on_postgrest_without_the_migrations_stops() {
+    use mindroom_billing_supabase::testing::{Gateway, GatewayConfig};
+    let db = TestDb::create().await.unwrap();
+    let gateway = Gateway::start(db.url(), GatewayConfig::default()).await;
+    let env = [
+        ("SUPABASE_URL", gateway.base_url()),
+        ("SUPABASE_SERVICE_KEY", gateway.secret_key().to_owned()),
+        ("STRIPE_WEBHOOK_SECRET", "whsec_0123456789abcdef".to_owned()),
+    ];
+    let dir = scratch_dir("postgrest-unmigrated");
+    // The child waits on a thread of its own: the gateway answers on this test's runtime meanwhile.
+    let out = tokio::task::spawn_blocking(move || {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        assert_config_error(&["serve"], &env, &dir, "SUPABASE_URL")
+    })
+    .await
+    .unwrap();
+    assert!(out.contains("migrate"), "{out}");
+    drop(gateway);
+    db.drop_db().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_connection_errors_are_one_clear_line() {
     let dir = scratch_dir("connect");
     let secret = ("STRIPE_WEBHOOK_SECRET", "whsec_0123456789abcdef");
