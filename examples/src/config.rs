@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use mindroom_billing_core::signature::DEFAULT_TOLERANCE_SECS;
 use mindroom_billing_core::{PriceCatalog, Tier, WorkerConfig};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 /// A configuration error naming the variable.
 #[derive(Debug)]
@@ -43,6 +43,8 @@ pub(crate) struct Config {
     pub(crate) tolerance_secs: u64,
     /// `STRIPE_PRICE_STARTER` / `_PRO` / `_ENTERPRISE`.
     pub(crate) prices: PriceCatalog,
+    /// Whether any `STRIPE_PRICE_*` is set.
+    pub(crate) any_price: bool,
     /// `GRACE_PERIOD_DAYS`.
     pub(crate) grace_period_days: i64,
     /// `ADMIN_EMAIL`.
@@ -73,12 +75,50 @@ pub(crate) struct Config {
     pub(crate) request_timeout: Duration,
     /// Whether `webhook_secrets` is the built-in development secret (see [`DEV_WEBHOOK_SECRET`]).
     pub(crate) dev_secret: bool,
+    /// `RUST_LOG`, validated (default `info`).
+    pub(crate) log_filter: String,
+    /// `NO_COLOR` is set (to anything non-empty): no colour codes even on a terminal.
+    pub(crate) no_color: bool,
 }
 
 /// The signing secret used when `STRIPE_WEBHOOK_SECRET` is unset in the fully embedded set-up (in-memory
-/// store, dry-run provisioner): then nothing real can be reached with a forged event, and
-/// `serve` + `send` work out of the box. With any real store or provisioner the variable is required.
+/// store, dry-run provisioner, e-mails logged, no Stripe key): then nothing real can be reached with a
+/// forged event, and `serve` + `send` work out of the box. As soon as anything real is configured the
+/// variable is required.
 pub(crate) const DEV_WEBHOOK_SECRET: &str = "whsec_mindroom_billing_local_dev_only";
+
+/// The variables whose presence means "something real is configured" (no development secret then).
+const REAL: [&str; 5] =
+    ["DATABASE_URL", "SUPABASE_URL", "DOKKU_PROVISIONER_URL", "RESEND_API_KEY", "STRIPE_SECRET_KEY"];
+
+/// Whether a secret's value is a placeholder copied from documentation rather than a real value:
+/// `whsec_replace_me`, `…replace_me…`, `changeme`, `xxx`, `<your key>`, `re_…` and the like.
+fn is_placeholder(value: &str) -> bool {
+    let lower = value.to_ascii_lowercase();
+    let rest = ["whsec_", "sk_live_", "sk_test_", "rk_live_", "rk_test_", "sb_secret_", "re_"]
+        .iter()
+        .find_map(|prefix| lower.strip_prefix(prefix))
+        .unwrap_or(&lower);
+    let markers = ["replace_me", "replace-me", "replaceme", "changeme", "change_me", "change-me", "your_", "your-"];
+    rest.is_empty()
+        || markers.iter().any(|m| rest.contains(m))
+        || rest.contains(['…', '<', '>'])
+        || rest.contains("...")
+        || (rest.contains("xxx") && rest.chars().all(|c| matches!(c, 'x' | '_' | '-' | '.')))
+}
+
+/// A secret variable, refused when it holds a placeholder.
+fn secret(name: &'static str) -> Result<Option<SecretString>, ConfigError> {
+    match var(name) {
+        Some(v) if is_placeholder(&v) => Err(ConfigError {
+            var: name,
+            message: "holds a placeholder (as copied from .env.example or the README), not a real value; \
+                      set the real value or leave it empty"
+                .into(),
+        }),
+        other => Ok(other.map(SecretString::from)),
+    }
+}
 
 /// Reads the advanced `BILLING_*` worker settings on top of the core's defaults.
 fn worker_from_env() -> Result<WorkerConfig, ConfigError> {
@@ -163,8 +203,8 @@ fn url(name: &'static str) -> Result<Option<String>, ConfigError> {
 impl Config {
     /// Reads the environment (after `.env`). `serve` additionally calls [`Config::require_serve`].
     pub(crate) fn from_env() -> Result<Self, ConfigError> {
-        let secret = |name| var(name).map(SecretString::from);
         let mut prices = PriceCatalog::new();
+        let mut any_price = false;
         for (name, tier) in [
             ("STRIPE_PRICE_STARTER", Tier::Starter),
             ("STRIPE_PRICE_PRO", Tier::Professional),
@@ -178,6 +218,7 @@ impl Config {
                     });
                 }
                 prices = prices.with_price(price, tier);
+                any_price = true;
             }
         }
         let grace_period_days = parse("GRACE_PERIOD_DAYS", 7_i64, "a number of days")?;
@@ -199,9 +240,35 @@ impl Config {
         };
         let webhook_secrets = var("STRIPE_WEBHOOK_SECRET");
         if let Some(secrets) = &webhook_secrets {
-            let count = secrets.split(',').filter(|s| !s.trim().is_empty()).count();
-            if count == 0 {
-                return Err(ConfigError { var: "STRIPE_WEBHOOK_SECRET", message: "no secret in the list".into() });
+            let err = |message: &str| Err(ConfigError { var: "STRIPE_WEBHOOK_SECRET", message: message.into() });
+            let list: Vec<&str> = secrets.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+            if list.is_empty() {
+                return err("no secret in the list");
+            }
+            if list.iter().any(|s| !s.starts_with("whsec_")) {
+                return err(
+                    "expected the endpoint's signing secret(s), each starting with whsec_ (as the dashboard or \
+                            `stripe listen` shows it)",
+                );
+            }
+            if list.iter().any(|s| is_placeholder(s)) {
+                return err("holds a placeholder (as copied from .env.example), not a signing secret; set the \
+                            endpoint's whsec_… secret, or leave it empty in the fully embedded mode");
+            }
+        }
+        let log_filter = var("RUST_LOG").unwrap_or_else(|| "info".to_owned());
+        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&log_filter) {
+            return Err(ConfigError { var: "RUST_LOG", message: format!("invalid filter {log_filter:?}: {e}") });
+        }
+        let database_url = secret("DATABASE_URL")?;
+        if let Some(url) = &database_url {
+            let url = url.expose_secret();
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                let scheme = url.split_once("://").map_or("no scheme", |(scheme, _)| scheme);
+                return Err(ConfigError {
+                    var: "DATABASE_URL",
+                    message: format!("expected a PostgreSQL URL (postgres://… or postgresql://…), got {scheme}"),
+                });
             }
         }
         let config = Self {
@@ -209,26 +276,27 @@ impl Config {
             webhook_secrets: webhook_secrets.map(SecretString::from),
             tolerance_secs: parse("STRIPE_WEBHOOK_TOLERANCE_SECS", DEFAULT_TOLERANCE_SECS, "a number of seconds")?,
             prices,
+            any_price,
             grace_period_days,
             admin_email: var("ADMIN_EMAIL"),
-            api_key: secret("BILLING_API_KEY"),
+            api_key: secret("BILLING_API_KEY")?,
             log_format,
-            database_url: secret("DATABASE_URL"),
+            database_url,
             supabase_url: url("SUPABASE_URL")?,
-            supabase_service_key: secret("SUPABASE_SERVICE_KEY"),
+            supabase_service_key: secret("SUPABASE_SERVICE_KEY")?,
             provisioner_url: url("DOKKU_PROVISIONER_URL")?,
-            provisioner_api_key: secret("PROVISIONER_API_KEY"),
-            resend_api_key: secret("RESEND_API_KEY"),
+            provisioner_api_key: secret("PROVISIONER_API_KEY")?,
+            resend_api_key: secret("RESEND_API_KEY")?,
             email_from: var("EMAIL_FROM"),
-            stripe_secret_key: secret("STRIPE_SECRET_KEY"),
+            stripe_secret_key: secret("STRIPE_SECRET_KEY")?,
             worker: worker_from_env()?,
             request_timeout: Duration::from_secs(parse("BILLING_REQUEST_TIMEOUT_SECS", 15_u64, "seconds")?),
             dev_secret: false,
+            log_filter,
+            no_color: var("NO_COLOR").is_some(),
         };
         let mut config = config;
-        let embedded =
-            config.database_url.is_none() && config.supabase_url.is_none() && config.provisioner_url.is_none();
-        if config.webhook_secrets.is_none() && embedded {
+        if config.webhook_secrets.is_none() && config.embedded() {
             config.webhook_secrets = Some(SecretString::from(DEV_WEBHOOK_SECRET));
             config.dev_secret = true;
         }
@@ -250,13 +318,40 @@ impl Config {
         Ok(config)
     }
 
+    /// Fully embedded: nothing real is configured (no store, provisioner, e-mail or Stripe key), so a
+    /// forged event can reach nothing real.
+    pub(crate) fn embedded(&self) -> bool {
+        self.database_url.is_none()
+            && self.supabase_url.is_none()
+            && self.provisioner_url.is_none()
+            && self.resend_api_key.is_none()
+            && self.stripe_secret_key.is_none()
+    }
+
     /// What `serve` needs beyond [`Config::from_env`]: the webhook secret(s).
     pub(crate) fn require_serve(&self) -> Result<&SecretString, ConfigError> {
-        self.webhook_secrets.as_ref().ok_or(ConfigError {
+        self.webhook_secrets.as_ref().ok_or_else(|| ConfigError {
             var: "STRIPE_WEBHOOK_SECRET",
-            message: "required with a real store or provisioner: the endpoint's signing secret (whsec_…), several \
-                      comma-separated during a rotation"
-                .into(),
+            message: format!(
+                "required as soon as anything real is configured ({}): the endpoint's signing secret (whsec_…), \
+                 several comma-separated during a rotation",
+                REAL.join(", ")
+            ),
+        })
+    }
+
+    /// What the operator commands (`events`, `jobs`) need: the server's database. Without one they
+    /// would open an empty in-memory store of their own, which shows nothing of a running server.
+    pub(crate) fn require_database(&self, command: &str) -> Result<(), ConfigError> {
+        if self.database_url.is_some() || self.supabase_url.is_some() {
+            return Ok(());
+        }
+        Err(ConfigError {
+            var: "DATABASE_URL",
+            message: format!(
+                "`{command}` reads the server's database: set DATABASE_URL (or SUPABASE_URL) as the server has it \
+                 (an in-memory server keeps its events and jobs to itself)"
+            ),
         })
     }
 }

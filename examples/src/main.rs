@@ -7,13 +7,15 @@ mod config;
 mod samples;
 mod wiring;
 
+use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use metrics_exporter_prometheus::PrometheusBuilder;
 use mindroom_billing_core::model::{EventStatus, JobState};
 use mindroom_billing_core::ports::{EventFilter, JobFilter};
@@ -24,7 +26,7 @@ use secrecy::ExposeSecret;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{Config, LogFormat};
+use crate::config::{Config, ConfigError, LogFormat};
 
 /// Stripe billing for MindRoom: verifies webhooks, keeps subscriptions, tiers and instances in step.
 ///
@@ -40,9 +42,13 @@ struct Cli {
 enum Command {
     /// Run the webhook server, the job worker and the grace sweeper.
     Serve {
-        /// Address to bind (the port comes from `PORT`, default 3005).
-        #[arg(long, default_value = "0.0.0.0")]
-        host: IpAddr,
+        /// Address to bind (the port comes from `PORT`, default 3005). Default: 0.0.0.0, or 127.0.0.1 in
+        /// the fully embedded mode (development signing secret).
+        #[arg(long)]
+        host: Option<IpAddr>,
+        /// Apply pending SQL migrations to `DATABASE_URL` first (otherwise `serve` stops when any is pending).
+        #[arg(long)]
+        migrate: bool,
     },
     /// Print a valid `Stripe-Signature` header value for a payload file.
     Sign {
@@ -56,7 +62,8 @@ enum Command {
         timestamp: Option<i64>,
     },
     /// Sign a payload file, or a bundled sample event of the given type, and POST it to the server
-    /// (a local substitute for `stripe trigger`). Prints the status and the body.
+    /// (a local substitute for `stripe trigger`). Prints the event id, the status and the body; exits
+    /// non-zero when the server does not answer 2xx.
     Send {
         /// A payload file, or an event type with a bundled sample (e.g. `customer.subscription.created`).
         event: String,
@@ -72,12 +79,12 @@ enum Command {
     },
     /// Apply the SQL migrations to `DATABASE_URL` (idempotent).
     Migrate,
-    /// Inspect and replay stored events.
+    /// Inspect and replay stored events (in the server's database: `DATABASE_URL` or `SUPABASE_URL`).
     Events {
         #[command(subcommand)]
         command: EventsCommand,
     },
-    /// Inspect jobs.
+    /// Inspect jobs (in the server's database: `DATABASE_URL` or `SUPABASE_URL`).
     Jobs {
         #[command(subcommand)]
         command: JobsCommand,
@@ -100,7 +107,9 @@ enum EventsCommand {
         /// `evt_…`
         id: String,
     },
-    /// Apply a stored event again (e.g. a failed one after fixing the price configuration).
+    /// Apply a stored event again (e.g. a failed one after fixing the price configuration). The
+    /// decision uses THIS shell's configuration (`STRIPE_PRICE_*`, `GRACE_PERIOD_DAYS`), so run it with the
+    /// server's environment.
     Replay {
         /// `evt_…`
         id: String,
@@ -120,42 +129,62 @@ enum JobsCommand {
     },
 }
 
-fn main() -> std::process::ExitCode {
+/// Exit code of every configuration error (an invalid or missing variable, a database whose schema
+/// is not migrated): the same as a command-line usage error. Failures at run time exit 1.
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
     if let Err(e) = dotenvy::dotenv() {
         if !e.not_found() {
             eprintln!("error: .env: {e}");
-            return std::process::ExitCode::from(2);
+            return ExitCode::from(EXIT_CONFIG);
         }
     }
-    let cli = Cli::parse();
+    let cli = parse_cli();
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(e) => {
-            eprintln!("configuration error: {e}");
-            return std::process::ExitCode::from(2);
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
         }
     };
-    init_tracing(config.log_format);
+    init_tracing(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
-            return std::process::ExitCode::FAILURE;
+            return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(run(cli.command, config)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            if e.chain().any(|cause| cause.is::<ConfigError>()) {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
+/// The command line, with the bundled samples listed in `send --help`.
+fn parse_cli() -> Cli {
+    let samples: Vec<&str> = samples::SAMPLES.iter().map(|(t, _)| *t).collect();
+    let command = Cli::command().mut_subcommand("send", |send| {
+        send.after_help(format!("Bundled samples (Stripe API 2026-07-29.dahlia):\n  {}", samples.join("\n  ")))
+    });
+    Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit())
+}
+
+fn init_tracing(config: &Config) {
+    // Validated in `Config::from_env`.
+    let filter = EnvFilter::builder().parse_lossy(&config.log_filter);
+    // Colour codes only for a person at a terminal (logs go to stderr), never into files or pipes.
+    let ansi = !config.no_color && std::io::stderr().is_terminal();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    match config.log_format {
         LogFormat::Pretty => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
     }
@@ -163,7 +192,7 @@ fn init_tracing(format: LogFormat) {
 
 async fn run(command: Command, config: Config) -> Result<()> {
     match command {
-        Command::Serve { host } => run_serve(config, host).await,
+        Command::Serve { host, migrate } => run_serve(config, host, migrate).await,
         Command::Sign { file, secret, timestamp } => {
             let body = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let secret = signing_secret(&config, secret)?;
@@ -175,6 +204,7 @@ async fn run(command: Command, config: Config) -> Result<()> {
             let secret = signing_secret(&config, secret)?;
             let url = url.unwrap_or_else(|| format!("http://127.0.0.1:{}/webhooks/stripe", config.port));
             let signature = sign(&secret, &body, chrono::Utc::now().timestamp());
+            let (id, kind) = event_identity(&body);
             let response = reqwest::Client::new()
                 .post(&url)
                 .header("Content-Type", "application/json")
@@ -182,9 +212,14 @@ async fn run(command: Command, config: Config) -> Result<()> {
                 .body(body)
                 .send()
                 .await
-                .with_context(|| format!("POST {url}"))?;
-            println!("{}", response.status());
-            println!("{}", response.text().await.unwrap_or_default());
+                .with_context(|| format!("POST {url}: is the server running?"))?;
+            let status = response.status();
+            let answer = response.text().await.unwrap_or_default();
+            println!("{id} ({kind}) → {status}");
+            println!("{answer}");
+            if !status.is_success() {
+                bail!("{id}: the server answered {status}: {}", answer.trim());
+            }
             Ok(())
         }
         Command::Migrate => {
@@ -200,9 +235,19 @@ async fn run(command: Command, config: Config) -> Result<()> {
             }
             Ok(())
         }
-        Command::Events { command } => events(&*wiring::build_billing(&config).await?, command).await,
+        Command::Events { command } => {
+            config.require_database("events")?;
+            if matches!(command, EventsCommand::Replay { .. }) && !config.any_price {
+                warn!(
+                    "no STRIPE_PRICE_STARTER, STRIPE_PRICE_PRO or STRIPE_PRICE_ENTERPRISE in this shell: replay decides \
+                     with this shell's configuration, not the server's; an event whose price only those name fails again"
+                );
+            }
+            events(&*wiring::build_operator_billing(&config).await?, command).await
+        }
         Command::Jobs { command: JobsCommand::List { state, limit } } => {
-            let billing = wiring::build_billing(&config).await?;
+            config.require_database("jobs")?;
+            let billing = wiring::build_operator_billing(&config).await?;
             let state = state
                 .map(|s| {
                     JobState::parse(&s).ok_or_else(|| anyhow!("unknown job state {s:?} (pending, running, done, dead)"))
@@ -273,6 +318,10 @@ async fn events(billing: &Billing, command: EventsCommand) -> Result<()> {
             println!("{id}: {}", disposition.label());
             if let mindroom_billing_core::Disposition::Failed(reason) = disposition {
                 println!("reason: {reason}");
+                println!(
+                    "(decided with this shell's configuration: STRIPE_PRICE_*, GRACE_PERIOD_DAYS. Its admin alert was \
+                     queued when it first failed; a replay queues none.)"
+                );
             }
         }
     }
@@ -287,6 +336,13 @@ fn signing_secret(config: &Config, explicit: Option<String>) -> Result<WebhookSe
         config.webhook_secrets.as_ref().ok_or_else(|| anyhow!("pass --secret or set STRIPE_WEBHOOK_SECRET"))?;
     let first = secrets.expose_secret().split(',').map(str::trim).find(|s| !s.is_empty());
     Ok(WebhookSecret::new(first.ok_or_else(|| anyhow!("STRIPE_WEBHOOK_SECRET: no secret in the list"))?))
+}
+
+/// The `id` and `type` of an event payload, for `send`'s report.
+fn event_identity(body: &[u8]) -> (String, String) {
+    let value: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let field = |name: &str| value[name].as_str().unwrap_or("?").to_owned();
+    (field("id"), field("type"))
 }
 
 /// A payload file, or the bundled sample of an event type.
@@ -307,13 +363,17 @@ fn load_event(event: &str, new_id: bool) -> Result<Vec<u8>> {
     Ok(serde_json::to_vec_pretty(&value)?)
 }
 
-async fn run_serve(config: Config, host: IpAddr) -> Result<()> {
+async fn run_serve(config: Config, host: Option<IpAddr>, migrate: bool) -> Result<()> {
     config.require_serve()?;
+    let loopback = IpAddr::from([127, 0, 0, 1]);
+    let host = host.unwrap_or(if config.dev_secret { loopback } else { IpAddr::from([0, 0, 0, 0]) });
     if config.dev_secret {
         warn!(
             secret = config::DEV_WEBHOOK_SECRET,
-            "STRIPE_WEBHOOK_SECRET is unset: using the built-in DEVELOPMENT signing secret (embedded mode only). \
-             `mindroom-billing send <event-type>` signs with it; set STRIPE_WEBHOOK_SECRET for real Stripe events"
+            %host,
+            "STRIPE_WEBHOOK_SECRET is unset: using the built-in DEVELOPMENT signing secret (fully embedded mode only; \
+             bound to 127.0.0.1 unless --host says otherwise). `mindroom-billing send <event-type>` signs with it; \
+             set STRIPE_WEBHOOK_SECRET for real Stripe events"
         );
     }
     // Real histograms (with `_bucket` series), so alerts can aggregate quantiles across replicas.
@@ -326,6 +386,8 @@ async fn run_serve(config: Config, host: IpAddr) -> Result<()> {
         .context("histogram buckets")?
         .install_recorder()
         .context("installing the metrics recorder")?;
+    mindroom_billing_core::describe_metrics();
+    mindroom_billing_hyper::describe_metrics();
     let upkeep = prometheus.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -335,7 +397,14 @@ async fn run_serve(config: Config, host: IpAddr) -> Result<()> {
         }
     });
 
-    let billing = wiring::build_billing(&config).await?;
+    let billing = wiring::build_billing(&config, migrate).await?;
+    if !config.any_price {
+        warn!(
+            "no STRIPE_PRICE_STARTER, STRIPE_PRICE_PRO or STRIPE_PRICE_ENTERPRISE: only prices whose lookup_key or \
+             metadata.tier names a tier can be mapped (the bundled samples need STRIPE_PRICE_STARTER and STRIPE_PRICE_PRO, \
+             see the README's quick start)"
+        );
+    }
     info!(
         secrets = billing.config().verifier.secret_count(),
         tolerance_secs = config.tolerance_secs,

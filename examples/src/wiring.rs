@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use mindroom_billing_core::dryrun::{DryRunProvisioner, LogNotifier};
 use mindroom_billing_core::{
     Billing, BillingConfig, MemoryStore, Notifier, Policy, Provisioner, Store, Verifier, WebhookSecret,
@@ -14,23 +14,64 @@ use mindroom_billing_supabase::{PgStore, PgStoreOptions, PostgrestOptions, Postg
 use secrecy::ExposeSecret;
 use tracing::{info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 
 /// The store: `DATABASE_URL` (direct Postgres) or `SUPABASE_URL` (PostgREST), else in memory.
-pub(crate) async fn build_store(cfg: &Config) -> Result<Arc<dyn Store>> {
+///
+/// The direct store is checked before anything else: one connection attempt (its own error in one
+/// line: refused, no such database, bad password) and the schema (pending migrations stop the start
+/// with a configuration error, or are applied first when `migrate` is set). Once running, a database
+/// outage gives 503s and `/ready` 503 until it is back.
+pub(crate) async fn build_store(cfg: &Config, migrate: bool) -> Result<Arc<dyn Store>> {
     if let Some(url) = &cfg.database_url {
         if cfg.supabase_url.is_some() {
             info!("both DATABASE_URL and SUPABASE_URL are set: using the direct Postgres store");
         }
-        // Lazy: the server starts (and /ready answers 503) even while the database is down.
-        let store = PgStore::connect_lazy(url.expose_secret(), PgStoreOptions::default())
-            .context("DATABASE_URL: not a usable PostgreSQL URL")?;
+        let store = PgStore::connect(url.expose_secret(), PgStoreOptions::default())
+            .await
+            .context("DATABASE_URL: cannot connect")?;
+        let pending = store.pending_migrations().await.context("DATABASE_URL: reading the schema version")?;
+        if !pending.is_empty() && migrate {
+            let report = store.migrate().await.context("DATABASE_URL: applying migrations")?;
+            info!(applied = ?report.applied, "migrations applied (--migrate)");
+        } else if let Some(first) = pending.first() {
+            return Err(ConfigError {
+                var: "DATABASE_URL",
+                message: format!(
+                    "the database lacks {} of {} migrations (from {}_{}): run `mindroom-billing migrate` first, or \
+                     start with `serve --migrate`",
+                    pending.len(),
+                    mindroom_billing_supabase::migrations::MIGRATIONS.len(),
+                    first.version,
+                    first.name
+                ),
+            }
+            .into());
+        }
         info!("store: PostgreSQL (direct, DATABASE_URL)");
         return Ok(Arc::new(store));
     }
     if let (Some(url), Some(key)) = (&cfg.supabase_url, &cfg.supabase_service_key) {
         let store = PostgrestStore::new(url, key.clone(), PostgrestOptions::default())
             .context("SUPABASE_URL: building the PostgREST client")?;
+        // The schema cannot be read through PostgREST; a ping through the store's own function can.
+        match store.ping().await {
+            Ok(()) => {}
+            Err(e) if e.is_retryable() => {
+                return Err(anyhow::Error::new(e).context("SUPABASE_URL: PostgREST does not answer"));
+            }
+            Err(e) => {
+                return Err(ConfigError {
+                    var: "SUPABASE_URL",
+                    message: format!(
+                        "the store's functions do not answer ({}): check SUPABASE_SERVICE_KEY and that the migrations \
+                         are applied (`mindroom-billing migrate` with the project's DATABASE_URL, or `supabase db push`)",
+                        mindroom_billing_core::service::error_chain(&e)
+                    ),
+                }
+                .into());
+            }
+        }
         info!(url = %url, "store: Supabase (PostgREST RPC, SUPABASE_URL)");
         return Ok(Arc::new(store));
     }
@@ -64,9 +105,28 @@ pub(crate) fn build_notifier(cfg: &Config) -> Result<Arc<dyn Notifier>> {
     Ok(Arc::new(LogNotifier))
 }
 
-/// The billing service over the configured adapters. Without webhook secrets (operator commands
-/// that never verify), the verifier holds none and rejects everything.
-pub(crate) async fn build_billing(cfg: &Config) -> Result<Arc<Billing>> {
+/// The billing service `serve` runs, over the configured adapters (`migrate`: apply pending
+/// migrations first).
+pub(crate) async fn build_billing(cfg: &Config, migrate: bool) -> Result<Arc<Billing>> {
+    let store = build_store(cfg, migrate).await?;
+    Ok(Arc::new(Billing::new(store, build_provisioner(cfg)?, build_notifier(cfg)?, billing_config(cfg))))
+}
+
+/// The billing service of the operator commands (`events`, `jobs`): the configured store only. They
+/// never run jobs (the server's worker does), so the provisioner and notifier are inert stand-ins.
+pub(crate) async fn build_operator_billing(cfg: &Config) -> Result<Arc<Billing>> {
+    let store = build_store(cfg, false).await?;
+    Ok(Arc::new(Billing::new(
+        store,
+        Arc::new(DryRunProvisioner::default()),
+        Arc::new(LogNotifier),
+        billing_config(cfg),
+    )))
+}
+
+/// The core's configuration. Without webhook secrets (operator commands that never verify), the
+/// verifier holds none and rejects everything.
+fn billing_config(cfg: &Config) -> BillingConfig {
     let verifier = match &cfg.webhook_secrets {
         Some(secrets) => Verifier::from_comma_separated(secrets.expose_secret()),
         None => Verifier::new(std::iter::empty::<WebhookSecret>()),
@@ -79,17 +139,21 @@ pub(crate) async fn build_billing(cfg: &Config) -> Result<Arc<Billing>> {
     if let Some(email) = &cfg.admin_email {
         config = config.with_admin_email(email.clone());
     }
-    Ok(Arc::new(Billing::new(build_store(cfg).await?, build_provisioner(cfg)?, build_notifier(cfg)?, config)))
+    config
 }
 
 /// Applies the SQL migrations to `DATABASE_URL` (idempotent; safe to run from several replicas).
 pub(crate) async fn migrate(cfg: &Config) -> Result<mindroom_billing_supabase::MigrationReport> {
     let Some(url) = &cfg.database_url else {
-        bail!("DATABASE_URL: required by `migrate` (migrations need a direct connection, not PostgREST)");
+        return Err(ConfigError {
+            var: "DATABASE_URL",
+            message: "required by `migrate` (migrations need a direct connection, not PostgREST)".into(),
+        }
+        .into());
     };
     let store = PgStore::connect(url.expose_secret(), PgStoreOptions::default().with_max_connections(1))
         .await
-        .context("DATABASE_URL: connecting")?;
+        .context("DATABASE_URL: cannot connect")?;
     let report = store.migrate().await.context("applying migrations")?;
     store.close().await;
     Ok(report)

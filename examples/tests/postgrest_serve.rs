@@ -4,48 +4,32 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use mindroom_billing_core::{InstanceStatus, Tier};
 use mindroom_billing_supabase::testing::{Gateway, GatewayConfig, TestDb};
 use support::{Life, PROVISIONER_KEY, SECRET, StubProvisioner, life_events, now_secs};
 
-struct Server(std::process::Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 async fn run_against_gateway(service_key: impl Fn(&Gateway) -> String) {
     let db = TestDb::create().await.expect("fresh database");
-    let bin = env!("CARGO_BIN_EXE_mindroom-billing");
-    assert!(Command::new(bin).arg("migrate").env("DATABASE_URL", db.url()).status().unwrap().success());
+    support::migrate(db.url());
     let gateway = Gateway::start(db.url(), GatewayConfig::default()).await;
     let stub = StubProvisioner::start().await;
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let _server = Server(
-        Command::new(bin)
-            .arg("serve")
-            .env_clear()
-            .env("PORT", port.to_string())
-            .env("SUPABASE_URL", gateway.base_url())
-            .env("SUPABASE_SERVICE_KEY", service_key(&gateway))
-            .env("STRIPE_WEBHOOK_SECRET", SECRET)
-            .env("STRIPE_PRICE_STARTER", "price_pg_starter")
-            .env("STRIPE_PRICE_ENTERPRISE", "price_pg_enterprise")
-            .env("DOKKU_PROVISIONER_URL", &stub.url)
-            .env("PROVISIONER_API_KEY", PROVISIONER_KEY)
-            .env("BILLING_JOB_POLL_MS", "100")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut command = support::binary(&std::env::temp_dir());
+    command
+        .arg("serve")
+        .env("PORT", port.to_string())
+        .env("SUPABASE_URL", gateway.base_url())
+        .env("SUPABASE_SERVICE_KEY", service_key(&gateway))
+        .env("STRIPE_WEBHOOK_SECRET", SECRET)
+        .env("STRIPE_PRICE_STARTER", "price_pg_starter")
+        .env("STRIPE_PRICE_ENTERPRISE", "price_pg_enterprise")
+        .env("DOKKU_PROVISIONER_URL", &stub.url)
+        .env("PROVISIONER_API_KEY", PROVISIONER_KEY)
+        .env("BILLING_JOB_POLL_MS", "100")
+        .env("RUST_LOG", "warn");
+    let _server = support::Logged::spawn(command, "postgrest-serve");
     let client = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{port}");
     let started = Instant::now();

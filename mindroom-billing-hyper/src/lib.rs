@@ -39,6 +39,23 @@ mod state;
 
 pub use error::ApiError;
 pub use routes::handle;
+
+/// Describes the metrics this crate emits (`billing_http_requests_total`, `billing_http_request_seconds`)
+/// to the installed `metrics` recorder, so `/metrics` carries their `# HELP` text. Call it once after
+/// installing the recorder; without a recorder it does nothing.
+pub fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_histogram};
+    describe_counter!(
+        "billing_http_requests_total",
+        Unit::Count,
+        "HTTP requests answered, by route pattern and status code"
+    );
+    describe_histogram!(
+        "billing_http_request_seconds",
+        Unit::Seconds,
+        "Time to answer an HTTP request, by route, in seconds"
+    );
+}
 pub use server::{BillingService, serve};
 pub use state::{AppState, DEFAULT_BODY_LIMIT, DEFAULT_REQUEST_TIMEOUT, MetricsRender};
 

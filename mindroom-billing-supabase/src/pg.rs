@@ -12,7 +12,7 @@ use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Row};
 
-use crate::migrations::MIGRATIONS;
+use crate::migrations::{MIGRATIONS, Migration};
 use crate::wire::{Rpc, impl_store_via_rpc, retryable_sqlstate};
 
 /// Advisory lock key serializing migration runs across replicas (ASCII `mrbmigr1`).
@@ -179,10 +179,15 @@ fn parse_options(url: &str, options: &PgStoreOptions) -> Result<(PgConnectOption
 impl PgStore {
     /// Connects to `url` (`postgres://…`, `sslmode` honoured) and checks that the server answers.
     /// A server that cannot be reached gives [`StoreError::Unavailable`].
+    ///
+    /// The check is one connection attempt, so its error is the server's own ("connection refused",
+    /// "database … does not exist", a failed password) rather than a pool time-out hiding it.
     pub async fn connect(url: &str, options: PgStoreOptions) -> Result<PgStore, StoreError> {
         let (connect, pool) = parse_options(url, &options)?;
-        let pool = pool.connect_with(connect).await.map_err(map_sqlx)?;
-        Ok(PgStore { pool, query_timeout: options.query_timeout })
+        let probe = connect.connect().await.map_err(map_sqlx)?;
+        // The probe was only a check; the pool opens its own connections.
+        let _ = sqlx::Connection::close(probe).await;
+        Ok(PgStore { pool: pool.connect_lazy_with(connect), query_timeout: options.query_timeout })
     }
 
     /// Like [`PgStore::connect`] but opens connections on first use (the process can start while
@@ -246,6 +251,32 @@ impl PgStore {
         report.elapsed = started.elapsed();
         tracing::info!(applied = ?report.applied, elapsed_ms = report.elapsed.as_millis(), "migrations done");
         Ok(report)
+    }
+
+    /// The embedded migrations this database has not recorded, oldest first (empty: the schema is
+    /// current). A migration counts as applied when it is recorded by [`PgStore::migrate`]
+    /// (`public.billing_schema_migrations`) or by the Supabase CLI (`supabase_migrations.schema_migrations`).
+    pub async fn pending_migrations(&self) -> Result<Vec<&'static Migration>, StoreError> {
+        let ledgers =
+            [("public.billing_schema_migrations", "version"), ("supabase_migrations.schema_migrations", "version")];
+        let mut done = Vec::new();
+        for (table, column) in ledgers {
+            let exists = sqlx::raw_sql(&format!("select to_regclass({}) is not null", quote_literal(table)))
+                .fetch_one(&self.pool)
+                .await
+                .and_then(|row| row.try_get::<bool, _>(0))
+                .map_err(map_sqlx)?;
+            if exists {
+                let rows = sqlx::raw_sql(&format!("select {column}::text from {table}"))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(map_sqlx)?;
+                for row in rows {
+                    done.push(row.try_get::<String, _>(0).map_err(map_sqlx)?);
+                }
+            }
+        }
+        Ok(MIGRATIONS.iter().filter(|m| !done.iter().any(|v| v == m.version)).collect())
     }
 
     async fn call_inner(&self, function: &'static str, p: &Value) -> Result<Value, StoreError> {

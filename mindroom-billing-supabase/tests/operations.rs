@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{DAHLIA, SUB, T0, TestClock, at, fixture, signed};
+use mindroom_billing_core::service::error_chain;
 use mindroom_billing_core::{Clock, Disposition, EventStatus, ReceiveError, Store, StoreError, Tier};
 use mindroom_billing_supabase::testing::TestDb;
 use mindroom_billing_supabase::{PgStore, PgStoreOptions, PostgrestOptions, PostgrestStore};
@@ -109,6 +110,53 @@ async fn an_unreachable_database_is_unavailable() {
     .unwrap();
     let err = rest.ping().await.unwrap_err();
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_reports_the_servers_own_error_not_a_pool_time_out() {
+    let addr = closed_port().await;
+    // A long acquire timeout: the answer must not wait for it, nor hide the cause behind it.
+    let options = PgStoreOptions::default().with_acquire_timeout(Duration::from_secs(30));
+    let refused = PgStore::connect(&format!("postgres://postgres@{addr}/postgres"), options.clone()).await.unwrap_err();
+    assert!(error_chain(&refused).to_lowercase().contains("refused"), "{}", error_chain(&refused));
+
+    let db = TestDb::create().await.unwrap();
+    let missing = mindroom_billing_supabase::testing::url_with_database(db.url(), "mrb_no_such_database");
+    let missing = PgStore::connect(&missing, options).await.unwrap_err();
+    assert!(error_chain(&missing).contains("does not exist"), "{}", error_chain(&missing));
+    db.drop_db().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_migrations_are_all_on_a_fresh_database_and_none_after_migrate() {
+    let db = TestDb::create().await.unwrap();
+    let store = PgStore::connect(db.url(), PgStoreOptions::default()).await.unwrap();
+    let all: Vec<&str> = mindroom_billing_supabase::migrations::MIGRATIONS.iter().map(|m| m.version).collect();
+    let pending: Vec<&str> = store.pending_migrations().await.unwrap().iter().map(|m| m.version).collect();
+    assert_eq!(pending, all);
+    store.migrate().await.unwrap();
+    assert!(store.pending_migrations().await.unwrap().is_empty());
+    // Recorded by the Supabase CLI instead (`supabase db push`): counted as applied too.
+    sqlx::raw_sql(
+        "drop table public.billing_schema_migrations;
+         create schema supabase_migrations;
+         create table supabase_migrations.schema_migrations (version text primary key);",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let last = all[all.len() - 1];
+    for version in &all[..all.len() - 1] {
+        sqlx::query("insert into supabase_migrations.schema_migrations values ($1)")
+            .bind(version)
+            .execute(db.pool())
+            .await
+            .unwrap();
+    }
+    let pending: Vec<&str> = store.pending_migrations().await.unwrap().iter().map(|m| m.version).collect();
+    assert_eq!(pending, [last]);
+    store.close().await;
+    db.drop_db().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,10 +1,10 @@
 //! Harness for the end-to-end suite: replicas of the real binary, a recording stub provisioner,
 //! a TCP cutter in front of PostgreSQL, and a Stripe-like sender.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, clippy::print_stderr)]
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -399,7 +399,7 @@ impl ClusterOptions {
 }
 
 struct Replica {
-    child: Child,
+    child: Logged,
     addr: SocketAddr,
     alive: bool,
 }
@@ -431,9 +431,7 @@ impl Cluster {
     /// Migrates `db` (which may hold tables already, e.g. the Node service's) and starts the replicas.
     pub async fn start_on(db: TestDb, options: ClusterOptions) -> Self {
         let bin = env!("CARGO_BIN_EXE_mindroom-billing");
-        let status =
-            Command::new(bin).arg("migrate").env("DATABASE_URL", db.url()).env_remove("SUPABASE_URL").status().unwrap();
-        assert!(status.success(), "migrate failed");
+        migrate(db.url());
         let (cutter, replica_db_url) = if options.db_cutter {
             let (s, e) = host_port(db.url());
             let cutter = TcpCutter::start(db.url()[s..e].to_owned()).await;
@@ -445,9 +443,8 @@ impl Cluster {
         let mut replicas = Vec::new();
         for i in 0..options.replicas {
             let port = free_port();
-            let log =
-                std::fs::File::create(std::env::temp_dir().join(format!("mrb-e2e-{}-{i}.log", db.name()))).unwrap();
-            let child = Command::new(bin)
+            let mut command = Command::new(bin);
+            command
                 .arg("serve")
                 .env_clear()
                 .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -470,11 +467,8 @@ impl Cluster {
                 .env("BILLING_JOB_BACKOFF_MAX_MS", "3000")
                 .env("BILLING_JOB_MAX_ATTEMPTS", "100")
                 .env("BILLING_UNAPPLIED_AFTER_SECS", "2")
-                .env("BILLING_REQUEST_TIMEOUT_SECS", "5")
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap();
+                .env("BILLING_REQUEST_TIMEOUT_SECS", "5");
+            let child = Logged::spawn(command, &format!("e2e-replica-{i}"));
             replicas.push(Replica { child, addr: SocketAddr::from(([127, 0, 0, 1], port)), alive: true });
         }
         let cluster = Self { db, replicas, cutter, client: reqwest::Client::new(), secret: WebhookSecret::new(SECRET) };
@@ -516,8 +510,7 @@ impl Cluster {
     /// SIGKILL, no goodbye.
     pub fn kill_replica(&mut self, i: usize) {
         let r = &mut self.replicas[i];
-        r.child.kill().unwrap();
-        let _ = r.child.wait();
+        r.child.kill();
         r.alive = false;
     }
 
@@ -621,15 +614,6 @@ impl Cluster {
     }
 }
 
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for r in &mut self.replicas {
-            let _ = r.child.kill();
-            let _ = r.child.wait();
-        }
-    }
-}
-
 async fn futures_join_all<F: std::future::Future<Output = ()>>(futures: Vec<F>) {
     let mut pinned: Vec<_> = futures.into_iter().map(Box::pin).collect();
     std::future::poll_fn(|cx| {
@@ -645,4 +629,91 @@ async fn support_store(url: &str) -> Arc<dyn Store> {
         .await
         .expect("test store");
     Arc::new(store)
+}
+
+// ---- child processes of the real binary ---------------------------------------------------------
+
+/// `mindroom-billing migrate` on `url`; its output is shown only if it fails.
+pub fn migrate(url: &str) {
+    let out = binary(&std::env::temp_dir()).arg("migrate").env("DATABASE_URL", url).output().unwrap();
+    assert!(
+        out.status.success(),
+        "migrate failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The binary under test, with an empty environment (only `PATH`) and a working directory of its
+/// own, so neither the developer's shell nor a `.env` file leaks in.
+pub fn binary(dir: &std::path::Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mindroom-billing"));
+    command.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default()).current_dir(dir);
+    command
+}
+
+/// A fresh empty directory for one child.
+pub fn scratch_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("mrb-{name}-{}-{}", std::process::id(), rand::random::<u32>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A child process whose stdout and stderr go to a log file, printed only when the test fails
+/// (the child is dropped while the test panics); the file is removed otherwise.
+pub struct Logged {
+    child: Child,
+    log: std::path::PathBuf,
+    name: String,
+}
+
+impl Logged {
+    pub fn spawn(mut command: Command, name: &str) -> Self {
+        let log = std::env::temp_dir().join(format!("mrb-{name}-{}-{}.log", std::process::id(), rand::random::<u32>()));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = command.stdout(file.try_clone().unwrap()).stderr(file).spawn().unwrap();
+        Self { child, log, name: name.to_owned() }
+    }
+
+    /// Everything the child wrote so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Whether the child has exited.
+    pub fn exited(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_some()
+    }
+
+    /// Waits for the child to exit on its own (a guard against hanging: it must exit within
+    /// `within`, else it is killed and `None` is returned).
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("---- log of {} ({}) ----\n{}---- end of log ----", self.name, self.log.display(), self.output());
+        } else {
+            let _ = std::fs::remove_file(&self.log);
+        }
+    }
 }

@@ -455,7 +455,7 @@ impl Billing {
             let now = self.clock.now();
             let decision = transition::decide(&self.config.policy, state.as_ref(), event, now);
             if let Outcome::Failed(reason) = &decision.outcome {
-                warn!(event_id = %event.id, %reason, "event failed; admin alert queued");
+                warn!(event_id = %event.id, %reason, "event failed; recorded with its reason (its admin alert is queued once per event id)");
             }
             let commit = Commit {
                 now,

@@ -1,0 +1,414 @@
+//! The first hour of a new user (issue 11): the real `mindroom-billing` binary as a newcomer runs it,
+//! its exit codes and messages, on an empty environment (no `.env`, no shell variables leaking in).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr, missing_docs)]
+
+mod support;
+
+use std::path::Path;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use mindroom_billing_supabase::testing::TestDb;
+use support::{Logged, binary, scratch_dir};
+
+/// The one exit code of configuration errors (README: "Exit codes").
+const EXIT_CONFIG: i32 = 2;
+
+/// A refusing address: nothing listens there.
+const REFUSED_DB: &str = "postgres://postgres@127.0.0.1:1/postgres";
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Runs a command that must exit by itself (a server that starts instead is killed: `None`).
+fn run_to_exit(args: &[&str], env: &[(&str, &str)], dir: &Path) -> (Option<i32>, String) {
+    let mut command = binary(dir);
+    command.args(args).envs(env.iter().copied());
+    let mut child = Logged::spawn(command, "cli");
+    let status = child.wait_exit(Duration::from_secs(30));
+    (status.map(|s| s.code().unwrap_or(-1)), child.output())
+}
+
+fn output(args: &[&str], env: &[(&str, &str)]) -> Output {
+    binary(&std::env::temp_dir()).args(args).envs(env.iter().copied()).output().unwrap()
+}
+
+/// Asserts a configuration error: exit code 2, one line `error: <VAR>: …`.
+fn assert_config_error(args: &[&str], env: &[(&str, &str)], dir: &Path, var: &str) -> String {
+    let (code, out) = run_to_exit(args, env, dir);
+    assert_eq!(code, Some(EXIT_CONFIG), "{args:?} with {env:?} must stop with a configuration error; output:\n{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 1, "one line, got:\n{out}");
+    assert!(lines[0].starts_with(&format!("error: {var}: ")), "names {var}: {out}");
+    out
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `serve` started as a child, its log in a file shown only on failure.
+struct Server {
+    child: Logged,
+    port: u16,
+}
+
+impl Server {
+    fn start(args: &[&str], env: &[(&str, &str)]) -> Server {
+        let port = free_port();
+        let mut command = binary(&scratch_dir("serve"));
+        command.arg("serve").args(args).env("PORT", port.to_string()).envs(env.iter().copied());
+        let mut server = Server { child: Logged::spawn(command, "serve"), port };
+        let started = Instant::now();
+        while !server.child.output().contains("listening") {
+            assert!(!server.child.exited(), "serve exited:\n{}", server.child.output());
+            assert!(started.elapsed() < Duration::from_secs(30), "serve did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn log(&self) -> String {
+        self.child.output()
+    }
+
+    /// Waits until the log contains `needle`.
+    fn wait_for_log(&self, needle: &str) {
+        let started = Instant::now();
+        while !self.log().contains(needle) {
+            assert!(started.elapsed() < Duration::from_secs(30), "{needle:?} never logged");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn send(&self, args: &[&str]) -> Output {
+        let mut all = vec!["send"];
+        all.extend_from_slice(args);
+        let url = self.url("/webhooks/stripe");
+        all.extend_from_slice(&["--url", &url]);
+        output(&all, &[])
+    }
+}
+
+// ---- 1 + issue 10 defect 6: secrets ------------------------------------------------------------------
+
+#[test]
+fn placeholder_and_malformed_secrets_are_refused_naming_the_variable() {
+    let dir = scratch_dir("secrets");
+    let db = ("DATABASE_URL", REFUSED_DB);
+    let real = ("STRIPE_WEBHOOK_SECRET", "whsec_0123456789abcdef");
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (&[db, ("STRIPE_WEBHOOK_SECRET", "whsec_replace_me")], "STRIPE_WEBHOOK_SECRET"),
+        (&[db, ("STRIPE_WEBHOOK_SECRET", "abc")], "STRIPE_WEBHOOK_SECRET"),
+        (&[db, ("STRIPE_WEBHOOK_SECRET", "whsec_ok_one,abc")], "STRIPE_WEBHOOK_SECRET"),
+        (&[("STRIPE_WEBHOOK_SECRET", "whsec_xxxxxxxx")], "STRIPE_WEBHOOK_SECRET"),
+        (
+            &[db, real, ("DOKKU_PROVISIONER_URL", "http://127.0.0.1:1"), ("PROVISIONER_API_KEY", "changeme")],
+            "PROVISIONER_API_KEY",
+        ),
+        (&[db, real, ("BILLING_API_KEY", "replace_me")], "BILLING_API_KEY"),
+        (&[db, real, ("BILLING_API_KEY", "xxx")], "BILLING_API_KEY"),
+        (&[db, real, ("RESEND_API_KEY", "re_…"), ("EMAIL_FROM", "a@b.c")], "RESEND_API_KEY"),
+        (&[db, real, ("RESEND_API_KEY", "re_replace_me"), ("EMAIL_FROM", "a@b.c")], "RESEND_API_KEY"),
+    ];
+    for (env, var) in cases {
+        let out = assert_config_error(&["serve"], env, &dir, var);
+        assert!(!out.contains("whsec_0123456789abcdef"), "a secret in the message: {out}");
+    }
+}
+
+#[test]
+fn env_example_copied_as_is_is_no_trap() {
+    // As a newcomer does: `cp .env.example .env`, then set a database.
+    let dir = scratch_dir("env-example");
+    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/../.env.example"), dir.join(".env")).unwrap();
+    assert_config_error(&["serve"], &[("DATABASE_URL", REFUSED_DB)], &dir, "STRIPE_WEBHOOK_SECRET");
+}
+
+#[test]
+fn the_development_secret_only_when_nothing_real_is_configured() {
+    let dir = scratch_dir("dev-secret");
+    let real: &[&[(&str, &str)]] = &[
+        &[("DATABASE_URL", REFUSED_DB)],
+        &[("SUPABASE_URL", "http://127.0.0.1:1"), ("SUPABASE_SERVICE_KEY", "sb_secret_0123456789")],
+        &[("DOKKU_PROVISIONER_URL", "http://127.0.0.1:1"), ("PROVISIONER_API_KEY", "0123456789abcdef")],
+        &[("RESEND_API_KEY", "re_0123456789abcdef"), ("EMAIL_FROM", "MindRoom <billing@example.com>")],
+        &[("STRIPE_SECRET_KEY", "sk_test_0123456789abcdef")],
+    ];
+    for env in real {
+        let out = assert_config_error(&["serve"], env, &dir, "STRIPE_WEBHOOK_SECRET");
+        assert!(out.contains("required"), "{out}");
+    }
+}
+
+#[test]
+fn embedded_serve_binds_loopback_logs_without_colour_and_names_the_missing_prices() {
+    let server = Server::start(&[], &[]);
+    let log = server.log();
+    assert!(log.contains(&format!("127.0.0.1:{}", server.port)), "binds 127.0.0.1 in embedded mode:\n{log}");
+    assert!(!log.contains("0.0.0.0"), "{log}");
+    assert!(!log.contains('\u{1b}'), "colour codes in a log that is not a terminal:\n{log}");
+    for var in ["STRIPE_PRICE_STARTER", "STRIPE_PRICE_PRO"] {
+        assert!(log.contains(var), "the start names {var}:\n{log}");
+    }
+    drop(server);
+    // `--host` says otherwise; with prices set, no price warning.
+    let server =
+        Server::start(&["--host", "0.0.0.0"], &[("STRIPE_PRICE_STARTER", "price_s"), ("STRIPE_PRICE_PRO", "price_p")]);
+    let log = server.log();
+    assert!(log.contains(&format!("0.0.0.0:{}", server.port)), "{log}");
+    assert!(!log.contains("STRIPE_PRICE_STARTER"), "{log}");
+}
+
+// ---- 2: operator commands need the server's database ----------------------------------------------------
+
+#[test]
+fn events_and_jobs_without_a_database_say_they_need_the_servers() {
+    let dir = scratch_dir("operator");
+    for args in [&["events", "list"][..], &["jobs", "list"], &["events", "replay", "evt_1"]] {
+        let out = assert_config_error(args, &[], &dir, "DATABASE_URL");
+        assert!(out.contains("server's database"), "{out}");
+        assert!(!out.contains("provisioner") && !out.contains("RESEND"), "serve's set-up lines: {out}");
+    }
+}
+
+// ---- 4: send ---------------------------------------------------------------------------------------------
+
+#[test]
+fn send_reports_the_event_and_fails_on_a_non_2xx_answer() {
+    let server = Server::start(&[], &[]);
+    let ok = server.send(&["customer.subscription.created"]);
+    assert!(ok.status.success(), "{}{}", text(&ok.stdout), text(&ok.stderr));
+    assert!(text(&ok.stdout).contains("evt_1FxcB7WZ01zgkWrFwUFXakUx"), "{}", text(&ok.stdout));
+
+    let forged = server.send(&["customer.subscription.created", "--secret", "whsec_not_the_servers"]);
+    assert_eq!(forged.status.code(), Some(1), "{}{}", text(&forged.stdout), text(&forged.stderr));
+    let all = text(&forged.stdout) + &text(&forged.stderr);
+    assert!(all.contains("evt_1FxcB7WZ01zgkWrFwUFXakUx") && all.contains("400"), "{all}");
+
+    let help = output(&["send", "--help"], &[]);
+    let help = text(&help.stdout);
+    for sample in ["checkout.session.completed", "customer.subscription.created", "invoice.payment_failed"] {
+        assert!(help.contains(sample), "send --help lists {sample}:\n{help}");
+    }
+}
+
+// ---- 5: schema and connection ----------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_on_an_unmigrated_database_stops_and_serve_migrate_starts() {
+    let db = TestDb::create().await.unwrap();
+    let env = [("DATABASE_URL", db.url()), ("STRIPE_WEBHOOK_SECRET", "whsec_0123456789abcdef")];
+    let out = assert_config_error(&["serve"], &env, &scratch_dir("unmigrated"), "DATABASE_URL");
+    assert!(out.contains("mindroom-billing migrate") && out.contains("--migrate"), "{out}");
+
+    let server = Server::start(&["--migrate"], &env);
+    let ready = reqwest::get(server.url("/ready")).await.unwrap();
+    assert_eq!(ready.status(), 200, "{}", server.log());
+    drop(server);
+    db.drop_db().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_on_postgrest_without_the_migrations_stops() {
+    use mindroom_billing_supabase::testing::{Gateway, GatewayConfig};
+    let db = TestDb::create().await.unwrap();
+    let gateway = Gateway::start(db.url(), GatewayConfig::default()).await;
+    let env = [
+        ("SUPABASE_URL", gateway.base_url()),
+        ("SUPABASE_SERVICE_KEY", gateway.secret_key().to_owned()),
+        ("STRIPE_WEBHOOK_SECRET", "whsec_0123456789abcdef".to_owned()),
+    ];
+    let dir = scratch_dir("postgrest-unmigrated");
+    // The child waits on a thread of its own: the gateway answers on this test's runtime meanwhile.
+    let out = tokio::task::spawn_blocking(move || {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        assert_config_error(&["serve"], &env, &dir, "SUPABASE_URL")
+    })
+    .await
+    .unwrap();
+    assert!(out.contains("migrate"), "{out}");
+    drop(gateway);
+    db.drop_db().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_connection_errors_are_one_clear_line() {
+    let dir = scratch_dir("connect");
+    let secret = ("STRIPE_WEBHOOK_SECRET", "whsec_0123456789abcdef");
+    for args in [&["migrate"][..], &["serve"], &["events", "list"]] {
+        let (code, out) = run_to_exit(args, &[("DATABASE_URL", REFUSED_DB), secret], &dir);
+        assert_eq!(code, Some(1), "{args:?}: {out}");
+        let errors: Vec<&str> = out.lines().filter(|l| l.contains("error")).collect();
+        assert_eq!(errors.len(), 1, "{args:?}: one error line:\n{out}");
+        assert!(errors[0].starts_with("error: DATABASE_URL: ") && errors[0].contains("refused"), "{out}");
+    }
+    let db = TestDb::create().await.unwrap();
+    let missing = mindroom_billing_supabase::testing::url_with_database(db.url(), "mrb_no_such_database");
+    let (code, out) = run_to_exit(&["migrate"], &[("DATABASE_URL", &missing)], &dir);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.lines().count() == 1 && out.contains("mrb_no_such_database\" does not exist"), "{out}");
+    db.drop_db().await.unwrap();
+
+    let out =
+        assert_config_error(&["migrate"], &[("DATABASE_URL", "mysql://root@127.0.0.1/billing")], &dir, "DATABASE_URL");
+    assert!(out.contains("PostgreSQL"), "{out}");
+}
+
+// ---- 6: one exit code, RUST_LOG ----------------------------------------------------------------------------
+
+#[test]
+fn configuration_errors_share_one_exit_code_and_rust_log_is_validated() {
+    let dir = scratch_dir("exit-codes");
+    assert_config_error(&["migrate"], &[], &dir, "DATABASE_URL");
+    assert_config_error(&["serve"], &[("PORT", "eighty")], &dir, "PORT");
+    assert_config_error(&["serve"], &[("LOG_FORMAT", "xml")], &dir, "LOG_FORMAT");
+    let out = assert_config_error(&["serve"], &[("RUST_LOG", "info,mindroom_billing_core=loud")], &dir, "RUST_LOG");
+    assert!(out.contains("loud"), "{out}");
+    // A usage error of the command line has the same code.
+    let (code, _) = run_to_exit(&["serve", "--no-such-flag"], &[], &dir);
+    assert_eq!(code, Some(EXIT_CONFIG));
+}
+
+// ---- 8: replay -------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_says_which_configuration_decided_and_claims_no_new_alert() {
+    let db = TestDb::create().await.unwrap();
+    support::migrate(db.url());
+    // The server had no price configured: the event is recorded as failed.
+    let server = Server::start(&[], &[("DATABASE_URL", db.url()), ("STRIPE_WEBHOOK_SECRET", "whsec_0123456789abcdef")]);
+    let sent = output(
+        &["send", "customer.subscription.created", "--url", &server.url("/webhooks/stripe")],
+        &[("STRIPE_WEBHOOK_SECRET", "whsec_0123456789abcdef")],
+    );
+    assert!(sent.status.success(), "{}", text(&sent.stderr));
+    drop(server);
+    let id = "evt_1FxcB7WZ01zgkWrFwUFXakUx";
+
+    let again = output(&["events", "replay", id], &[("DATABASE_URL", db.url())]);
+    let all = text(&again.stdout) + &text(&again.stderr);
+    assert!(again.status.success(), "{all}");
+    assert!(all.contains(&format!("{id}: failed")), "{all}");
+    assert!(all.contains("this shell's configuration"), "{all}");
+    assert!(!all.contains("admin alert queued"), "no alert is queued by a replay: {all}");
+
+    let fixed = output(
+        &["events", "replay", id],
+        &[("DATABASE_URL", db.url()), ("STRIPE_PRICE_STARTER", "price_1PgafmB7WZ01zgkW6dKueIc5")],
+    );
+    assert!(text(&fixed.stdout).contains(&format!("{id}: applied")), "{}{}", text(&fixed.stdout), text(&fixed.stderr));
+    db.drop_db().await.unwrap();
+}
+
+// ---- 9 + 3: the README's quick start -----------------------------------------------------------------------
+
+#[test]
+fn quick_start_mails_the_samples_address_and_deprovisions() {
+    let prices = [
+        ("STRIPE_PRICE_STARTER", "price_1PgafmB7WZ01zgkW6dKueIc5"),
+        ("STRIPE_PRICE_PRO", "price_1PgagYB7WZ01zgkWq2Lx9Rz4"),
+    ];
+    // A fast sweeper: the grace of the sample failure is long over, so the deprovisioning is due at once.
+    let server = Server::start(&[], &[prices[0], prices[1], ("BILLING_SWEEP_INTERVAL_MS", "200")]);
+    // The README's quick start, in its order, at a person's pace (each step's effect seen first).
+    let send = |event: &str| {
+        let sent = server.send(&[event]);
+        assert!(sent.status.success(), "{event}: {}{}", text(&sent.stdout), text(&sent.stderr));
+    };
+    send("checkout.session.completed");
+    send("customer.subscription.created");
+    server.wait_for_log("dry run: would provision");
+    server.wait_for_log("to=jenny.rosen@example.com Welcome");
+    send("customer.subscription.updated");
+    server.wait_for_log("dry run: would update limits");
+    send("invoice.payment_failed");
+    server.wait_for_log("dry run: would deprovision");
+    server.wait_for_log("to=jenny.rosen@example.com GraceExpired");
+    assert!(!server.log().contains("no e-mail address known"), "{}", server.log());
+}
+
+// ---- 11: metrics -------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_series_has_help_text() {
+    let server = Server::start(
+        &[],
+        &[("STRIPE_PRICE_STARTER", "price_1PgafmB7WZ01zgkW6dKueIc5"), ("BILLING_SWEEP_INTERVAL_MS", "100")],
+    );
+    // Exercise every family: events, a forged one, a garbage body, the internal API, jobs.
+    assert!(server.send(&["customer.subscription.created"]).status.success());
+    assert!(!server.send(&["invoice.paid", "--secret", "whsec_not_the_servers"]).status.success());
+    let client = reqwest::Client::new();
+    client.post(server.url("/webhooks/stripe")).body("{").send().await.unwrap();
+    client.get(server.url("/v1/accounts/cus_1/entitlements")).send().await.unwrap();
+    let started = Instant::now();
+    let body = loop {
+        let body = client.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        if body.contains("billing_jobs_total") && body.contains("billing_jobs_pending") {
+            break body;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "job metrics never appeared:\n{body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let lint = lint_metrics(&body);
+    assert!(lint.is_empty(), "{lint:#?}\n{body}");
+    for family in ["billing_webhook_events_total", "billing_http_requests_total", "billing_webhook_processing_seconds"]
+    {
+        assert!(body.contains(&format!("# HELP {family} ")), "{family} described:\n{body}");
+    }
+    promtool_check(&body);
+}
+
+/// The `promtool check metrics` rules that apply without promtool: every `# TYPE` family has a
+/// non-empty `# HELP`, counters end in `_total`, and every sample belongs to a declared family.
+fn lint_metrics(body: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut families = Vec::new();
+    for line in body.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split_whitespace();
+            let (name, kind) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let help = body.lines().find_map(|l| l.strip_prefix(&format!("# HELP {name} ")));
+            if help.is_none_or(|h| h.trim().is_empty()) {
+                problems.push(format!("{name}: no help text"));
+            }
+            if kind == "counter" && !name.ends_with("_total") {
+                problems.push(format!("{name}: counter without _total"));
+            }
+            families.push(name.to_owned());
+        } else if !line.starts_with('#') && !line.trim().is_empty() {
+            let sample = line.split(['{', ' ']).next().unwrap_or("");
+            let declared = families.iter().any(|f| {
+                sample == f || ["_bucket", "_sum", "_count"].iter().any(|s| sample.strip_suffix(s) == Some(f.as_str()))
+            });
+            if !declared {
+                problems.push(format!("{sample}: sample without # TYPE"));
+            }
+        }
+    }
+    problems
+}
+
+/// `promtool check metrics`, where promtool is installed (CI); skipped here otherwise.
+fn promtool_check(body: &str) {
+    use std::io::Write;
+    let Ok(mut child) = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    else {
+        eprintln!("promtool not installed: `promtool check metrics` skipped");
+        return;
+    };
+    child.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "promtool: {}{}", text(&out.stdout), text(&out.stderr));
+}

@@ -1,0 +1,56 @@
+//! The metrics the core emits, described once for the installed recorder (Prometheus `# HELP`).
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+
+/// Describes every metric the core emits (meaning, unit, labels) to the installed `metrics`
+/// recorder. Call it once after installing the recorder; without a recorder it does nothing.
+pub fn describe_metrics() {
+    describe_counter!(
+        "billing_webhook_events_total",
+        Unit::Count,
+        "Verified webhook events received, by event type and outcome (applied, duplicate, stale, ignored, failed)"
+    );
+    describe_counter!(
+        "billing_webhook_verification_failures_total",
+        Unit::Count,
+        "Webhook requests rejected before parsing because the Stripe-Signature did not verify, by reason"
+    );
+    describe_counter!(
+        "billing_webhook_parse_failures_total",
+        Unit::Count,
+        "Verified webhook payloads that could not be parsed as a Stripe event"
+    );
+    describe_histogram!(
+        "billing_webhook_processing_seconds",
+        Unit::Seconds,
+        "Time from a verified webhook to its committed decision, in seconds"
+    );
+    describe_histogram!(
+        "billing_webhook_delivery_lag_seconds",
+        Unit::Seconds,
+        "Delay between an event's creation at Stripe and its receipt here, in seconds"
+    );
+    describe_counter!(
+        "billing_commit_conflicts_total",
+        Unit::Count,
+        "Commits that lost the compare-and-swap on a subscription and were decided again"
+    );
+    describe_counter!(
+        "billing_jobs_total",
+        Unit::Count,
+        "Job runs finished, by job kind and result (done, retry, dead)"
+    );
+    describe_gauge!("billing_jobs_pending", Unit::Count, "Jobs waiting to run (all replicas, sampled by the sweeper)");
+    describe_gauge!("billing_jobs_running", Unit::Count, "Jobs currently leased by a worker (all replicas)");
+    describe_gauge!("billing_jobs_dead", Unit::Count, "Jobs that exhausted their attempts and need an operator");
+    describe_histogram!(
+        "billing_provisioner_request_seconds",
+        Unit::Seconds,
+        "Duration of calls to the provisioner, by operation (provision, update, deprovision), in seconds"
+    );
+    describe_counter!(
+        "billing_provisioner_errors_total",
+        Unit::Count,
+        "Failed provisioner calls, by operation and kind (retryable, permanent)"
+    );
+}
