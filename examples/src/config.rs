@@ -4,7 +4,7 @@ use std::fmt;
 use std::time::Duration;
 
 use mindroom_billing_core::signature::DEFAULT_TOLERANCE_SECS;
-use mindroom_billing_core::{PriceCatalog, Tier, WorkerConfig};
+use mindroom_billing_core::{PriceCatalog, StripeSyncConfig, Tier, WorkerConfig};
 use secrecy::{ExposeSecret, SecretString};
 
 /// A configuration error naming the variable.
@@ -67,8 +67,16 @@ pub(crate) struct Config {
     pub(crate) resend_api_key: Option<SecretString>,
     /// `EMAIL_FROM`.
     pub(crate) email_from: Option<String>,
-    /// `STRIPE_SECRET_KEY` (accepted for compatibility; billing does not call the Stripe API).
+    /// `STRIPE_SECRET_KEY`: read access to the Stripe API for catch-up and reconciliation (DESIGN §8).
     pub(crate) stripe_secret_key: Option<SecretString>,
+    /// `STRIPE_API_BASE` (default `https://api.stripe.com`; tests point it at a local stub).
+    pub(crate) stripe_api_base: Option<String>,
+    /// `STRIPE_API_VERSION` (default: the version billing is written against).
+    pub(crate) stripe_api_version: Option<String>,
+    /// `STRIPE_CATCH_UP_INTERVAL_SECS` / `STRIPE_RECONCILE_INTERVAL_SECS`.
+    pub(crate) stripe_sync: StripeSyncConfig,
+    /// `PROVISIONER_TIMEOUT_SECS`: whole-request timeout of one provisioner call.
+    pub(crate) provisioner_timeout: Duration,
     /// `BILLING_*` tuning of the job worker (advanced; the defaults suit production).
     pub(crate) worker: WorkerConfig,
     /// `BILLING_REQUEST_TIMEOUT_SECS`: per-request timeout (body read + handling).
@@ -200,6 +208,30 @@ fn url(name: &'static str) -> Result<Option<String>, ConfigError> {
     }
 }
 
+/// A positive number of seconds.
+fn positive(name: &'static str, default: u64) -> Result<u64, ConfigError> {
+    let value = parse(name, default, "a number of seconds")?;
+    if value == 0 {
+        return Err(ConfigError { var: name, message: "must be at least 1".into() });
+    }
+    Ok(value)
+}
+
+/// `STRIPE_SECRET_KEY`: a secret (`sk_…`) or restricted (`rk_…`) key, not a publishable one.
+fn stripe_key() -> Result<Option<SecretString>, ConfigError> {
+    let key = secret("STRIPE_SECRET_KEY")?;
+    if let Some(key) = &key {
+        let k = key.expose_secret();
+        if !(k.starts_with("sk_") || k.starts_with("rk_")) {
+            return Err(ConfigError {
+                var: "STRIPE_SECRET_KEY",
+                message: "expected a secret key (sk_…) or a restricted key with read access (rk_…)".into(),
+            });
+        }
+    }
+    Ok(key)
+}
+
 impl Config {
     /// Reads the environment (after `.env`). `serve` additionally calls [`Config::require_serve`].
     pub(crate) fn from_env() -> Result<Self, ConfigError> {
@@ -288,7 +320,15 @@ impl Config {
             provisioner_api_key: secret("PROVISIONER_API_KEY")?,
             resend_api_key: secret("RESEND_API_KEY")?,
             email_from: var("EMAIL_FROM"),
-            stripe_secret_key: secret("STRIPE_SECRET_KEY")?,
+            stripe_secret_key: stripe_key()?,
+            stripe_api_base: url("STRIPE_API_BASE")?,
+            stripe_api_version: var("STRIPE_API_VERSION"),
+            stripe_sync: StripeSyncConfig {
+                catch_up_interval: Duration::from_secs(positive("STRIPE_CATCH_UP_INTERVAL_SECS", 300)?),
+                reconcile_interval: Duration::from_secs(positive("STRIPE_RECONCILE_INTERVAL_SECS", 86_400)?),
+                ..StripeSyncConfig::default()
+            },
+            provisioner_timeout: Duration::from_secs(positive("PROVISIONER_TIMEOUT_SECS", 30)?),
             worker: worker_from_env()?,
             request_timeout: Duration::from_secs(parse("BILLING_REQUEST_TIMEOUT_SECS", 15_u64, "seconds")?),
             dev_secret: false,
@@ -308,6 +348,20 @@ impl Config {
         }
         if config.resend_api_key.is_some() && config.email_from.is_none() {
             return Err(ConfigError { var: "EMAIL_FROM", message: "required when RESEND_API_KEY is set".into() });
+        }
+        // A provisioner call (with its one quick retry on a reset connection) must end well inside the
+        // job's lease, so that no second worker takes the job over while it is in flight (the worker
+        // also renews the lease during a call).
+        let call = chrono::Duration::from_std(config.provisioner_timeout * 2).unwrap_or(chrono::Duration::MAX);
+        if config.worker.lease <= call {
+            return Err(ConfigError {
+                var: "BILLING_JOB_LEASE_SECS",
+                message: format!(
+                    "must be longer than twice PROVISIONER_TIMEOUT_SECS ({} s), got {} s",
+                    config.provisioner_timeout.as_secs(),
+                    config.worker.lease.num_seconds()
+                ),
+            });
         }
         if config.provisioner_url.is_some() && config.provisioner_api_key.is_none() {
             return Err(ConfigError {

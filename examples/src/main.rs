@@ -89,6 +89,33 @@ enum Command {
         #[command(subcommand)]
         command: JobsCommand,
     },
+    /// Read the Stripe API (`STRIPE_SECRET_KEY`, read-only) into the server's database: catch up on
+    /// missed events, or reconcile subscriptions. `serve` runs both by itself when the key is set.
+    Stripe {
+        #[command(subcommand)]
+        command: StripeCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum StripeCommand {
+    /// Apply the events Stripe lists since the stored cursor (or `--since`), oldest first; events
+    /// already received by webhook are duplicates. Without a cursor within Stripe's 30-day event
+    /// retention, reconciles instead.
+    CatchUp {
+        /// Start from this time (RFC 3339, e.g. 2026-11-20T00:00:00Z) instead of the stored cursor.
+        #[arg(long)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+    },
+    /// Compare every subscription at Stripe (or one) with billing's record and fix the drift.
+    Reconcile {
+        /// Only this subscription (`sub_…`).
+        #[arg(long)]
+        subscription: Option<String>,
+        /// Print the drift table and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -245,6 +272,10 @@ async fn run(command: Command, config: Config) -> Result<()> {
             }
             events(&*wiring::build_operator_billing(&config).await?, command).await
         }
+        Command::Stripe { command } => {
+            config.require_database("stripe")?;
+            stripe(&*wiring::build_stripe_billing(&config).await?, command).await
+        }
         Command::Jobs { command: JobsCommand::List { state, limit } } => {
             config.require_database("jobs")?;
             let billing = wiring::build_operator_billing(&config).await?;
@@ -328,6 +359,50 @@ async fn events(billing: &Billing, command: EventsCommand) -> Result<()> {
     Ok(())
 }
 
+async fn stripe(billing: &Billing, command: StripeCommand) -> Result<()> {
+    match command {
+        StripeCommand::CatchUp { since } => {
+            let report = billing.catch_up(since).await?;
+            if let Some(reconciled) = &report.reconciled {
+                println!("no catch-up cursor within Stripe's 30-day event retention: reconciled instead");
+                print_drift(reconciled);
+            }
+            println!(
+                "caught up: {} listed, {} applied, {} duplicates, {} stale/ignored/failed; cursor {}",
+                report.listed,
+                report.applied,
+                report.duplicates,
+                report.other,
+                report.cursor.map_or_else(|| "-".to_owned(), |c| c.to_rfc3339())
+            );
+        }
+        StripeCommand::Reconcile { subscription, dry_run } => {
+            let report = billing.reconcile_stripe(subscription.as_deref(), dry_run).await?;
+            print_drift(&report);
+            if dry_run && !report.drift.is_empty() {
+                println!("(dry run: nothing changed; run without --dry-run to fix)");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_drift(report: &mindroom_billing_core::service::ReconcileReport) {
+    if !report.drift.is_empty() {
+        println!("{:<32} {:<9} {:<28} -> STRIPE", "SUBSCRIPTION", "FIELD", "BILLING");
+        for drift in &report.drift {
+            println!("{drift}");
+        }
+    }
+    println!(
+        "{} subscriptions checked, {} with drift ({} fields), {} unreadable",
+        report.checked,
+        report.drift.iter().map(|d| d.subscription_id.as_str()).collect::<std::collections::BTreeSet<_>>().len(),
+        report.drift.len(),
+        report.failed
+    );
+}
+
 fn signing_secret(config: &Config, explicit: Option<String>) -> Result<WebhookSecret> {
     if let Some(secret) = explicit {
         return Ok(WebhookSecret::new(secret));
@@ -388,6 +463,7 @@ async fn run_serve(config: Config, host: Option<IpAddr>, migrate: bool) -> Resul
         .context("installing the metrics recorder")?;
     mindroom_billing_core::describe_metrics();
     mindroom_billing_hyper::describe_metrics();
+    mindroom_billing_stripe::describe_metrics();
     let upkeep = prometheus.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));

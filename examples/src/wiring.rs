@@ -5,11 +5,13 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use mindroom_billing_core::dryrun::{DryRunProvisioner, LogNotifier};
+use mindroom_billing_core::stripe_api::StripeApi;
 use mindroom_billing_core::{
     Billing, BillingConfig, MemoryStore, Notifier, Policy, Provisioner, Store, Verifier, WebhookSecret,
 };
 use mindroom_billing_dokku::{DokkuConfig, DokkuProvisioner};
 use mindroom_billing_resend::{ResendConfig, ResendNotifier};
+use mindroom_billing_stripe::{StripeClient, StripeConfig};
 use mindroom_billing_supabase::{PgStore, PgStoreOptions, PostgrestOptions, PostgrestStore};
 use secrecy::ExposeSecret;
 use tracing::{info, warn};
@@ -85,8 +87,9 @@ pub(crate) async fn build_store(cfg: &Config, migrate: bool) -> Result<Arc<dyn S
 /// The provisioner: the Dokku provisioner service when `DOKKU_PROVISIONER_URL` is set, else dry run.
 pub(crate) fn build_provisioner(cfg: &Config) -> Result<Arc<dyn Provisioner>> {
     if let (Some(url), Some(key)) = (&cfg.provisioner_url, &cfg.provisioner_api_key) {
-        let provisioner = DokkuProvisioner::new(DokkuConfig::new(url.clone(), key.expose_secret()))
-            .context("DOKKU_PROVISIONER_URL: building the provisioner client")?;
+        let config = DokkuConfig::new(url.clone(), key.expose_secret()).with_timeout(cfg.provisioner_timeout);
+        let provisioner =
+            DokkuProvisioner::new(config).context("DOKKU_PROVISIONER_URL: building the provisioner client")?;
         info!(url = %url, "provisioning through the Dokku provisioner service");
         return Ok(Arc::new(provisioner));
     }
@@ -109,7 +112,48 @@ pub(crate) fn build_notifier(cfg: &Config) -> Result<Arc<dyn Notifier>> {
 /// migrations first).
 pub(crate) async fn build_billing(cfg: &Config, migrate: bool) -> Result<Arc<Billing>> {
     let store = build_store(cfg, migrate).await?;
-    Ok(Arc::new(Billing::new(store, build_provisioner(cfg)?, build_notifier(cfg)?, billing_config(cfg))))
+    let mut billing = Billing::new(store, build_provisioner(cfg)?, build_notifier(cfg)?, billing_config(cfg));
+    match build_stripe_api(cfg)? {
+        Some(api) => {
+            info!(
+                catch_up_every_secs = cfg.stripe_sync.catch_up_interval.as_secs(),
+                reconcile_every_secs = cfg.stripe_sync.reconcile_interval.as_secs(),
+                "Stripe API configured (STRIPE_SECRET_KEY): catch-up and reconciliation run in the background"
+            );
+            billing = billing.with_stripe_api(api);
+        }
+        None => info!("no STRIPE_SECRET_KEY: webhooks only (no catch-up or reconciliation from the Stripe API)"),
+    }
+    Ok(Arc::new(billing))
+}
+
+/// The read-only Stripe API client, when `STRIPE_SECRET_KEY` is set.
+pub(crate) fn build_stripe_api(cfg: &Config) -> Result<Option<Arc<dyn StripeApi>>> {
+    let Some(key) = &cfg.stripe_secret_key else { return Ok(None) };
+    let mut config = StripeConfig::new(key.expose_secret());
+    if let Some(base) = &cfg.stripe_api_base {
+        config = config.with_base_url(base.clone());
+    }
+    if let Some(version) = &cfg.stripe_api_version {
+        config = config.with_api_version(version.clone());
+    }
+    let client =
+        StripeClient::new(config).context("STRIPE_SECRET_KEY / STRIPE_API_BASE: building the Stripe client")?;
+    Ok(Some(Arc::new(client)))
+}
+
+/// The billing service of `stripe catch-up` / `stripe reconcile`: the server's store and the Stripe
+/// API. Their decisions queue jobs that the server's workers run.
+pub(crate) async fn build_stripe_billing(cfg: &Config) -> Result<Arc<Billing>> {
+    let api = build_stripe_api(cfg)?.ok_or_else(|| crate::config::ConfigError {
+        var: "STRIPE_SECRET_KEY",
+        message: "required by `stripe` commands".into(),
+    })?;
+    let store = build_store(cfg, false).await?;
+    let billing =
+        Billing::new(store, Arc::new(DryRunProvisioner::default()), Arc::new(LogNotifier), billing_config(cfg))
+            .with_stripe_api(api);
+    Ok(Arc::new(billing))
 }
 
 /// The billing service of the operator commands (`events`, `jobs`): the configured store only. They
@@ -135,7 +179,10 @@ fn billing_config(cfg: &Config) -> BillingConfig {
     let policy = Policy::default()
         .with_prices(cfg.prices.clone())
         .with_grace_period(chrono::Duration::days(cfg.grace_period_days));
-    let mut config = BillingConfig::new(verifier).with_policy(policy).with_worker(cfg.worker.clone());
+    let mut config = BillingConfig::new(verifier)
+        .with_policy(policy)
+        .with_worker(cfg.worker.clone())
+        .with_stripe_sync(cfg.stripe_sync.clone());
     if let Some(email) = &cfg.admin_email {
         config = config.with_admin_email(email.clone());
     }

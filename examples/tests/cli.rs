@@ -275,6 +275,45 @@ fn configuration_errors_share_one_exit_code_and_rust_log_is_validated() {
     assert_eq!(code, Some(EXIT_CONFIG));
 }
 
+#[test]
+fn a_lease_not_longer_than_two_provisioner_calls_is_refused() {
+    // Issue 10, defect 7: a lease that can run out during a slow provisioner call lets two workers
+    // call it at once.
+    let dir = scratch_dir("lease");
+    let out = assert_config_error(
+        &["serve"],
+        &[("BILLING_JOB_LEASE_SECS", "60"), ("PROVISIONER_TIMEOUT_SECS", "30")],
+        &dir,
+        "BILLING_JOB_LEASE_SECS",
+    );
+    assert!(out.contains("PROVISIONER_TIMEOUT_SECS"), "{out}");
+    assert_config_error(&["serve"], &[("PROVISIONER_TIMEOUT_SECS", "0")], &dir, "PROVISIONER_TIMEOUT_SECS");
+}
+
+#[test]
+fn stripe_settings_are_validated_and_stripe_commands_need_the_servers_database() {
+    let dir = scratch_dir("stripe");
+    let db = ("DATABASE_URL", REFUSED_DB);
+    let real = ("STRIPE_WEBHOOK_SECRET", "whsec_0123456789abcdef");
+    let out =
+        assert_config_error(&["serve"], &[db, real, ("STRIPE_SECRET_KEY", "pk_test_123")], &dir, "STRIPE_SECRET_KEY");
+    assert!(!out.contains("pk_test_123"), "the key is not echoed: {out}");
+    assert_config_error(
+        &["serve"],
+        &[db, real, ("STRIPE_SECRET_KEY", "sk_test_replace_me")],
+        &dir,
+        "STRIPE_SECRET_KEY",
+    );
+    assert_config_error(
+        &["serve"],
+        &[db, real, ("STRIPE_SECRET_KEY", "rk_test_abc"), ("STRIPE_API_BASE", "api.stripe.com")],
+        &dir,
+        "STRIPE_API_BASE",
+    );
+    assert_config_error(&["serve"], &[("STRIPE_CATCH_UP_INTERVAL_SECS", "0")], &dir, "STRIPE_CATCH_UP_INTERVAL_SECS");
+    assert_config_error(&["stripe", "catch-up"], &[("STRIPE_SECRET_KEY", "sk_test_abc")], &dir, "DATABASE_URL");
+}
+
 // ---- 8: replay -------------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,7 +16,9 @@ pub use tier::{Limit, Limits, Metric, PriceCatalog, PriceRef, Tier};
 pub use transition::{Decision, Policy, decide, expire_grace};
 pub mod service;
 pub mod telemetry;
-pub use service::{Billing, BillingConfig, Disposition, Receipt, ReceiveError, WorkerConfig};
+pub use service::{
+    Billing, BillingConfig, Disposition, Receipt, ReceiveError, StripeSyncConfig, SyncError, WorkerConfig,
+};
 pub use telemetry::describe_metrics;
 pub mod dryrun;
 pub mod memory;

@@ -38,7 +38,7 @@ pub fn describe_metrics() {
     describe_counter!(
         "billing_jobs_total",
         Unit::Count,
-        "Job runs finished, by job kind and result (done, retry, dead)"
+        "Job runs finished, by job kind and result (done, skipped, retry, dead)"
     );
     describe_gauge!("billing_jobs_pending", Unit::Count, "Jobs waiting to run (all replicas, sampled by the sweeper)");
     describe_gauge!("billing_jobs_running", Unit::Count, "Jobs currently leased by a worker (all replicas)");
@@ -52,5 +52,30 @@ pub fn describe_metrics() {
         "billing_provisioner_errors_total",
         Unit::Count,
         "Failed provisioner calls, by operation and kind (retryable, permanent)"
+    );
+    describe_counter!(
+        "billing_unapplied_pickup_errors_total",
+        Unit::Count,
+        "Recorded events the unapplied pick-up could not apply (left for the next pass)"
+    );
+    describe_counter!(
+        "billing_stripe_catch_up_events_total",
+        Unit::Count,
+        "Events listed from the Stripe API by catch-up, by outcome (applied, duplicate, stale, ignored, failed)"
+    );
+    describe_gauge!(
+        "billing_stripe_cursor_lag_seconds",
+        Unit::Seconds,
+        "How far behind now the catch-up cursor was when last saved, in seconds"
+    );
+    describe_counter!(
+        "billing_stripe_drift_total",
+        Unit::Count,
+        "Differences between billing and the Stripe API found by reconciliation, by field (tier, status, grace, instance)"
+    );
+    describe_counter!(
+        "billing_stripe_sync_errors_total",
+        Unit::Count,
+        "Failed catch-up or reconciliation runs, by task and kind (unauthorized, api, store)"
     );
 }

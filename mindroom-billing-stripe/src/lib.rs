@@ -39,6 +39,20 @@ pub const METRIC_REQUESTS: &str = "billing_stripe_api_requests_total";
 /// The histogram of request latency in seconds (every attempt), labelled `endpoint`.
 pub const METRIC_SECONDS: &str = "billing_stripe_api_request_seconds";
 
+/// Describes the client's metrics (meaning, unit, labels) to the installed `metrics` recorder.
+pub fn describe_metrics() {
+    metrics::describe_counter!(
+        METRIC_REQUESTS,
+        metrics::Unit::Count,
+        "Stripe API requests (each attempt), by endpoint (events, subscriptions, subscription, customer) and HTTP status"
+    );
+    metrics::describe_histogram!(
+        METRIC_SECONDS,
+        metrics::Unit::Seconds,
+        "Duration of Stripe API requests, by endpoint, in seconds"
+    );
+}
+
 /// The client-side limiter: a token bucket refilled at `per_second`, holding at most `burst`
 /// tokens. In any window of one second at most `per_second + burst` requests start.
 #[derive(Debug, Clone, Copy, PartialEq)]

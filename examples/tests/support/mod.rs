@@ -463,6 +463,7 @@ impl Cluster {
                 .env("BILLING_JOB_POLL_MS", "100")
                 .env("BILLING_SWEEP_INTERVAL_MS", "500")
                 .env("BILLING_JOB_LEASE_SECS", "5")
+                .env("PROVISIONER_TIMEOUT_SECS", "2")
                 .env("BILLING_JOB_BACKOFF_BASE_MS", "200")
                 .env("BILLING_JOB_BACKOFF_MAX_MS", "3000")
                 .env("BILLING_JOB_MAX_ATTEMPTS", "100")
