@@ -380,11 +380,14 @@ impl TcpCutter {
 
 // ---- the cluster --------------------------------------------------------------------------------
 
+#[derive(Clone)]
 pub struct ClusterOptions {
     pub replicas: usize,
     pub provisioner_url: String,
     pub prices: Vec<String>,
     pub db_cutter: bool,
+    /// More environment for every replica (e.g. `STRIPE_SECRET_KEY`).
+    pub env: Vec<(String, String)>,
 }
 
 impl ClusterOptions {
@@ -394,6 +397,7 @@ impl ClusterOptions {
             provisioner_url: stub.url.clone(),
             prices: prices.iter().map(|p| (*p).to_owned()).collect(),
             db_cutter: false,
+            env: Vec::new(),
         }
     }
 }
@@ -407,6 +411,8 @@ struct Replica {
 /// N `mindroom-billing serve` processes on one fresh database.
 pub struct Cluster {
     db: TestDb,
+    options: ClusterOptions,
+    replica_db_url: String,
     replicas: Vec<Replica>,
     cutter: Option<TcpCutter>,
     client: reqwest::Client,
@@ -430,7 +436,6 @@ impl Cluster {
 
     /// Migrates `db` (which may hold tables already, e.g. the Node service's) and starts the replicas.
     pub async fn start_on(db: TestDb, options: ClusterOptions) -> Self {
-        let bin = env!("CARGO_BIN_EXE_mindroom-billing");
         migrate(db.url());
         let (cutter, replica_db_url) = if options.db_cutter {
             let (s, e) = host_port(db.url());
@@ -440,7 +445,22 @@ impl Cluster {
         } else {
             (None, db.url().to_owned())
         };
-        let mut replicas = Vec::new();
+        let mut cluster = Self {
+            db,
+            options,
+            replica_db_url,
+            replicas: Vec::new(),
+            cutter,
+            client: reqwest::Client::new(),
+            secret: WebhookSecret::new(SECRET),
+        };
+        cluster.spawn_replicas().await;
+        cluster
+    }
+
+    async fn spawn_replicas(&mut self) {
+        let bin = env!("CARGO_BIN_EXE_mindroom-billing");
+        let options = &self.options;
         for i in 0..options.replicas {
             let port = free_port();
             let mut command = Command::new(bin);
@@ -449,7 +469,7 @@ impl Cluster {
                 .env_clear()
                 .env("PATH", std::env::var("PATH").unwrap_or_default())
                 .env("PORT", port.to_string())
-                .env("DATABASE_URL", &replica_db_url)
+                .env("DATABASE_URL", &self.replica_db_url)
                 .env("STRIPE_WEBHOOK_SECRET", SECRET)
                 .env("STRIPE_PRICE_STARTER", &options.prices[0])
                 .env("STRIPE_PRICE_PRO", &options.prices[1])
@@ -468,15 +488,15 @@ impl Cluster {
                 .env("BILLING_JOB_BACKOFF_MAX_MS", "3000")
                 .env("BILLING_JOB_MAX_ATTEMPTS", "100")
                 .env("BILLING_UNAPPLIED_AFTER_SECS", "2")
-                .env("BILLING_REQUEST_TIMEOUT_SECS", "5");
+                .env("BILLING_REQUEST_TIMEOUT_SECS", "5")
+                .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
             let child = Logged::spawn(command, &format!("e2e-replica-{i}"));
-            replicas.push(Replica { child, addr: SocketAddr::from(([127, 0, 0, 1], port)), alive: true });
+            self.replicas.push(Replica { child, addr: SocketAddr::from(([127, 0, 0, 1], port)), alive: true });
         }
-        let cluster = Self { db, replicas, cutter, client: reqwest::Client::new(), secret: WebhookSecret::new(SECRET) };
-        for i in 0..cluster.replicas.len() {
+        for i in 0..self.replicas.len() {
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
-                if let Ok(r) = cluster.client.get(cluster.url(i, "/health")).send().await {
+                if let Ok(r) = self.client.get(self.url(i, "/health")).send().await {
                     if r.status() == 200 {
                         break;
                     }
@@ -485,7 +505,22 @@ impl Cluster {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        cluster
+    }
+
+    /// Kills every replica (SIGKILL): the database stays.
+    pub fn stop_all(&mut self) {
+        for i in 0..self.replicas.len() {
+            if self.replicas[i].alive {
+                self.kill_replica(i);
+            }
+        }
+        self.replicas.clear();
+    }
+
+    /// Starts the replicas again on the same database (after [`Cluster::stop_all`]).
+    pub async fn start_again(&mut self) {
+        self.stop_all();
+        self.spawn_replicas().await;
     }
 
     pub fn url(&self, i: usize, path: &str) -> String {

@@ -1,0 +1,254 @@
+//! The Stripe API as a second source of truth (issue 12), end to end: three real `mindroom-billing
+//! serve` replicas on one fresh PostgreSQL database, a local Stripe API stub holding events the
+//! webhooks never delivered, and the recording stub provisioner.
+//!
+//! Run with `scripts/test.sh` (or `cargo test -p mindroom-billing-examples --test stripe_sync`).
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+#[path = "../../testsupport/stripe_stub.rs"]
+mod stripe_stub;
+mod support;
+
+use std::time::{Duration, Instant};
+
+use mindroom_billing_core::ports::EventFilter;
+use mindroom_billing_core::service::app_name_for;
+use mindroom_billing_core::{EventSource, EventStatus, Tier};
+use rand::Rng;
+use serde_json::json;
+
+use stripe_stub::StripeStub;
+use support::{Cluster, ClusterOptions, Life, StubProvisioner, life_events, now_secs, subscription_event, tier_wire};
+
+const STARTER: &str = "price_sync_starter";
+const PRO: &str = "price_sync_pro";
+const KEY: &str = "sk_test_e2e_catch_up";
+
+fn tier_of(price: &str) -> Tier {
+    if price == STARTER { Tier::Starter } else { Tier::Professional }
+}
+
+fn options(stub: &StubProvisioner, stripe: &StripeStub) -> ClusterOptions {
+    let mut options = ClusterOptions::new(stub, &[STARTER, PRO]);
+    options.env = vec![
+        ("STRIPE_SECRET_KEY".into(), KEY.into()),
+        ("STRIPE_API_BASE".into(), stripe.url.clone()),
+        ("STRIPE_CATCH_UP_INTERVAL_SECS".into(), "2".into()),
+    ];
+    options
+}
+
+fn lives(n: usize, base: i64) -> Vec<Life> {
+    let mut rng = rand::thread_rng();
+    (0..n)
+        .map(|i| {
+            let first = if rng.gen_bool(0.5) { STARTER } else { PRO };
+            let failed = rng.gen_bool(0.3);
+            Life {
+                sub: format!("sub_sync{i:03}x{}", rng.gen_range(1000..9999)),
+                customer: format!("cus_sync{i:03}"),
+                start: base + i64::try_from(i).unwrap(),
+                first_price: first.into(),
+                upgrade_to: rng.gen_bool(0.5).then(|| if first == STARTER { PRO } else { STARTER }.to_owned()),
+                payment_failed: failed,
+                paid_after_failure: failed && rng.gen_bool(0.5),
+                cancelled: rng.gen_bool(0.25),
+            }
+        })
+        .collect()
+}
+
+/// Every live subscription provisioned exactly once at its final tier; no app left for a canceled one.
+fn converged(lives: &[Life], stub: &StubProvisioner) -> Result<(), String> {
+    let apps = stub.apps();
+    for life in lives {
+        let app = apps.get(&app_name_for(&life.sub));
+        let provisions = app.map_or(0, |a| a.provision_keys.len());
+        let deprovisions = app.map_or(0, |a| a.deprovisions);
+        if life.cancelled {
+            if app.is_some_and(|a| a.alive) || provisions != deprovisions as usize || provisions > 1 {
+                return Err(format!("{}: canceled but {app:?}", life.sub));
+            }
+        } else {
+            let tier = tier_of(life.upgrade_to.as_deref().unwrap_or(&life.first_price));
+            let ok = app.is_some_and(|a| a.alive && a.limits == Some(tier_wire(tier)));
+            if !ok || provisions != 1 || deprovisions != 0 {
+                return Err(format!("{}: expected one app at {tier}: {app:?}", life.sub));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missed_deliveries_heal_from_the_stripe_api_once_across_three_replicas() {
+    let stripe = StripeStub::start(KEY).await;
+    let stub = StubProvisioner::start().await;
+    // First start: no cursor yet, so the start-up catch-up reconciles (nothing at Stripe yet) and
+    // starts the cursor.
+    let mut cluster = Cluster::start(options(&stub, &stripe)).await;
+    let store = cluster.store().await;
+    let started = Instant::now();
+    while store.load_cursor("stripe_catch_up").await.unwrap().is_none() {
+        assert!(started.elapsed() < Duration::from_secs(30), "no cursor after start-up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The servers are down while 50 subscriptions live their lives: the events exist only at Stripe.
+    cluster.stop_all();
+    let lives = lives(50, now_secs() - 120);
+    let events: Vec<_> = lives.iter().flat_map(life_events).collect();
+    for e in &events {
+        stripe.add_event_raw(&e.body);
+    }
+    cluster.start_again().await;
+    let started = Instant::now();
+    loop {
+        match converged(&lives, &stub) {
+            Ok(()) => break,
+            Err(e) => assert!(started.elapsed() < Duration::from_secs(60), "not healed: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cluster.wait_for_quiet(Duration::from_secs(60)).await;
+    converged(&lives, &stub).expect("still converged once quiet");
+    for e in &events {
+        let stored = store.load_event(&e.id).await.unwrap().expect("recorded");
+        assert_eq!((stored.source, stored.payload.as_str()), (EventSource::Api, e.body.as_str()), "{}", e.id);
+    }
+
+    // The same events delivered late as webhooks are all duplicates: nothing happens twice.
+    let calls_before = stub.calls().len();
+    for e in &events {
+        let (status, _) = cluster.post(0, &e.body).await;
+        assert_eq!(status, 200, "{}", e.id);
+    }
+    cluster.wait_for_quiet(Duration::from_secs(30)).await;
+    assert_eq!(stub.calls().len(), calls_before, "no provisioner call from the late webhooks");
+    for e in &events {
+        let stored = store.load_event(&e.id).await.unwrap().unwrap();
+        assert!(stored.deliveries >= 2 && stored.status != EventStatus::Received, "{}: {stored:?}", e.id);
+    }
+    let failed = store.list_events(&EventFilter { status: Some(EventStatus::Failed), limit: 10 }).await.unwrap();
+    assert!(failed.is_empty(), "{failed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn drift_is_listed_by_a_dry_run_and_healed_by_reconcile() {
+    let stripe = StripeStub::start(KEY).await;
+    let stub = StubProvisioner::start().await;
+    let mut options = options(&stub, &stripe);
+    options.replicas = 1;
+    // Catch-up runs at start-up only within this test (the interval is long).
+    options.env.retain(|(k, _)| k != "STRIPE_CATCH_UP_INTERVAL_SECS");
+    let cluster = Cluster::start(options).await;
+    let store = cluster.store().await;
+
+    // Billing knows the subscription as starter (a webhook) ...
+    let mut life = support_life("sub_sync_drift", now_secs() - 3600);
+    life.first_price = STARTER.into();
+    let created =
+        subscription_event("evt_drift_created", "customer.subscription.created", life.start, &life, "active", STARTER);
+    assert_eq!(cluster.post(0, &created.body).await.0, 200);
+    let app = app_name_for(&life.sub);
+    let started = Instant::now();
+    while !stub.apps().get(&app).is_some_and(|a| a.alive) {
+        assert!(started.elapsed() < Duration::from_secs(30), "not provisioned");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // ... while Stripe holds it as professional, and no event says so (older than 30 days, or never sent).
+    let object = json!({
+        "id": life.sub, "object": "subscription", "customer": life.customer, "status": "active",
+        "created": life.start, "cancel_at_period_end": false, "canceled_at": null, "trial_end": null,
+        "metadata": {}, "items": {"object": "list", "data": [{"id": "si_1", "object": "subscription_item",
+            "current_period_end": life.start + 30 * 86_400, "price": {"id": PRO, "object": "price"}}]},
+    });
+    stripe.add_subscription(object, None);
+
+    let cli = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_mindroom-billing"))
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DATABASE_URL", cluster.db().url())
+            .env("STRIPE_SECRET_KEY", KEY)
+            .env("STRIPE_API_BASE", &stripe.url)
+            .env("STRIPE_PRICE_STARTER", STARTER)
+            .env("STRIPE_PRICE_PRO", PRO)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let table = cli(&["stripe", "reconcile", "--dry-run"]);
+    assert!(table.contains(&life.sub) && table.contains("tier") && table.contains("professional"), "{table}");
+    assert!(table.contains("dry run"), "{table}");
+    assert_eq!(store.load_subscription(&life.sub).await.unwrap().unwrap().tier(), Some(Tier::Starter), "unchanged");
+
+    let fixed = cli(&["stripe", "reconcile", "--subscription", &life.sub]);
+    assert!(fixed.contains("1 subscriptions checked, 1 with drift"), "{fixed}");
+    let started = Instant::now();
+    while stub.apps()[&app].limits != Some(tier_wire(Tier::Professional)) {
+        assert!(started.elapsed() < Duration::from_secs(30), "drift not healed: {:?}", stub.apps()[&app]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A webhook older than the fetch is stale; a newer one applies.
+    let old =
+        subscription_event("evt_drift_old", "customer.subscription.updated", now_secs() - 60, &life, "active", STARTER);
+    assert_eq!(cluster.post(0, &old.body).await.0, 200);
+    assert_eq!(store.load_event("evt_drift_old").await.unwrap().unwrap().status, EventStatus::Stale);
+    let new =
+        subscription_event("evt_drift_new", "customer.subscription.updated", now_secs() + 5, &life, "active", STARTER);
+    assert_eq!(cluster.post(0, &new.body).await.0, 200);
+    assert_eq!(store.load_event("evt_drift_new").await.unwrap().unwrap().status, EventStatus::Applied);
+    assert_eq!(store.load_subscription(&life.sub).await.unwrap().unwrap().tier(), Some(Tier::Starter));
+}
+
+fn support_life(sub: &str, start: i64) -> Life {
+    Life {
+        sub: sub.into(),
+        customer: format!("cus_{sub}"),
+        start,
+        first_price: STARTER.into(),
+        upgrade_to: None,
+        payment_failed: false,
+        paid_after_failure: false,
+        cancelled: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_key_stops_catch_up_with_one_error_and_webhooks_keep_working() {
+    let stripe = StripeStub::start("sk_test_the_right_one").await;
+    let stub = StubProvisioner::start().await;
+    let mut options = options(&stub, &stripe);
+    options.replicas = 1;
+    let cluster = Cluster::start(options).await;
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let metrics = loop {
+        let body = client.get(cluster.url(0, "/metrics")).send().await.unwrap().text().await.unwrap();
+        if body.contains("billing_stripe_sync_errors_total{") {
+            break body;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "no sync error counted:\n{body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(metrics.contains(r#"kind="unauthorized""#), "{metrics}");
+    // A 401 is not retried: one request per catch-up run (every 2 s here), not a retry storm.
+    let seen = stripe.requests().len();
+    assert!(seen >= 1);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(stripe.requests().len() <= seen + 1, "{} requests after {seen}", stripe.requests().len());
+
+    let life = support_life("sub_sync_key", now_secs() - 60);
+    let created =
+        subscription_event("evt_key_created", "customer.subscription.created", life.start, &life, "active", STARTER);
+    assert_eq!(cluster.post(0, &created.body).await.0, 200, "webhooks keep working");
+    let started = Instant::now();
+    while !stub.apps().get(&app_name_for(&life.sub)).is_some_and(|a| a.alive) {
+        assert!(started.elapsed() < Duration::from_secs(30), "webhook not applied");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
