@@ -3,6 +3,21 @@
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+/// `println!` that ends the process quietly when stdout is closed early (`… | head`) instead of
+/// panicking, and with exit code 1 on any other write error.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            eprintln!("error: writing to stdout: {e}");
+            std::process::exit(1);
+        }
+    }};
+}
+
 mod config;
 mod samples;
 mod wiring;
@@ -223,7 +238,7 @@ async fn run(command: Command, config: Config) -> Result<()> {
         Command::Sign { file, secret, timestamp } => {
             let body = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let secret = signing_secret(&config, secret)?;
-            println!("{}", sign(&secret, &body, timestamp.unwrap_or_else(|| chrono::Utc::now().timestamp())));
+            say!("{}", sign(&secret, &body, timestamp.unwrap_or_else(|| chrono::Utc::now().timestamp())));
             Ok(())
         }
         Command::Send { event, url, secret, new_id } => {
@@ -242,8 +257,8 @@ async fn run(command: Command, config: Config) -> Result<()> {
                 .with_context(|| format!("POST {url}: is the server running?"))?;
             let status = response.status();
             let answer = response.text().await.unwrap_or_default();
-            println!("{id} ({kind}) → {status}");
-            println!("{answer}");
+            say!("{id} ({kind}) → {status}");
+            say!("{answer}");
             if !status.is_success() {
                 bail!("{id}: the server answered {status}: {}", answer.trim());
             }
@@ -251,14 +266,14 @@ async fn run(command: Command, config: Config) -> Result<()> {
         }
         Command::Migrate => {
             let report = wiring::migrate(&config).await?;
-            println!(
+            say!(
                 "migrations: {} applied, {} already present ({} ms)",
                 report.applied.len(),
                 report.skipped.len(),
                 report.elapsed.as_millis()
             );
             for version in &report.applied {
-                println!("  applied {version}");
+                say!("  applied {version}");
             }
             Ok(())
         }
@@ -285,12 +300,16 @@ async fn run(command: Command, config: Config) -> Result<()> {
                 })
                 .transpose()?;
             let jobs = billing.store().list_jobs(&JobFilter { state, limit }).await?;
-            println!(
+            say!(
                 "{:>8}  {:<8}  {:>8}  {:<20}  {:<12}  KEY / LAST ERROR",
-                "ID", "STATE", "ATTEMPTS", "RUN AFTER", "KIND"
+                "ID",
+                "STATE",
+                "ATTEMPTS",
+                "RUN AFTER",
+                "KIND"
             );
             for job in &jobs {
-                println!(
+                say!(
                     "{:>8}  {:<8}  {:>8}  {:<20}  {:<12}  {}{}",
                     job.id,
                     job.state.as_str(),
@@ -301,7 +320,7 @@ async fn run(command: Command, config: Config) -> Result<()> {
                     job.last_error.as_deref().map(|e| format!(" — {e}")).unwrap_or_default()
                 );
             }
-            println!("({} jobs)", jobs.len());
+            say!("({} jobs)", jobs.len());
             Ok(())
         }
     }
@@ -318,9 +337,9 @@ async fn events(billing: &Billing, command: EventsCommand) -> Result<()> {
                 })
                 .transpose()?;
             let events = billing.store().list_events(&EventFilter { status, limit }).await?;
-            println!("{:<32}  {:<36}  {:<9}  {:<20}  {:>4}  REASON", "ID", "TYPE", "STATUS", "RECEIVED", "DELIV");
+            say!("{:<32}  {:<36}  {:<9}  {:<20}  {:>4}  REASON", "ID", "TYPE", "STATUS", "RECEIVED", "DELIV");
             for e in &events {
-                println!(
+                say!(
                     "{:<32}  {:<36}  {:<9}  {:<20}  {:>4}  {}",
                     e.id,
                     e.event_type,
@@ -330,26 +349,29 @@ async fn events(billing: &Billing, command: EventsCommand) -> Result<()> {
                     e.reason.as_deref().unwrap_or("")
                 );
             }
-            println!("({} events)", events.len());
+            say!("({} events)", events.len());
         }
         EventsCommand::Show { id } => {
             let event = billing.store().load_event(&id).await?.ok_or_else(|| anyhow!("no event {id}"))?;
-            println!("id:           {}", event.id);
-            println!("type:         {}", event.event_type);
-            println!("created:      {}", event.created);
-            println!("status:       {}", event.status.as_str());
-            println!("reason:       {}", event.reason.as_deref().unwrap_or("-"));
-            println!("received_at:  {}", event.received_at);
-            println!("processed_at: {}", event.processed_at.map(|t| t.to_string()).unwrap_or_else(|| "-".into()));
-            println!("deliveries:   {}", event.deliveries);
-            println!("payload:\n{}", event.payload);
+            say!("id:           {}", event.id);
+            say!("type:         {}", event.event_type);
+            say!("created:      {}", event.created);
+            say!("status:       {}", event.status.as_str());
+            say!("reason:       {}", event.reason.as_deref().unwrap_or("-"));
+            say!("received_at:  {}", event.received_at);
+            say!("processed_at: {}", event.processed_at.map(|t| t.to_string()).unwrap_or_else(|| "-".into()));
+            say!("deliveries:   {}", event.deliveries);
+            say!("payload:\n{}", event.payload);
         }
         EventsCommand::Replay { id } => {
             let disposition = billing.replay(&id).await?;
-            println!("{id}: {}", disposition.label());
+            match &disposition {
+                mindroom_billing_core::Disposition::Duplicate => say!("{id}: already applied; nothing done"),
+                other => say!("{id}: {}", other.label()),
+            }
             if let mindroom_billing_core::Disposition::Failed(reason) = disposition {
-                println!("reason: {reason}");
-                println!(
+                say!("reason: {reason}");
+                say!(
                     "(decided with this shell's configuration: STRIPE_PRICE_*, GRACE_PERIOD_DAYS. Its admin alert was \
                      queued when it first failed; a replay queues none.)"
                 );

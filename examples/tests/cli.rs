@@ -337,11 +337,26 @@ async fn replay_says_which_configuration_decided_and_claims_no_new_alert() {
     assert!(all.contains("this shell's configuration"), "{all}");
     assert!(!all.contains("admin alert queued"), "no alert is queued by a replay: {all}");
 
+    // Closing the output early (`… | head`) ends the command quietly, not with a panic.
+    let mut listing = binary(&std::env::temp_dir())
+        .args(["events", "show", id])
+        .env("DATABASE_URL", db.url())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(listing.stdout.take());
+    let closed = listing.wait_with_output().unwrap();
+    assert_eq!(closed.status.code(), Some(0), "{}", text(&closed.stderr));
+    assert!(!text(&closed.stderr).contains("panicked"), "{}", text(&closed.stderr));
+
     let fixed = output(
         &["events", "replay", id],
         &[("DATABASE_URL", db.url()), ("STRIPE_PRICE_STARTER", "price_1PgafmB7WZ01zgkW6dKueIc5")],
     );
     assert!(text(&fixed.stdout).contains(&format!("{id}: applied")), "{}{}", text(&fixed.stdout), text(&fixed.stderr));
+    let again = output(&["events", "replay", id], &[("DATABASE_URL", db.url())]);
+    assert!(text(&again.stdout).contains(&format!("{id}: already applied; nothing done")), "{}", text(&again.stdout));
     db.drop_db().await.unwrap();
 }
 
