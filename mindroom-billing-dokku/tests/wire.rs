@@ -361,15 +361,17 @@ mod end_to_end {
         Arc::new(TestClock(Mutex::new(Utc.timestamp_opt(1_785_000_010, 0).unwrap())))
     }
 
+    /// The customer (with the address the welcome e-mail waits for), then the subscription.
     async fn deliver_created(w: &World) {
-        let body = std::fs::read(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../testdata/stripe/events/2026-07-29.dahlia/customer.subscription.created.json"
-        ))
-        .unwrap();
-        let header = sign(&WebhookSecret::new(SECRET), &body, w.clock.now().timestamp());
-        let receipt = w.billing.receive(Some(&header), &body).await.unwrap();
-        assert_eq!(receipt.subscription_id.as_deref(), Some(SUB));
+        let mut receipts = Vec::new();
+        for fixture in ["customer.updated", "customer.subscription.created"] {
+            let path =
+                format!("{}/../testdata/stripe/events/2026-07-29.dahlia/{fixture}.json", env!("CARGO_MANIFEST_DIR"));
+            let body = std::fs::read(path).unwrap();
+            let header = sign(&WebhookSecret::new(SECRET), &body, w.clock.now().timestamp());
+            receipts.push(w.billing.receive(Some(&header), &body).await.unwrap());
+        }
+        assert_eq!(receipts[1].subscription_id.as_deref(), Some(SUB));
     }
 
     /// Runs due jobs, advancing the clock a second at a time, until every job is done or dead.
