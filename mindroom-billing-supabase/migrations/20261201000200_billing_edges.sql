@@ -224,8 +224,16 @@ begin
 end
 $$;
 
--- Only the service role may execute billing's functions (as in billing_functions).
-do $$
+-- Restricts every billing_* function to the service role (a new function is executable by PUBLIC
+-- by default; `create or replace` keeps the grants of an existing one). Later migrations call it
+-- after creating functions.
+create or replace function public.billing_restrict_functions()
+returns void
+language plpgsql
+volatile
+security invoker
+set search_path = ''
+as $$
 declare
     r record;
 begin
@@ -233,8 +241,7 @@ begin
         select f.oid::regprocedure as sig
         from pg_catalog.pg_proc f
         join pg_catalog.pg_namespace n on n.oid = f.pronamespace
-        where n.nspname = 'public'
-          and f.proname in ('billing_commit', 'billing_finish_job', 'billing_extend_lease')
+        where n.nspname = 'public' and f.proname like 'billing\_%'
     loop
         execute format('revoke execute on function %s from public', r.sig);
         if exists (select 1 from pg_catalog.pg_roles where rolname = 'anon') then
@@ -249,3 +256,5 @@ begin
     end loop;
 end
 $$;
+
+select public.billing_restrict_functions();

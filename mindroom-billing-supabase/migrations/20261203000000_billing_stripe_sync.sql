@@ -139,29 +139,9 @@ as $$
 $$;
 
 -- Only the service role may execute billing's functions and reach its tables.
+select public.billing_restrict_functions();
 do $$
-declare
-    r record;
 begin
-    for r in
-        select f.oid::regprocedure as sig
-        from pg_catalog.pg_proc f
-        join pg_catalog.pg_namespace n on n.oid = f.pronamespace
-        where n.nspname = 'public'
-          and f.proname in ('billing_event_json', 'billing_record_event', 'billing_load_cursor',
-                            'billing_save_cursor', 'billing_try_lease')
-    loop
-        execute format('revoke execute on function %s from public', r.sig);
-        if exists (select 1 from pg_catalog.pg_roles where rolname = 'anon') then
-            execute format('revoke execute on function %s from anon', r.sig);
-        end if;
-        if exists (select 1 from pg_catalog.pg_roles where rolname = 'authenticated') then
-            execute format('revoke execute on function %s from authenticated', r.sig);
-        end if;
-        if exists (select 1 from pg_catalog.pg_roles where rolname = 'service_role') then
-            execute format('grant execute on function %s to service_role', r.sig);
-        end if;
-    end loop;
     if exists (select 1 from pg_catalog.pg_roles where rolname = 'service_role') then
         grant select, insert, update, delete on public.billing_sync_state to service_role;
     end if;

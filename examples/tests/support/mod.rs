@@ -482,8 +482,10 @@ impl Cluster {
                 .env("BILLING_WORKER_CONCURRENCY", "4")
                 .env("BILLING_JOB_POLL_MS", "100")
                 .env("BILLING_SWEEP_INTERVAL_MS", "500")
-                .env("BILLING_JOB_LEASE_SECS", "5")
-                .env("PROVISIONER_TIMEOUT_SECS", "2")
+                // The provisioner stub is made 2 s slow in one test: a call must not time out then,
+                // and the lease must outlast two calls (the binary refuses less).
+                .env("BILLING_JOB_LEASE_SECS", "10")
+                .env("PROVISIONER_TIMEOUT_SECS", "4")
                 .env("BILLING_JOB_BACKOFF_BASE_MS", "200")
                 .env("BILLING_JOB_BACKOFF_MAX_MS", "3000")
                 .env("BILLING_JOB_MAX_ATTEMPTS", "100")
