@@ -527,6 +527,38 @@ async fn a_wrong_key_stops_catch_up_naming_the_variable_and_webhooks_keep_workin
     assert_eq!(env.webhook(&raw).await, Disposition::Applied, "webhooks do not need the key");
 }
 
+#[test]
+fn in_the_background_a_wrong_key_is_counted_once_per_run_and_webhooks_keep_working() {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let metrics = recorder.handle();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    metrics::with_local_recorder(&recorder, || {
+        runtime.block_on(async {
+            let env = env_with(memory(), "sk_test_WRONG_fedcba9876543210", |c| c).await;
+            let raw = created_event(&env.stub, "evt_g1", "sub_g", "cus_g", T0 + 10);
+            let billing = Arc::new(env.billing);
+            let (stop, shutdown) = tokio::sync::watch::channel(false);
+            let background = tokio::spawn(Arc::clone(&billing).run_background(shutdown));
+            let refused = r#"billing_stripe_sync_errors_total{task="catch_up",kind="unauthorized"} 1"#;
+            // The first run starts at once; wait for it to be counted (the bound only ends a hang).
+            for waited in 0.. {
+                let rendered = metrics.render();
+                if rendered.contains(refused) {
+                    break;
+                }
+                assert!(waited < 3_000, "never counted:\n{rendered}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(env.stub.requests().len(), 1, "one refused request, not retried");
+            let header = sign(&WebhookSecret::new(SECRET), raw.as_bytes(), env.clock.now().timestamp());
+            let receipt = billing.receive(Some(&header), raw.as_bytes()).await.unwrap();
+            assert_eq!(receipt.disposition, Disposition::Applied);
+            stop.send(true).unwrap();
+            background.await.unwrap();
+        });
+    });
+}
+
 async fn an_email_without_a_known_address_looks_the_customer_up_once(backend: Backend) {
     let env = env(backend).await;
     env.stub.add_customer(json!({"id": "cus_m", "object": "customer", "email": "mia@example.com"}));
