@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use mindroom_billing_core::model::{Commit, EventSource, SubscriptionState, SyncCursor};
+use mindroom_billing_core::model::{Commit, EventSource, EventStatus, SubscriptionState, SyncCursor};
 use mindroom_billing_core::ports::{
     Message, Notification, NotifyError, ProvisionError, ProvisionRequest, ProvisionedInstance,
 };
@@ -21,7 +21,7 @@ use mindroom_billing_core::{
     Billing, BillingConfig, Clock, DesiredInstance, Disposition, Limits, MemoryStore, Notifier, Policy, PriceCatalog,
     Provisioner, Store, StoreError, Tier, Verifier,
 };
-use mindroom_billing_stripe::{StripeClient, StripeConfig};
+use mindroom_billing_stripe::StripeClient;
 use mindroom_billing_supabase::testing::TestDb;
 use mindroom_billing_supabase::{PgStore, PgStoreOptions};
 use serde_json::{Value, json};
@@ -156,27 +156,39 @@ struct Env {
 }
 
 async fn env(backend: Backend) -> Env {
-    env_with(backend, KEY, |config| config).await
+    env_with_key(backend, KEY).await
 }
 
-async fn env_with(backend: Backend, key: &str, tune: impl FnOnce(StripeConfig) -> StripeConfig) -> Env {
+/// An environment whose client uses `key` (the stub accepts only [`KEY`]).
+async fn env_with_key(backend: Backend, key: &str) -> Env {
     let stub = StripeStub::start(KEY).await;
     let clock = Arc::new(TestClock(Mutex::new(at(T0 + HOUR))));
     let provisioner = Arc::new(RecordingProvisioner::default());
     let notifier = Arc::new(RecordingNotifier::default());
+    let billing = billing(Arc::clone(&backend.store), &stub.url, key, &clock, &provisioner, &notifier);
+    Env { stub, billing, store: backend.store, clock, provisioner, notifier, _db: backend._db }
+}
+
+fn billing(
+    store: Arc<dyn Store>,
+    url: &str,
+    key: &str,
+    clock: &Arc<TestClock>,
+    provisioner: &Arc<RecordingProvisioner>,
+    notifier: &Arc<RecordingNotifier>,
+) -> Billing {
     let policy = Policy::default()
         .with_prices(PriceCatalog::new().with_price(STARTER, Tier::Starter).with_price(PRO, Tier::Professional));
     let config = BillingConfig::new(Verifier::new([WebhookSecret::new(SECRET)])).with_policy(policy);
-    let client = StripeClient::new(tune(common::quick_config(&stub.url, key))).unwrap();
-    let billing = Billing::new(
-        Arc::clone(&backend.store),
-        Arc::clone(&provisioner) as Arc<dyn Provisioner>,
-        Arc::clone(&notifier) as Arc<dyn Notifier>,
+    let client = StripeClient::new(common::quick_config(url, key)).unwrap();
+    Billing::new(
+        store,
+        Arc::clone(provisioner) as Arc<dyn Provisioner>,
+        Arc::clone(notifier) as Arc<dyn Notifier>,
         config,
     )
-    .with_clock(Arc::clone(&clock) as Arc<dyn Clock>)
-    .with_stripe_api(Arc::new(client));
-    Env { stub, billing, store: backend.store, clock, provisioner, notifier, _db: backend._db }
+    .with_clock(Arc::clone(clock) as Arc<dyn Clock>)
+    .with_stripe_api(Arc::new(client))
 }
 
 /// A subscription object as Stripe holds it (the 2026-07-29.dahlia shape: the period on the item).
@@ -223,6 +235,16 @@ impl Env {
     /// Runs due jobs until none is left.
     async fn drain_jobs(&self) {
         while self.billing.run_due_jobs(50).await.unwrap() > 0 {}
+    }
+
+    /// After [`missed_history`]: one provision per live subscription at its final tier, none for the
+    /// canceled one, whichever replica ran the jobs.
+    fn assert_history_provisioned(&self) {
+        let mut calls = self.provisioner.calls();
+        calls.sort_by_key(|c| format!("{c:?}"));
+        let expected =
+            vec![Call::Provision("sub_a".into(), Tier::Professional), Call::Provision("sub_b".into(), Tier::Starter)];
+        assert_eq!(calls, expected);
     }
 
     fn event_requests(&self) -> usize {
@@ -281,13 +303,7 @@ async fn catch_up_heals_missed_deliveries_then_webhooks_are_duplicates(backend: 
     assert_eq!(b.grace.map(|g| g.started_at), Some(at(T0 + 40)), "grace from the failure event's time");
 
     env.drain_jobs().await;
-    let mut calls = env.provisioner.calls();
-    calls.sort_by_key(|c| format!("{c:?}"));
-    assert_eq!(
-        calls,
-        vec![Call::Provision("sub_a".into(), Tier::Professional), Call::Provision("sub_b".into(), Tier::Starter)],
-        "one provision per live subscription at its final tier; none for the canceled one"
-    );
+    env.assert_history_provisioned();
 
     for raw in &raws {
         assert_eq!(env.webhook(raw).await, Disposition::Duplicate);
@@ -301,6 +317,45 @@ async fn catch_up_heals_missed_deliveries_then_webhooks_are_duplicates(backend: 
 }
 
 on_both_stores!(catch_up_heals_missed_deliveries_then_webhooks_are_duplicates);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_catching_up_while_webhooks_arrive_apply_each_event_once_postgres() {
+    let env = env(postgres().await).await;
+    let raws = missed_history(&env.stub);
+    let url = env._db.as_ref().unwrap().url().to_owned();
+    let mut replicas = vec![];
+    for _ in 0..2 {
+        let store = PgStore::connect(&url, PgStoreOptions::default().with_max_connections(4)).await.unwrap();
+        let store: Arc<dyn Store> = Arc::new(store);
+        replicas.push(billing(store, &env.stub.url, KEY, &env.clock, &env.provisioner, &env.notifier));
+    }
+    let [b, c] = [&replicas[0], &replicas[1]];
+    let deliveries = async {
+        let mut applied = 0;
+        for raw in &raws {
+            applied += usize::from(env.webhook(raw).await == Disposition::Applied);
+        }
+        applied
+    };
+    let since = Some(at(T0));
+    let (ra, rb, rc, by_webhook) =
+        tokio::join!(env.billing.catch_up(since), b.catch_up(since), c.catch_up(since), deliveries);
+    let applied = ra.unwrap().applied + rb.unwrap().applied + rc.unwrap().applied + by_webhook;
+    let mut recorded_applied = 0;
+    for id in ["evt_a1", "evt_a2", "evt_b1", "evt_b2", "evt_c1", "evt_c2"] {
+        let status = env.store.load_event(id).await.unwrap().unwrap().status;
+        assert!(matches!(status, EventStatus::Applied | EventStatus::Stale), "{id}: {status:?}");
+        recorded_applied += usize::from(status == EventStatus::Applied);
+    }
+    assert_eq!(applied, recorded_applied, "each event is applied by one channel of one replica");
+    tokio::join!(env.drain_jobs(), async { while b.run_due_jobs(10).await.unwrap() > 0 {} }, async {
+        while c.run_due_jobs(10).await.unwrap() > 0 {}
+    },);
+    env.drain_jobs().await;
+    env.assert_history_provisioned();
+    assert_eq!(env.state("sub_a").await.tier(), Some(Tier::Professional));
+    assert_eq!(env.state("sub_c").await.desired(env.clock.now()), DesiredInstance::Absent);
+}
 
 async fn a_webhook_caught_up_later_is_a_duplicate(backend: Backend) {
     let env = env(backend).await;
@@ -515,7 +570,7 @@ async fn rate_limits_server_errors_and_slowness_still_end_with_everything_applie
 #[tokio::test]
 async fn a_wrong_key_stops_catch_up_naming_the_variable_and_webhooks_keep_working() {
     let wrong = "sk_test_WRONG_fedcba9876543210";
-    let env = env_with(memory(), wrong, |c| c).await;
+    let env = env_with_key(memory(), wrong).await;
     let raw = created_event(&env.stub, "evt_k1", "sub_k", "cus_k", T0 + 10);
     let err = env.billing.catch_up(Some(at(T0))).await.unwrap_err();
     let SyncError::Api(StripeApiError::Unauthorized(message)) = &err else { panic!("{err:?}") };
@@ -534,7 +589,7 @@ fn in_the_background_a_wrong_key_is_counted_once_per_run_and_webhooks_keep_worki
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     metrics::with_local_recorder(&recorder, || {
         runtime.block_on(async {
-            let env = env_with(memory(), "sk_test_WRONG_fedcba9876543210", |c| c).await;
+            let env = env_with_key(memory(), "sk_test_WRONG_fedcba9876543210").await;
             let raw = created_event(&env.stub, "evt_g1", "sub_g", "cus_g", T0 + 10);
             let billing = Arc::new(env.billing);
             let (stop, shutdown) = tokio::sync::watch::channel(false);
