@@ -9,6 +9,7 @@ use mindroom_billing_core::stripe_api::{ApiEvent, EventsQuery, StripeApi, Stripe
 use mindroom_billing_stripe::{RateLimit, RetryPolicy, StripeClient, StripeConfig};
 use serde_json::{Value, json};
 
+mod common;
 #[path = "../../testsupport/stripe_stub.rs"]
 mod stub;
 
@@ -18,17 +19,8 @@ const KEY: &str = "sk_test_SUPERSECRET_0123456789abcdef";
 const T0: i64 = 1_785_000_000;
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../testdata/stripe");
 
-/// Quick retries so the tests do not wait on backoff; a generous limiter unless a test sets one.
 fn config(url: &str) -> StripeConfig {
-    StripeConfig::new(KEY)
-        .with_base_url(url)
-        .with_timeout(Duration::from_secs(5))
-        .with_rate_limit(RateLimit { per_second: 1000.0, burst: 100 })
-        .with_retry(RetryPolicy {
-            max_attempts: 10,
-            base_delay: Duration::from_millis(5),
-            max_delay: Duration::from_secs(2),
-        })
+    common::quick_config(url, KEY)
 }
 
 fn client(url: &str) -> StripeClient {
