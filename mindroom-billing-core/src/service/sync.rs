@@ -3,6 +3,7 @@
 //! webhooks, so that a delivery Stripe gave up on heals by itself.
 
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -12,7 +13,7 @@ use super::{Billing, Disposition, MAX_COMMIT_ATTEMPTS, error_chain};
 use crate::event::{self, Event, EventObject, EventType, LatestInvoice};
 use crate::model::{Commit, DesiredInstance, EventSource, JobKind, NewJob, Outcome, SubscriptionState, SyncCursor};
 use crate::ports::StoreError;
-use crate::stripe_api::{EventsQuery, RawObject, StripeApi, StripeApiError};
+use crate::stripe_api::{ApiEvent, EventsQuery, RawObject, StripeApi, StripeApiError};
 use crate::transition;
 
 /// The event types catch-up lists (`types[]`): every type billing acts on.
@@ -213,36 +214,45 @@ impl Billing {
         listed.reverse();
         listed.sort_by_key(|e| e.created);
         let mut report = CatchUpReport { listed: listed.len(), ..CatchUpReport::default() };
-        let mut cursor = from;
-        for api_event in &listed {
-            let now = self.clock.now();
-            let disposition = match event::parse_str(&api_event.raw) {
-                Ok(event) => self.ingest(&api_event.raw, &event, EventSource::Api, now).await,
-                Err(e) => match self.ingest_unreadable(&api_event.raw, &e, EventSource::Api, now).await {
-                    Ok(Some(receipt)) => Ok(receipt.disposition),
-                    Ok(None) => {
-                        warn!(event_id = %api_event.id, "Stripe listed an event without an envelope; skipped");
-                        Ok(Disposition::Ignored)
+        // Lanes: the events of one subscription (or customer) in order, different ones at once, so a
+        // long backlog is not one commit round trip per event end to end.
+        let lanes = lanes(&listed);
+        let next = AtomicUsize::new(0);
+        let tally = std::sync::Mutex::new((0usize, 0usize, 0usize));
+        let first_failure: std::sync::Mutex<Option<(DateTime<Utc>, StoreError)>> = std::sync::Mutex::new(None);
+        let lane_worker = || async {
+            while let Some(lane) = lanes.get(next.fetch_add(1, Ordering::Relaxed)) {
+                for api_event in lane {
+                    match self.catch_up_one(api_event).await {
+                        Ok(disposition) => {
+                            let mut t = tally.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                            match disposition {
+                                Disposition::Applied => t.0 += 1,
+                                Disposition::Duplicate => t.1 += 1,
+                                _ => t.2 += 1,
+                            }
+                        }
+                        Err(e) => {
+                            let mut failed = first_failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                            if failed.as_ref().is_none_or(|(at, _)| api_event.created < *at) {
+                                *failed = Some((api_event.created, e));
+                            }
+                            break;
+                        }
                     }
-                    Err(e) => Err(e),
-                },
-            };
-            let disposition = match disposition {
-                Ok(d) => d,
-                Err(e) => {
-                    // The cursor never passes an event that is not recorded.
-                    self.save_catch_up_cursor(cursor).await?;
-                    return Err(e.into());
                 }
-            };
-            metrics::counter!("billing_stripe_catch_up_events_total", "outcome" => disposition.label()).increment(1);
-            match disposition {
-                Disposition::Applied => report.applied += 1,
-                Disposition::Duplicate => report.duplicates += 1,
-                _ => report.other += 1,
             }
-            cursor = cursor.max(api_event.created);
+        };
+        tokio::join!(lane_worker(), lane_worker(), lane_worker(), lane_worker());
+        let (applied, duplicates, other) = tally.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+        (report.applied, report.duplicates, report.other) = (applied, duplicates, other);
+        if let Some((at, e)) = first_failure.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
+            // The cursor never passes an event that is not recorded: everything created before the
+            // earliest failure is (each lane runs in `created` order and stops at its failure).
+            self.save_catch_up_cursor(at.max(from)).await?;
+            return Err(e.into());
         }
+        let mut cursor = listed.last().map_or(from, |e| e.created.max(from));
         // Everything listed is recorded: the next run starts a little before this one did.
         cursor = cursor.max(started - settings.relist_margin);
         self.save_catch_up_cursor(cursor).await?;
@@ -251,6 +261,23 @@ impl Billing {
             info!(listed = report.listed, applied = report.applied, duplicates = report.duplicates, "caught up");
         }
         Ok(report)
+    }
+
+    /// Records and applies one listed event (an unreadable one is stored as failed).
+    async fn catch_up_one(&self, api_event: &ApiEvent) -> Result<Disposition, StoreError> {
+        let now = self.clock.now();
+        let disposition = match event::parse_str(&api_event.raw) {
+            Ok(event) => self.ingest(&api_event.raw, &event, EventSource::Api, now).await?,
+            Err(e) => match self.ingest_unreadable(&api_event.raw, &e, EventSource::Api, now).await? {
+                Some(receipt) => receipt.disposition,
+                None => {
+                    warn!(event_id = %api_event.id, "Stripe listed an event without an envelope; skipped");
+                    Disposition::Ignored
+                }
+            },
+        };
+        metrics::counter!("billing_stripe_catch_up_events_total", "outcome" => disposition.label()).increment(1);
+        Ok(disposition)
     }
 
     async fn save_catch_up_cursor(&self, created: DateTime<Utc>) -> Result<(), StoreError> {
@@ -466,6 +493,30 @@ fn report_sync_error(task: &'static str, e: &SyncError) {
         }
         _ => warn!(task, error = %error_chain(e), "Stripe sync failed; will try again"),
     }
+}
+
+/// Groups events (sorted by `created`) into lanes by the subscription (or customer) they are about,
+/// each lane in `created` order.
+fn lanes(events: &[ApiEvent]) -> Vec<Vec<&ApiEvent>> {
+    let mut lanes: Vec<Vec<&ApiEvent>> = Vec::new();
+    let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for api_event in events {
+        let key = match event::parse_str(&api_event.raw) {
+            Ok(e) => match (e.subscription_id(), &e.object) {
+                (Some(sub), _) => sub.to_owned(),
+                (None, EventObject::Customer(c)) => c.id.clone(),
+                (None, EventObject::CheckoutSession(c)) => c.customer.clone().unwrap_or_else(|| api_event.id.clone()),
+                (None, _) => api_event.id.clone(),
+            },
+            Err(_) => api_event.id.clone(),
+        };
+        let lane = *index.entry(key).or_insert_with(|| {
+            lanes.push(Vec::new());
+            lanes.len() - 1
+        });
+        lanes[lane].push(api_event);
+    }
+    lanes
 }
 
 /// The payment fact a subscription's latest invoice gives: paid, or a failed attempt.
