@@ -378,6 +378,9 @@ pub struct LatestInvoice {
     pub created: DateTime<Utc>,
     /// `status_transitions.paid_at`.
     pub paid_at: Option<DateTime<Utc>>,
+    /// `status_transitions.finalized_at`: a subscription invoice is charged when it is finalized
+    /// (about an hour after `created`), so this is the time of its first payment attempt.
+    pub finalized_at: Option<DateTime<Utc>>,
 }
 
 /// Reads a subscription object as `GET /v1/subscriptions` returns it (not wrapped in an event), with
@@ -389,7 +392,8 @@ pub fn parse_subscription_object(json: &str) -> Result<(SubscriptionSnapshot, Op
     let latest = match expanded.latest_invoice {
         Some(RawLatestInvoice::Expanded(invoice)) => {
             let created = timestamp("latest_invoice.created", invoice.created.unwrap_or(0))?;
-            let paid_at = invoice.status_transitions.and_then(|t| t.paid_at);
+            let (paid_at, finalized_at) =
+                invoice.status_transitions.map_or((None, None), |t| (t.paid_at, t.finalized_at));
             let fact = parse_invoice(RawInvoice {
                 id: invoice.id,
                 customer: invoice.customer.or_else(|| Some(ExpandableId(snapshot.customer.clone()))),
@@ -407,6 +411,7 @@ pub fn parse_subscription_object(json: &str) -> Result<(SubscriptionSnapshot, Op
                 attempted: invoice.attempt_count.unwrap_or(0) > 0,
                 created,
                 paid_at: opt_timestamp("latest_invoice.status_transitions.paid_at", paid_at)?,
+                finalized_at: opt_timestamp("latest_invoice.status_transitions.finalized_at", finalized_at)?,
             })
         }
         Some(RawLatestInvoice::Id(_)) | None => None,
@@ -456,6 +461,7 @@ struct RawExpandedInvoice<'a> {
 #[derive(Deserialize)]
 struct RawStatusTransitions {
     paid_at: Option<i64>,
+    finalized_at: Option<i64>,
 }
 
 fn parse_two_pass(payload: &str) -> Result<Event, ParseError> {

@@ -101,8 +101,9 @@ fn object_of(event_raw: &str, created: i64, latest: Option<&Invoice>) -> RawObje
         json!({
             "id": i.id, "object": "invoice", "customer": CUS, "amount_due": 4900, "currency": "usd",
             "status": if i.paid_at.is_some() { "paid" } else { "open" },
-            "attempt_count": 1, "created": i.created,
-            "status_transitions": {"paid_at": i.paid_at},
+            // As at Stripe: created about an hour before its first attempt, at finalization.
+            "attempt_count": 1, "created": i.created - 3600,
+            "status_transitions": {"paid_at": i.paid_at, "finalized_at": i.created},
         })
     });
     RawObject { id: SUB.to_owned(), raw: object.to_string() }
@@ -110,10 +111,9 @@ fn object_of(event_raw: &str, created: i64, latest: Option<&Invoice>) -> RawObje
 
 /// The history: created on starter at `T0 + STEP`, then one change per step.
 ///
-/// A failed invoice is created at its failed attempt. (At Stripe an invoice is created about an
-/// hour before its first attempt; reconciliation dates the failure at the invoice's `created`, so a
-/// reconcile that runs before the `invoice.payment_failed` webhook starts the grace that much
-/// earlier than the webhook would: the earliest failure is kept.)
+/// A failed invoice is created an hour before its first attempt and finalized at it, as at Stripe;
+/// reconciliation dates the failure at finalization, so a reconcile that runs before the
+/// `invoice.payment_failed` webhook starts the grace when the webhook would.
 fn history(changes: &[Change]) -> Vec<Step> {
     let prices = [common::PRICE_STARTER, common::PRICE_PRO];
     let (mut price, mut status, mut latest): (usize, &str, Option<Invoice>) = (0, "active", None);

@@ -523,7 +523,11 @@ fn lanes(events: &[ApiEvent]) -> Vec<Vec<&ApiEvent>> {
 fn invoice_fact(subscription_id: &str, invoice: &LatestInvoice) -> Option<Event> {
     let (event_type, at) = match invoice.status.as_str() {
         "paid" => (EventType::InvoicePaid, invoice.paid_at.unwrap_or(invoice.created)),
-        "open" | "uncollectible" if invoice.attempted => (EventType::InvoicePaymentFailed, invoice.created),
+        // The first attempt is at finalization (`created` is about an hour earlier): a failure dated
+        // at `created` would start the grace early, and the earliest failure is kept.
+        "open" | "uncollectible" if invoice.attempted => {
+            (EventType::InvoicePaymentFailed, invoice.finalized_at.unwrap_or(invoice.created))
+        }
         _ => return None,
     };
     Some(Event {
