@@ -4,7 +4,7 @@ use std::fmt;
 use std::time::Duration;
 
 use mindroom_billing_core::signature::DEFAULT_TOLERANCE_SECS;
-use mindroom_billing_core::{PriceCatalog, StripeSyncConfig, Tier, WorkerConfig};
+use mindroom_billing_core::{MemoryLimits, PriceCatalog, StripeSyncConfig, Tier, WorkerConfig};
 use secrecy::{ExposeSecret, SecretString};
 
 /// A configuration error naming the variable.
@@ -81,6 +81,8 @@ pub(crate) struct Config {
     pub(crate) worker: WorkerConfig,
     /// `BILLING_REQUEST_TIMEOUT_SECS`: per-request timeout (body read + handling).
     pub(crate) request_timeout: Duration,
+    /// `BILLING_MEMORY_EVENTS`: raw payloads of done events the in-memory store keeps.
+    pub(crate) memory_events: usize,
     /// Whether `webhook_secrets` is the built-in development secret (see [`DEV_WEBHOOK_SECRET`]).
     pub(crate) dev_secret: bool,
     /// `RUST_LOG`, validated (default `info`).
@@ -331,6 +333,7 @@ impl Config {
             provisioner_timeout: Duration::from_secs(positive("PROVISIONER_TIMEOUT_SECS", 30)?),
             worker: worker_from_env()?,
             request_timeout: Duration::from_secs(parse("BILLING_REQUEST_TIMEOUT_SECS", 15_u64, "seconds")?),
+            memory_events: parse("BILLING_MEMORY_EVENTS", MemoryLimits::default().max_payloads, "a number of events")?,
             dev_secret: false,
             log_filter,
             no_color: var("NO_COLOR").is_some(),

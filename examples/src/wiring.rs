@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use mindroom_billing_core::dryrun::{DryRunProvisioner, LogNotifier};
 use mindroom_billing_core::stripe_api::StripeApi;
 use mindroom_billing_core::{
-    Billing, BillingConfig, MemoryStore, Notifier, Policy, Provisioner, Store, Verifier, WebhookSecret,
+    Billing, BillingConfig, MemoryLimits, MemoryStore, Notifier, Policy, Provisioner, Store, Verifier, WebhookSecret,
 };
 use mindroom_billing_dokku::{DokkuConfig, DokkuProvisioner};
 use mindroom_billing_resend::{ResendConfig, ResendNotifier};
@@ -81,7 +81,7 @@ pub(crate) async fn build_store(cfg: &Config, migrate: bool) -> Result<Arc<dyn S
     warn!("STORE IS IN MEMORY AND NOT DURABLE: events, subscriptions, instances and");
     warn!("jobs are lost on restart. Set DATABASE_URL or SUPABASE_URL for production.");
     warn!("************************************************************************");
-    Ok(Arc::new(MemoryStore::new()))
+    Ok(Arc::new(MemoryStore::with_limits(MemoryLimits::default().with_max_payloads(cfg.memory_events))))
 }
 
 /// The provisioner: the Dokku provisioner service when `DOKKU_PROVISIONER_URL` is set, else dry run.

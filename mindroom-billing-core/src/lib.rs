@@ -22,7 +22,7 @@ pub use service::{
 pub use telemetry::describe_metrics;
 pub mod dryrun;
 pub mod memory;
-pub use memory::MemoryStore;
+pub use memory::{MemoryLimits, MemoryStore};
 #[cfg(feature = "test-util")]
 pub mod conformance;
 #[cfg(feature = "test-util")]

@@ -1,27 +1,112 @@
 //! The in-memory store: the embedded default (one process, not durable) and the reference
 //! implementation of the [`Store`] contract.
+//!
+//! Its memory is bounded by [`MemoryLimits`]: the raw payloads of only the newest done (applied,
+//! stale, ignored) events are kept; older done events keep a compact row without the payload (so a
+//! redelivery is still answered as a duplicate), and beyond the row bound the oldest done rows go.
+//! Received and failed events are always kept whole: they are still to be applied.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::sync::Mutex;
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::model::{
-    Account, Claim, Commit, CommitResult, EventStatus, InstanceRecord, Job, JobCounts, JobFinish, JobResolution,
-    JobState, NewEvent, NewJob, Recorded, StoredEvent, SubscriptionState, SyncCursor, UsageKey, UsageResult,
-    account_id_for_customer,
+    Account, Claim, Commit, CommitResult, EventSource, EventStatus, InstanceRecord, Job, JobCounts, JobFinish,
+    JobResolution, JobState, NewEvent, NewJob, Recorded, StoredEvent, SubscriptionState, SyncCursor, UsageKey,
+    UsageResult, account_id_for_customer,
 };
 use crate::ports::{EventFilter, JobFilter, Store, StoreError};
 use crate::tier::Limit;
+
+/// How much of its event history the in-memory store keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MemoryLimits {
+    /// Raw payloads of done (applied, stale, ignored) events kept, the most recently done ones
+    /// (default 10,000). Received and failed events always keep theirs, on top of this.
+    pub max_payloads: usize,
+    /// Event rows kept, with or without their payload (default 1,000,000, some weeks of heavy
+    /// traffic: far more than Stripe's 3-day redelivery window). Beyond it the oldest done rows go;
+    /// received and failed ones are never dropped.
+    pub max_events: usize,
+}
+
+impl Default for MemoryLimits {
+    fn default() -> Self {
+        Self { max_payloads: 10_000, max_events: 1_000_000 }
+    }
+}
+
+impl MemoryLimits {
+    /// Sets [`MemoryLimits::max_payloads`].
+    #[must_use]
+    pub fn with_max_payloads(mut self, max_payloads: usize) -> Self {
+        self.max_payloads = max_payloads;
+        self
+    }
+
+    /// Sets [`MemoryLimits::max_events`].
+    #[must_use]
+    pub fn with_max_events(mut self, max_events: usize) -> Self {
+        self.max_events = max_events;
+        self
+    }
+}
+
+/// A done event whose payload was dropped: what a duplicate check and a listing still need, in
+/// 48 bytes (a million of them are the bulk of a busy store's memory).
+struct DoneRow {
+    created: DateTime<Utc>,
+    received_at: DateTime<Utc>,
+    /// A done event always has one (set by the commit that made it done).
+    processed_at: DateTime<Utc>,
+    deliveries: u32,
+    /// Index into `Inner::event_types`: a few dozen distinct types are shared by every row.
+    event_type: u32,
+    status: EventStatus,
+    source: EventSource,
+}
+
+// The size the comment above promises (the row bound is a memory bound only while rows stay small).
+const _: () = assert!(std::mem::size_of::<DoneRow>() <= 48);
+
+impl DoneRow {
+    fn to_stored(&self, id: &str, event_types: &[Box<str>]) -> StoredEvent {
+        let event_type = usize::try_from(self.event_type).ok().and_then(|i| event_types.get(i));
+        StoredEvent {
+            id: id.to_owned(),
+            event_type: event_type.map(ToString::to_string).unwrap_or_default(),
+            created: self.created,
+            status: self.status,
+            reason: None,
+            payload: String::new(),
+            received_at: self.received_at,
+            processed_at: Some(self.processed_at),
+            deliveries: self.deliveries,
+            source: self.source,
+        }
+    }
+}
 
 /// Ordered maps throughout: they never rehash, so a growing store has no latency spikes while the
 /// mutex is held (a `HashMap` of 100k events stalls every request for milliseconds when it grows).
 #[derive(Default)]
 struct Inner {
-    events: BTreeMap<String, StoredEvent>,
+    limits: MemoryLimits,
+    /// Events with their payload: received, failed and the newest done ones.
+    events: BTreeMap<Arc<str>, StoredEvent>,
+    /// Done events whose payload was dropped (disjoint from `events`).
+    compacted: BTreeMap<Arc<str>, DoneRow>,
+    /// Done events in `events`, in the order they became done (oldest first).
+    kept: VecDeque<Arc<str>>,
+    /// The rows of `compacted`, oldest first.
+    dropped: VecDeque<Arc<str>>,
+    /// Event types, interned for `compacted`.
+    event_types: Vec<Box<str>>,
     subscriptions: BTreeMap<String, SubscriptionState>,
     accounts: BTreeMap<String, Account>,
     /// `created` of the fact the account's e-mail came from (the newest wins).
@@ -56,9 +141,14 @@ impl std::fmt::Debug for MemoryStore {
 struct SwitchedOff;
 
 impl MemoryStore {
-    /// An empty store.
+    /// An empty store with the default [`MemoryLimits`].
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty store keeping at most what `limits` allow.
+    pub fn with_limits(limits: MemoryLimits) -> Self {
+        Self { inner: Mutex::new(Inner { limits, ..Inner::default() }), unavailable: AtomicBool::new(false) }
     }
 
     /// Fault injection: while set, every call fails with [`StoreError::Unavailable`].
@@ -75,6 +165,42 @@ impl MemoryStore {
 }
 
 impl Inner {
+    /// Remembers that the event `id` (in `events`) became done, then drops what the limits exceed.
+    fn became_done(&mut self, id: &str) {
+        if let Some((key, _)) = self.events.get_key_value(id) {
+            self.kept.push_back(Arc::clone(key));
+        }
+        while self.kept.len() > self.limits.max_payloads {
+            let Some(id) = self.kept.pop_front() else { break };
+            let Some(event) = self.events.remove(&id) else { continue };
+            let known = self.event_types.iter().position(|t| **t == *event.event_type);
+            let index = known.unwrap_or_else(|| {
+                self.event_types.push(event.event_type.into());
+                self.event_types.len() - 1
+            });
+            let row = DoneRow {
+                event_type: u32::try_from(index).unwrap_or(u32::MAX),
+                created: event.created,
+                received_at: event.received_at,
+                processed_at: event.processed_at.unwrap_or(event.received_at),
+                deliveries: event.deliveries,
+                status: event.status,
+                source: event.source,
+            };
+            self.compacted.insert(Arc::clone(&id), row);
+            self.dropped.push_back(id);
+        }
+        while self.events.len() + self.compacted.len() > self.limits.max_events {
+            if let Some(id) = self.dropped.pop_front() {
+                self.compacted.remove(&id);
+            } else if let Some(id) = self.kept.pop_front() {
+                self.events.remove(&id);
+            } else {
+                break; // only received and failed events are left: never dropped
+            }
+        }
+    }
+
     fn enqueue(&mut self, jobs: &[NewJob], now: DateTime<Utc>) {
         for job in jobs {
             if !self.job_keys.insert(job.key.clone()) {
@@ -120,8 +246,12 @@ impl Store for MemoryStore {
                 Recorded::Pending(existing.status)
             });
         }
+        if let Some(done) = inner.compacted.get_mut(event.id) {
+            done.deliveries += 1;
+            return Ok(Recorded::Done(done.status));
+        }
         inner.events.insert(
-            event.id.to_owned(),
+            event.id.into(),
             StoredEvent {
                 id: event.id.to_owned(),
                 event_type: event.event_type.to_owned(),
@@ -139,13 +269,34 @@ impl Store for MemoryStore {
     }
 
     async fn load_event(&self, id: &str) -> Result<Option<StoredEvent>, StoreError> {
-        Ok(self.lock()?.events.get(id).cloned())
+        let inner = self.lock()?;
+        Ok(inner
+            .events
+            .get(id)
+            .cloned()
+            .or_else(|| inner.compacted.get(id).map(|row| row.to_stored(id, &inner.event_types))))
     }
 
     async fn list_events(&self, filter: &EventFilter) -> Result<Vec<StoredEvent>, StoreError> {
         let inner = self.lock()?;
-        let events = inner.events.values().filter(|e| filter.status.is_none_or(|s| e.status == s)).cloned().collect();
-        Ok(newest_first(events, |e| (e.received_at, 0), filter.limit))
+        let wanted = |status: EventStatus| filter.status.is_none_or(|s| s == status);
+        // Sort references, then copy only the page: a million rows are not cloned to list ten.
+        let mut found: Vec<(DateTime<Utc>, &str, Option<&StoredEvent>)> = inner
+            .events
+            .iter()
+            .filter(|(_, e)| wanted(e.status))
+            .map(|(id, e)| (e.received_at, &**id, Some(e)))
+            .chain(inner.compacted.iter().filter(|(_, r)| wanted(r.status)).map(|(id, r)| (r.received_at, &**id, None)))
+            .collect();
+        found.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
+        found.truncate(usize::try_from(filter.limit).unwrap_or(usize::MAX));
+        Ok(found
+            .into_iter()
+            .map(|(_, id, event)| match event {
+                Some(event) => event.clone(),
+                None => inner.compacted[id].to_stored(id, &inner.event_types),
+            })
+            .collect())
     }
 
     async fn unapplied_events(&self, before: DateTime<Utc>, limit: u32) -> Result<Vec<StoredEvent>, StoreError> {
@@ -168,7 +319,9 @@ impl Store for MemoryStore {
     async fn commit(&self, commit: &Commit) -> Result<CommitResult, StoreError> {
         let mut inner = self.lock()?;
         if let Some(id) = &commit.event_id {
-            if inner.events.get(id).is_some_and(|e| e.status.is_done()) {
+            if inner.compacted.contains_key(id.as_str())
+                || inner.events.get(id.as_str()).is_some_and(|e| e.status.is_done())
+            {
                 return Ok(CommitResult::AlreadyDone);
             }
         }
@@ -212,13 +365,16 @@ impl Store for MemoryStore {
         }
         inner.enqueue(&commit.jobs, now);
         if let Some(id) = &commit.event_id {
-            if let Some(event) = inner.events.get_mut(id) {
+            if let Some(event) = inner.events.get_mut(id.as_str()) {
                 event.status = EventStatus::of(&commit.outcome);
                 event.reason = match &commit.outcome {
                     crate::model::Outcome::Failed(reason) => Some(reason.clone()),
                     _ => None,
                 };
                 event.processed_at = Some(now);
+                if event.status.is_done() {
+                    inner.became_done(id);
+                }
             }
         }
         Ok(CommitResult::Committed)
