@@ -420,8 +420,10 @@ impl Billing {
             return;
         }
         let settings = self.config.stripe_sync.clone();
+        // Both at start-up (the leases keep a restart from repeating a run another process did
+        // within the interval), then every interval.
         let mut next_catch_up = tokio::time::Instant::now();
-        let mut next_reconcile = next_catch_up + settings.reconcile_interval;
+        let mut next_reconcile = next_catch_up;
         while !*stop.borrow() {
             let now = tokio::time::Instant::now();
             if now >= next_catch_up {
