@@ -6,7 +6,7 @@
 //!
 //! | route | answer |
 //! |---|---|
-//! | `POST /webhooks/stripe` | 200 `{"received":true}` once the decision is durable (applied, duplicate, stale, ignored, or recorded as failed with an admin alert); 400 `{"error":…}` on a signature or parse failure; 413 over the body limit; 408 when the body is too slow; 503 when the store is unavailable (Stripe retries); 500 otherwise |
+//! | `POST /webhooks/stripe` | 200 `{"received":true}` once the decision is durable (applied, duplicate, stale, ignored, or recorded as failed with an admin alert — an unknown price, or a verified event whose object does not parse); 400 `{"error":…}` on a signature failure or a payload that is no Stripe event (no `id`, `type`, `created`); 413 over the body limit; 408 when the body is too slow; 503 when the store is unavailable (Stripe retries); 500 otherwise |
 //! | `GET /health` | 200 `{"status":"healthy","service":"stripe-handler"}` |
 //! | `GET /ready` | 200 when the store answers a ping, else 503 |
 //! | `GET /metrics` | Prometheus text, from the render function given to [`AppState::with_metrics`] (404 without one) |
