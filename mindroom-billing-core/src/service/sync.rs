@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use tracing::{Instrument, error, info, info_span, warn};
 
 use super::{Billing, Disposition, MAX_COMMIT_ATTEMPTS, error_chain};
-use crate::event::{self, Event, EventObject, EventType, LatestInvoice};
+use crate::event::{self, Event, EventObject, EventType, LatestInvoice, ParseError};
 use crate::model::{Commit, DesiredInstance, EventSource, JobKind, NewJob, Outcome, SubscriptionState, SyncCursor};
 use crate::ports::StoreError;
 use crate::stripe_api::{ApiEvent, EventsQuery, RawObject, StripeApi, StripeApiError};
@@ -218,34 +218,31 @@ impl Billing {
         // long backlog is not one commit round trip per event end to end.
         let lanes = lanes(&listed);
         let next = AtomicUsize::new(0);
-        let tally = std::sync::Mutex::new((0usize, 0usize, 0usize));
+        let (applied, duplicates, other) = (AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0));
         let first_failure: std::sync::Mutex<Option<(DateTime<Utc>, StoreError)>> = std::sync::Mutex::new(None);
         let lane_worker = || async {
             while let Some(lane) = lanes.get(next.fetch_add(1, Ordering::Relaxed)) {
-                for api_event in lane {
-                    match self.catch_up_one(api_event).await {
-                        Ok(disposition) => {
-                            let mut t = tally.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                            match disposition {
-                                Disposition::Applied => t.0 += 1,
-                                Disposition::Duplicate => t.1 += 1,
-                                _ => t.2 += 1,
-                            }
-                        }
+                for listed in lane {
+                    match self.catch_up_one(listed).await {
+                        Ok(Disposition::Applied) => applied.fetch_add(1, Ordering::Relaxed),
+                        Ok(Disposition::Duplicate) => duplicates.fetch_add(1, Ordering::Relaxed),
+                        Ok(_) => other.fetch_add(1, Ordering::Relaxed),
                         Err(e) => {
+                            let created = listed.api.created;
                             let mut failed = first_failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                            if failed.as_ref().is_none_or(|(at, _)| api_event.created < *at) {
-                                *failed = Some((api_event.created, e));
+                            if failed.as_ref().is_none_or(|(at, _)| created < *at) {
+                                *failed = Some((created, e));
                             }
                             break;
                         }
-                    }
+                    };
                 }
             }
         };
         tokio::join!(lane_worker(), lane_worker(), lane_worker(), lane_worker());
-        let (applied, duplicates, other) = tally.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
-        (report.applied, report.duplicates, report.other) = (applied, duplicates, other);
+        report.applied = applied.into_inner();
+        report.duplicates = duplicates.into_inner();
+        report.other = other.into_inner();
         if let Some((at, e)) = first_failure.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
             // The cursor never passes an event that is not recorded: everything created before the
             // earliest failure is (each lane runs in `created` order and stops at its failure).
@@ -264,11 +261,11 @@ impl Billing {
     }
 
     /// Records and applies one listed event (an unreadable one is stored as failed).
-    async fn catch_up_one(&self, api_event: &ApiEvent) -> Result<Disposition, StoreError> {
-        let now = self.clock.now();
-        let disposition = match event::parse_str(&api_event.raw) {
-            Ok(event) => self.ingest(&api_event.raw, &event, EventSource::Api, now).await?,
-            Err(e) => match self.ingest_unreadable(&api_event.raw, &e, EventSource::Api, now).await? {
+    async fn catch_up_one(&self, listed: &Listed<'_>) -> Result<Disposition, StoreError> {
+        let (api_event, now) = (listed.api, self.clock.now());
+        let disposition = match &listed.parsed {
+            Ok(event) => self.ingest(&api_event.raw, event, EventSource::Api, now).await?,
+            Err(e) => match self.ingest_unreadable(&api_event.raw, e, EventSource::Api, now).await? {
                 Some(receipt) => receipt.disposition,
                 None => {
                     warn!(event_id = %api_event.id, "Stripe listed an event without an envelope; skipped");
@@ -497,26 +494,33 @@ fn report_sync_error(task: &'static str, e: &SyncError) {
     }
 }
 
+/// A listed event, parsed once.
+struct Listed<'a> {
+    api: &'a ApiEvent,
+    parsed: Result<Event, ParseError>,
+}
+
 /// Groups events (sorted by `created`) into lanes by the subscription (or customer) they are about,
 /// each lane in `created` order.
-fn lanes(events: &[ApiEvent]) -> Vec<Vec<&ApiEvent>> {
-    let mut lanes: Vec<Vec<&ApiEvent>> = Vec::new();
+fn lanes(events: &[ApiEvent]) -> Vec<Vec<Listed<'_>>> {
+    let mut lanes: Vec<Vec<Listed<'_>>> = Vec::new();
     let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
-    for api_event in events {
-        let key = match event::parse_str(&api_event.raw) {
+    for api in events {
+        let parsed = event::parse_str(&api.raw);
+        let key = match &parsed {
             Ok(e) => match (e.subscription_id(), &e.object) {
                 (Some(sub), _) => sub.to_owned(),
                 (None, EventObject::Customer(c)) => c.id.clone(),
-                (None, EventObject::CheckoutSession(c)) => c.customer.clone().unwrap_or_else(|| api_event.id.clone()),
-                (None, _) => api_event.id.clone(),
+                (None, EventObject::CheckoutSession(c)) => c.customer.clone().unwrap_or_else(|| api.id.clone()),
+                (None, _) => api.id.clone(),
             },
-            Err(_) => api_event.id.clone(),
+            Err(_) => api.id.clone(),
         };
         let lane = *index.entry(key).or_insert_with(|| {
             lanes.push(Vec::new());
             lanes.len() - 1
         });
-        lanes[lane].push(api_event);
+        lanes[lane].push(Listed { api, parsed });
     }
     lanes
 }

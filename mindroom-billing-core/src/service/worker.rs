@@ -408,17 +408,14 @@ impl Billing {
     async fn keep_lease(&self, job: &Job) {
         let lease = self.config.worker.lease;
         let every = (lease / 3).to_std().unwrap_or(Duration::from_secs(1)).max(Duration::from_millis(10));
-        let mut held = true;
         loop {
             tokio::time::sleep(every).await;
-            if !held {
-                continue;
-            }
             match self.store.extend_lease(job.id, job.attempts, self.clock.now() + lease).await {
                 Ok(true) => debug!("lease renewed"),
                 Ok(false) => {
                     warn!("lease lost during a provisioner call; another worker owns the job now");
-                    held = false;
+                    // Nothing left to renew; the call runs on (its finish will be refused).
+                    return std::future::pending().await;
                 }
                 Err(e) => warn!(error = %error_chain(&e), "cannot renew the lease; will try again"),
             }
