@@ -500,18 +500,25 @@ impl Billing {
         let stale = self.store.unapplied_events(before, 100).await?;
         let mut applied = 0;
         for stored in &stale {
-            match self.apply_stored(stored).await {
-                Ok(_) => applied += 1,
+            let error = match self.apply_stored(stored).await {
+                Ok(_) => {
+                    applied += 1;
+                    continue;
+                }
                 Err(ReplayError::Parse(e)) => {
-                    self.fail_unreadable(&stored.id, &stored.event_type, &e, self.clock.now()).await?;
+                    match self.fail_unreadable(&stored.id, &stored.event_type, &e, self.clock.now()).await {
+                        Ok(_) => continue,
+                        Err(e) => ReplayError::Store(e),
+                    }
                 }
-                // Only an unavailable store ends the pass: one poison event must not hold up the rest.
-                Err(ReplayError::Store(e @ StoreError::Unavailable(_))) => return Err(e),
-                Err(e) => {
-                    metrics::counter!("billing_unapplied_pickup_errors_total").increment(1);
-                    warn!(event_id = %stored.id, error = %error_chain(&e), "cannot apply stored event; going on");
-                }
+                Err(e) => e,
+            };
+            // Only an unavailable store ends the pass: one poison event must not hold up the rest.
+            if let ReplayError::Store(e @ StoreError::Unavailable(_)) = error {
+                return Err(e);
             }
+            metrics::counter!("billing_unapplied_pickup_errors_total").increment(1);
+            warn!(event_id = %stored.id, error = %error_chain(&error), "cannot apply stored event; going on");
         }
         if applied > 0 {
             info!(applied, "picked up unapplied events");
