@@ -429,9 +429,14 @@ impl Billing {
         subscription_id: Option<&str>,
         email: &EmailKind,
     ) -> Result<JobOutput, JobFailure> {
-        let (state, instance) = match subscription_id {
-            Some(id) => (self.store.load_subscription(id).await?, self.store.load_instance(id).await?),
-            None => (None, None),
+        let state = match subscription_id {
+            Some(id) => self.store.load_subscription(id).await?,
+            None => None,
+        };
+        // Only the welcome e-mail speaks of the instance.
+        let instance = match subscription_id {
+            Some(id) if matches!(email, EmailKind::Welcome) => self.store.load_instance(id).await?,
+            _ => None,
         };
         // An e-mail says what holds when it is sent, not when it was queued.
         if let Err(reason) = still_true(email, state.as_ref(), instance.as_ref(), self.clock.now()) {
