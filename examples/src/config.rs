@@ -4,7 +4,7 @@ use std::fmt;
 use std::time::Duration;
 
 use mindroom_billing_core::signature::DEFAULT_TOLERANCE_SECS;
-use mindroom_billing_core::{MemoryLimits, PriceCatalog, StripeSyncConfig, Tier, WorkerConfig};
+use mindroom_billing_core::{CacheConfig, MemoryLimits, PriceCatalog, StripeSyncConfig, Tier, WorkerConfig};
 use secrecy::{ExposeSecret, SecretString};
 
 /// A configuration error naming the variable.
@@ -83,6 +83,10 @@ pub(crate) struct Config {
     pub(crate) request_timeout: Duration,
     /// `BILLING_MEMORY_EVENTS`: raw payloads of done events the in-memory store keeps.
     pub(crate) memory_events: usize,
+    /// `BILLING_CACHE_TTL_MS` (1000): how old a cached usage counter may be, and a cached
+    /// subscription with a store that cannot report changes (PostgREST); 0 turns the per-replica
+    /// entitlement cache off.
+    pub(crate) cache: CacheConfig,
     /// Whether `webhook_secrets` is the built-in development secret (see [`DEV_WEBHOOK_SECRET`]).
     pub(crate) dev_secret: bool,
     /// `RUST_LOG`, validated (default `info`).
@@ -128,6 +132,20 @@ fn secret(name: &'static str) -> Result<Option<SecretString>, ConfigError> {
         }),
         other => Ok(other.map(SecretString::from)),
     }
+}
+
+/// Reads `BILLING_CACHE_TTL_MS` on top of the core's cache defaults.
+fn cache_from_env() -> Result<CacheConfig, ConfigError> {
+    let d = CacheConfig::default();
+    let ttl = Duration::from_millis(parse(
+        "BILLING_CACHE_TTL_MS",
+        u64::try_from(d.ttl.as_millis()).unwrap_or(u64::MAX),
+        "milliseconds",
+    )?);
+    if ttl.is_zero() {
+        return Ok(CacheConfig::disabled());
+    }
+    Ok(CacheConfig { ttl, usage_ttl: ttl, ..d })
 }
 
 /// Reads the advanced `BILLING_*` worker settings on top of the core's defaults.
@@ -334,6 +352,7 @@ impl Config {
             worker: worker_from_env()?,
             request_timeout: Duration::from_secs(parse("BILLING_REQUEST_TIMEOUT_SECS", 15_u64, "seconds")?),
             memory_events: parse("BILLING_MEMORY_EVENTS", MemoryLimits::default().max_payloads, "a number of events")?,
+            cache: cache_from_env()?,
             dev_secret: false,
             log_filter,
             no_color: var("NO_COLOR").is_some(),

@@ -182,7 +182,8 @@ fn billing_config(cfg: &Config) -> BillingConfig {
     let mut config = BillingConfig::new(verifier)
         .with_policy(policy)
         .with_worker(cfg.worker.clone())
-        .with_stripe_sync(cfg.stripe_sync.clone());
+        .with_stripe_sync(cfg.stripe_sync.clone())
+        .with_cache(cfg.cache.clone());
     if let Some(email) = &cfg.admin_email {
         config = config.with_admin_email(email.clone());
     }

@@ -285,3 +285,67 @@ async fn hostile_input_leaves_the_service_healthy_and_the_store_untouched() {
     assert!(read == 0 || answer.starts_with("HTTP/1.1 408"), "{answer}");
     eprintln!("slow body cut off after {:?}", started.elapsed());
 }
+
+/// `GET /v1/accounts/{id}/entitlements` on `replica`, as JSON.
+async fn entitlements(cluster: &Cluster, replica: usize, account: uuid::Uuid) -> serde_json::Value {
+    let url = cluster.url(replica, &format!("/v1/accounts/{account}/entitlements"));
+    let r = reqwest::Client::new().get(url).bearer_auth("e2e-billing-key").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upgrade_committed_on_one_replica_is_answered_by_the_other_from_a_fresh_cache() {
+    let stub = StubProvisioner::start().await;
+    let cluster = Cluster::start(ClusterOptions { replicas: 2, ..ClusterOptions::new(&stub, &[STARTER, PRO]) }).await;
+    let life = Life {
+        sub: "sub_cache1".into(),
+        customer: "cus_cache1".into(),
+        start: now_secs() - 60,
+        first_price: STARTER.into(),
+        upgrade_to: None,
+        payment_failed: false,
+        paid_after_failure: false,
+        cancelled: false,
+    };
+    for event in life_events(&life) {
+        assert_eq!(cluster.post(0, &event.body).await.0, 200);
+    }
+    let account = cluster.store().await.load_account("cus_cache1").await.unwrap().expect("account").id;
+
+    // Replica 1 answers from its cache: the same `as_of` twice, 20 ms apart in wall time.
+    let mut cached = None;
+    for _ in 0..100 {
+        let first = entitlements(&cluster, 1, account).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let second = entitlements(&cluster, 1, account).await;
+        if first["as_of"] == second["as_of"] {
+            cached = Some(second);
+            break;
+        }
+    }
+    let cached = cached.expect("replica 1 never answered from its cache");
+    assert_eq!(cached["tier"], "starter");
+    assert!(cached["usage_today"]["as_of"].is_string(), "usage counters say how old they are: {cached}");
+
+    // The upgrade lands on replica 0; replica 1's next answers show it.
+    let upgrade = support::subscription_event(
+        "evt_cache1_upgrade",
+        "customer.subscription.updated",
+        now_secs() - 1,
+        &life,
+        "active",
+        PRO,
+    );
+    assert_eq!(cluster.post(0, &upgrade.body).await.0, 200);
+    let started = Instant::now();
+    loop {
+        let answer = entitlements(&cluster, 1, account).await;
+        if answer["tier"] == "professional" {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "replica 1 kept answering {answer}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!("replica 1 answered the upgrade committed on replica 0 after {:?}", started.elapsed());
+}

@@ -10,14 +10,14 @@ pub mod transition;
 
 pub use event::{Event, EventObject, EventType, ParseError, SubscriptionStatus, parse, parse_str};
 pub use model::*;
-pub use ports::{Clock, Notifier, Provisioner, Store, StoreError, SystemClock};
+pub use ports::{ChangeListener, Clock, Notifier, Provisioner, Store, StoreError, SystemClock};
 pub use signature::{SignatureError, Verifier, WebhookSecret};
 pub use tier::{Limit, Limits, Metric, PriceCatalog, PriceRef, Tier};
 pub use transition::{Decision, Policy, decide, expire_grace};
 pub mod service;
 pub mod telemetry;
 pub use service::{
-    Billing, BillingConfig, Disposition, Receipt, ReceiveError, StripeSyncConfig, SyncError, WorkerConfig,
+    Billing, BillingConfig, CacheConfig, Disposition, Receipt, ReceiveError, StripeSyncConfig, SyncError, WorkerConfig,
 };
 pub use telemetry::describe_metrics;
 pub mod dryrun;

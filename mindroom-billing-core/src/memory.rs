@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -19,7 +19,7 @@ use crate::model::{
     JobResolution, JobState, NewEvent, NewJob, Recorded, StoredEvent, SubscriptionState, SyncCursor, UsageKey,
     UsageResult, account_id_for_customer,
 };
-use crate::ports::{EventFilter, JobFilter, Store, StoreError};
+use crate::ports::{ChangeListener, EventFilter, JobFilter, Store, StoreError};
 use crate::tier::Limit;
 
 /// How much of its event history the in-memory store keeps.
@@ -128,6 +128,8 @@ struct Inner {
 pub struct MemoryStore {
     inner: Mutex<Inner>,
     unavailable: AtomicBool,
+    /// Told about every committed account change (see [`Store::watch_changes`]).
+    watchers: Mutex<Vec<Weak<dyn ChangeListener>>>,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -148,7 +150,7 @@ impl MemoryStore {
 
     /// An empty store keeping at most what `limits` allow.
     pub fn with_limits(limits: MemoryLimits) -> Self {
-        Self { inner: Mutex::new(Inner { limits, ..Inner::default() }), unavailable: AtomicBool::new(false) }
+        Self { inner: Mutex::new(Inner { limits, ..Inner::default() }), ..Self::default() }
     }
 
     /// Fault injection: while set, every call fails with [`StoreError::Unavailable`].
@@ -161,6 +163,17 @@ impl MemoryStore {
             return Err(StoreError::Unavailable(Box::new(SwitchedOff)));
         }
         Ok(self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Tells the watchers that `accounts` changed (after the commit, outside the store's lock).
+    fn changed(&self, accounts: &[uuid::Uuid]) {
+        let mut watchers = self.watchers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        watchers.retain(|w| w.strong_count() > 0);
+        for watcher in watchers.iter().filter_map(Weak::upgrade) {
+            for account in accounts {
+                watcher.account_changed(*account);
+            }
+        }
     }
 }
 
@@ -333,7 +346,11 @@ impl Store for MemoryStore {
         }
         // Every check passed: write everything (the mutex makes it one atomic step).
         let now = commit.now;
+        let mut changed = Vec::new();
         if let Some(next) = &commit.subscription {
+            changed.push(next.account_id);
+            let by_customer = inner.accounts.get(&next.customer_id).map(|a| a.id);
+            changed.extend(by_customer.filter(|id| *id != next.account_id));
             let mut stored = next.clone();
             stored.version += 1;
             inner.subscriptions.insert(stored.subscription_id.clone(), stored);
@@ -377,6 +394,8 @@ impl Store for MemoryStore {
                 }
             }
         }
+        drop(inner);
+        self.changed(&changed);
         Ok(CommitResult::Committed)
     }
 
@@ -560,6 +579,13 @@ impl Store for MemoryStore {
 
     async fn usage(&self, key: UsageKey) -> Result<u64, StoreError> {
         Ok(self.lock()?.usage.get(&key).copied().unwrap_or(0))
+    }
+
+    fn watch_changes(&self, listener: Weak<dyn ChangeListener>) -> bool {
+        let Some(strong) = listener.upgrade() else { return true };
+        self.watchers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(listener);
+        strong.listening();
+        true
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -2,6 +2,7 @@
 //! idempotent; [`crate::conformance`] (feature `test-util`) checks a store against these contracts.
 
 use std::error::Error as StdError;
+use std::sync::Weak;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -177,6 +178,33 @@ pub trait Store: Send + Sync + 'static {
 
     /// Answers when the store is reachable.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Starts telling `listener` about account changes committed from now on, by this or any other
+    /// replica (a per-replica read cache drops what they make stale), until `listener` is dropped.
+    /// Returns `false` when this store cannot (the default): readers then bound how stale a cached
+    /// answer may be with a time-to-live instead.
+    ///
+    /// A store calls [`ChangeListener::listening`] once changes are reported (and again after each
+    /// reconnection), then [`ChangeListener::account_changed`] after each commit that wrote a
+    /// subscription aggregate, naming its account, and [`ChangeListener::lost`] whenever changes may
+    /// have been missed. Must be called from within a Tokio runtime when the store listens with a
+    /// background task.
+    fn watch_changes(&self, listener: Weak<dyn ChangeListener>) -> bool {
+        let _ = listener;
+        false
+    }
+}
+
+/// Receives the account changes a store reports (see [`Store::watch_changes`]). Called from the
+/// store's listening task or commit path: implementations must be quick and never block on I/O.
+pub trait ChangeListener: Send + Sync + 'static {
+    /// Changes committed from now on are reported; anything cached before may be stale.
+    fn listening(&self);
+    /// A commit changed the subscriptions of `account_id` (it is visible to readers now).
+    fn account_changed(&self, account_id: Uuid);
+    /// Changes may have been missed (the listening connection was lost) until the next
+    /// [`ChangeListener::listening`].
+    fn lost(&self);
 }
 
 /// A provisioner failure, classified for the job worker's retry policy.
@@ -366,3 +394,4 @@ impl Clock for SystemClock {
 
 // Object safety is part of the contract: adapters are used as `Arc<dyn …>`.
 const _: fn(&dyn Store, &dyn Provisioner, &dyn Notifier, &dyn Clock) = |_, _, _, _| {};
+const _: fn(&dyn ChangeListener) = |_| {};

@@ -4,13 +4,15 @@
 //! one round trip, no prepared statements and no session state, so it works through Supabase's
 //! pooler (Supavisor / PgBouncer) in transaction mode. TLS follows the URL's `sslmode` (rustls).
 
+use std::sync::Weak;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use mindroom_billing_core::StoreError;
+use mindroom_billing_core::{ChangeListener, StoreError};
 use serde_json::Value;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Row};
+use uuid::Uuid;
 
 use crate::migrations::{MIGRATIONS, Migration};
 use crate::wire::{Rpc, impl_store_via_rpc, retryable_sqlstate};
@@ -340,7 +342,101 @@ impl PgStore {
     }
 }
 
-impl_store_via_rpc!(PgStore);
+impl_store_via_rpc!(PgStore {
+    fn watch_changes(&self, listener: Weak<dyn ChangeListener>) -> bool {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return false };
+        runtime.spawn(watch_changes(self.pool.clone(), listener));
+        true
+    }
+});
+
+/// The channel `billing_commit` notifies with the id of each account whose subscriptions it wrote.
+const CHANGES_CHANNEL: &str = "billing_account_changed";
+
+/// The payload of the heartbeats each watching store sends on [`CHANGES_CHANNEL`].
+const HEARTBEAT: &str = "heartbeat";
+
+/// How often a watching store sends a heartbeat; a session that hears nothing (no change, no
+/// heartbeat from any replica) for [`SILENCE_LIMIT`] is taken for lost, so a half-open connection
+/// cannot keep a replica serving stale entitlements.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
+const SILENCE_LIMIT: Duration = Duration::from_secs(6);
+
+/// Longest wait between two attempts to listen again.
+const LISTEN_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Reports committed account changes to `listener` over one `LISTEN` session, reconnecting after a
+/// lost connection (and saying so, since notifications sent meanwhile are gone), until the listener
+/// is dropped or the pool closed.
+async fn watch_changes(pool: PgPool, listener: Weak<dyn ChangeListener>) {
+    let heartbeat = tokio::spawn(send_heartbeats(pool.clone(), listener.clone()));
+    let mut retry = Duration::from_millis(100);
+    while listener.strong_count() > 0 && !pool.is_closed() {
+        let error = match listen(&pool, &listener, &mut retry).await {
+            Ok(()) => break,
+            Err(e) => e,
+        };
+        let Some(strong) = listener.upgrade() else { break };
+        strong.lost();
+        drop(strong);
+        if pool.is_closed() {
+            break;
+        }
+        tracing::warn!(error = %error, retry_ms = retry.as_millis(),
+            "account change notifications lost; entitlement cache off until listening again");
+        tokio::time::sleep(retry).await;
+        retry = (retry * 2).min(LISTEN_RETRY_MAX);
+    }
+    heartbeat.abort();
+}
+
+/// Sends a heartbeat on the channel every [`HEARTBEAT_EVERY`] while `listener` lives.
+async fn send_heartbeats(pool: PgPool, listener: Weak<dyn ChangeListener>) {
+    let sql = format!("select pg_catalog.pg_notify({}, {})", quote_literal(CHANGES_CHANNEL), quote_literal(HEARTBEAT));
+    while listener.strong_count() > 0 && !pool.is_closed() {
+        if let Err(e) = sqlx::raw_sql(&sql).execute(&pool).await {
+            tracing::debug!(error = %e, "cannot send the change-notification heartbeat");
+        }
+        tokio::time::sleep(HEARTBEAT_EVERY).await;
+    }
+}
+
+/// The session ended: nothing heard for too long.
+#[derive(Debug, thiserror::Error)]
+#[error("no notification or heartbeat for {0:?}")]
+struct Silent(Duration);
+
+/// One `LISTEN` session: `Ok` once the listener is gone, `Err` when the session ended.
+async fn listen(pool: &PgPool, listener: &Weak<dyn ChangeListener>, retry: &mut Duration) -> Result<(), sqlx::Error> {
+    let mut session = PgListener::connect_with(pool).await?;
+    session.listen(CHANGES_CHANNEL).await?;
+    match listener.upgrade() {
+        Some(listener) => listener.listening(),
+        None => return Ok(()),
+    }
+    *retry = Duration::from_millis(100);
+    tracing::debug!(channel = CHANGES_CHANNEL, "listening for account changes");
+    loop {
+        // `try_recv` answers `None` when the connection was lost (`recv` would reconnect silently
+        // and hide the notifications missed meanwhile). On silence the session is dropped, never
+        // read again after the interrupted receive.
+        let received = tokio::time::timeout(SILENCE_LIMIT, session.try_recv())
+            .await
+            .map_err(|_| sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, Silent(SILENCE_LIMIT))))?;
+        let Some(notification) = received? else {
+            return Err(sqlx::Error::Protocol("the listening connection was lost".into()));
+        };
+        let Some(listener) = listener.upgrade() else { return Ok(()) };
+        match notification.payload() {
+            HEARTBEAT => {}
+            payload => match payload.parse::<Uuid>() {
+                Ok(account_id) => listener.account_changed(account_id),
+                // Not ours to read: forget everything rather than keep something stale.
+                Err(_) => listener.listening(),
+            },
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

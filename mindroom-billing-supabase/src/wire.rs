@@ -422,8 +422,12 @@ pub(crate) async fn ping<R: Rpc + ?Sized>(rpc: &R) -> Result<(), StoreError> {
 /// Implements [`mindroom_billing_core::Store`] for a type implementing [`Rpc`].
 macro_rules! impl_store_via_rpc {
     ($ty:ty) => {
+        crate::wire::impl_store_via_rpc!($ty {});
+    };
+    ($ty:ty { $($extra:tt)* }) => {
         #[async_trait::async_trait]
         impl mindroom_billing_core::Store for $ty {
+            $($extra)*
             async fn record_event(
                 &self,
                 event: &mindroom_billing_core::NewEvent<'_>,

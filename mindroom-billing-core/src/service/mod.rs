@@ -18,9 +18,12 @@ use crate::signature::{SignatureError, Verifier};
 use crate::stripe_api::StripeApi;
 use crate::transition::{self, Policy};
 
+mod cache;
 mod sync;
 mod usage;
 mod worker;
+
+pub use cache::CacheConfig;
 
 pub use sync::{CATCH_UP_TYPES, CatchUpReport, Drift, DriftField, ReconcileReport, StripeSyncConfig, SyncError};
 pub use usage::{Entitlements, UsageReport, UsageToday};
@@ -82,6 +85,8 @@ pub struct BillingConfig {
     pub admin_email: Option<String>,
     /// Catch-up and reconciliation from the Stripe API (used when one is configured).
     pub stripe_sync: StripeSyncConfig,
+    /// The per-replica entitlement cache.
+    pub cache: CacheConfig,
 }
 
 impl BillingConfig {
@@ -93,7 +98,15 @@ impl BillingConfig {
             worker: WorkerConfig::default(),
             admin_email: None,
             stripe_sync: StripeSyncConfig::default(),
+            cache: CacheConfig::default(),
         }
+    }
+
+    /// Sets the entitlement cache settings.
+    #[must_use]
+    pub fn with_cache(mut self, cache: CacheConfig) -> Self {
+        self.cache = cache;
+        self
     }
 
     /// Sets the catch-up and reconciliation settings.
@@ -217,6 +230,8 @@ pub struct Billing {
     stripe: Option<Arc<dyn StripeApi>>,
     /// Names this process as the holder of singleton leases.
     holder: String,
+    /// Entitlement answers kept by this replica.
+    cache: Arc<cache::EntitlementCache>,
 }
 
 impl std::fmt::Debug for Billing {
@@ -246,7 +261,8 @@ impl Billing {
         config: BillingConfig,
     ) -> Self {
         let holder = format!("billing-{}", uuid::Uuid::new_v4());
-        Self { store, provisioner, notifier, clock: Arc::new(SystemClock), config, stripe: None, holder }
+        let cache = Arc::new(cache::EntitlementCache::new(config.cache.clone()));
+        Self { store, provisioner, notifier, clock: Arc::new(SystemClock), config, stripe: None, holder, cache }
     }
 
     /// Adds the Stripe API: catch-up and reconciliation (DESIGN §8), and customer e-mail look-ups.
@@ -428,10 +444,20 @@ impl Billing {
             account: None,
             jobs: vec![alert],
         };
-        Ok(match self.store.commit(&commit).await? {
+        Ok(match self.commit(&commit).await? {
             CommitResult::Committed => Disposition::Failed(reason),
             CommitResult::AlreadyDone => Disposition::Duplicate,
         })
+    }
+
+    /// Commits a decision; a written aggregate drops its account's cached entitlements at once
+    /// (other replicas learn of it from the store, see [`Store::watch_changes`]).
+    pub(crate) async fn commit(&self, commit: &Commit) -> Result<CommitResult, StoreError> {
+        let result = self.store.commit(commit).await?;
+        if let (CommitResult::Committed, Some(subscription)) = (result, &commit.subscription) {
+            self.cache.invalidate(subscription.account_id);
+        }
+        Ok(result)
     }
 
     /// Applies a recorded event: load, decide, commit with compare-and-swap, re-deciding on conflict.
@@ -465,7 +491,7 @@ impl Billing {
                 account: decision.account,
                 jobs: decision.jobs,
             };
-            match self.store.commit(&commit).await {
+            match self.commit(&commit).await {
                 Ok(CommitResult::Committed) => return Ok(Disposition::of(&decision.outcome)),
                 Ok(CommitResult::AlreadyDone) => return Ok(Disposition::Duplicate),
                 Err(StoreError::Conflict(what)) => {
@@ -543,7 +569,7 @@ impl Billing {
                     account: None,
                     jobs: decision.jobs,
                 };
-                match self.store.commit(&commit).await {
+                match self.commit(&commit).await {
                     Ok(_) => {
                         info!(%subscription_id, "grace period expired; deprovisioning");
                         handled += 1;

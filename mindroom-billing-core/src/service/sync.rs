@@ -398,7 +398,7 @@ impl Billing {
                 account,
                 jobs,
             };
-            match self.store.commit(&commit).await {
+            match self.commit(&commit).await {
                 Ok(_) => {
                     report.drift.extend(drift);
                     return Ok(());
@@ -478,7 +478,7 @@ impl Billing {
                 account: Some(patch),
                 jobs: vec![],
             };
-            self.store.commit(&commit).await?;
+            self.commit(&commit).await?;
         }
         Ok(email)
     }

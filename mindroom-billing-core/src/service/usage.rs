@@ -1,12 +1,14 @@
 //! Usage counters and entitlements, answered for the other MindRoom services.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
 use super::Billing;
 use crate::model::{Entitlement, EntitlementStatus, SubscriptionState, UsageKey};
-use crate::ports::StoreError;
+use crate::ports::{ChangeListener, StoreError};
 use crate::tier::{Limit, Limits, Metric, Tier};
 
 /// The answer to a usage increment.
@@ -51,6 +53,9 @@ pub struct Entitlements {
     pub grace_period_ends_at: Option<DateTime<Utc>>,
     /// Usage today.
     pub usage_today: UsageToday,
+    /// When the subscriptions this answer is computed from were read from the store (a replica
+    /// answers from its cache, kept correct by change notifications or a short time-to-live).
+    pub as_of: DateTime<Utc>,
 }
 
 /// Today's counters.
@@ -60,6 +65,9 @@ pub struct UsageToday {
     pub messages: u64,
     /// API calls.
     pub api_calls: u64,
+    /// When the counters were read from the store: they may be up to the cache's usage
+    /// time-to-live (1 s by default) old. Increments (`POST /v1/usage`) are always atomic in the store.
+    pub as_of: DateTime<Utc>,
 }
 
 impl Billing {
@@ -74,50 +82,83 @@ impl Billing {
         idempotency_key: Option<&str>,
     ) -> Result<UsageReport, StoreError> {
         let now = self.clock.now();
-        let limits =
-            self.best_subscription(account_id, now).await?.map_or_else(|| Tier::Free.limits(), |(e, _)| e.limits);
+        let (subscriptions, _) = self.account_subscriptions(account_id, now).await?;
+        let limits = best_subscription(&subscriptions, now).map_or_else(|| Tier::Free.limits(), |(e, _)| e.limits);
         let limit = metric.limit_in(&limits);
         let key = UsageKey { account_id, metric, day: now.date_naive() };
         let result = self.store.consume_usage(key, count, limit, idempotency_key).await?;
+        self.cache.counted(account_id, key.day, metric, result.used);
         Ok(UsageReport { allowed: result.allowed, used: result.used, limit, remaining: limit.remaining(result.used) })
     }
 
-    /// The account's tier, limits, grace deadline and today's usage.
+    /// The account's tier, limits, grace deadline and today's usage, from this replica's cache
+    /// where it holds them (see [`crate::CacheConfig`]); `as_of` says when the store was read.
     pub async fn entitlements(&self, account_id: Uuid) -> Result<Entitlements, StoreError> {
         let now = self.clock.now();
-        let best = self.best_subscription(account_id, now).await?;
-        let day = now.date_naive();
-        let messages = self.store.usage(UsageKey { account_id, metric: Metric::Messages, day }).await?;
-        let api_calls = self.store.usage(UsageKey { account_id, metric: Metric::ApiCalls, day }).await?;
-        let (entitlement, state) = best.unzip();
-        let tier = entitlement.map_or(Tier::Free, |e| e.tier);
+        let (subscriptions, as_of) = self.account_subscriptions(account_id, now).await?;
+        let usage_today = self.usage_today(account_id, now).await?;
+        let best = best_subscription(&subscriptions, now);
+        let tier = best.as_ref().map_or(Tier::Free, |(e, _)| e.tier);
         Ok(Entitlements {
             account_id,
             tier,
-            status: state.as_ref().and_then(SubscriptionState::status).map(|s| s.as_str().to_owned()),
-            entitlement_status: entitlement.map(|e| e.status),
-            subscription_id: state.as_ref().map(|s| s.subscription_id.clone()),
+            status: best.as_ref().and_then(|(_, s)| s.status()).map(|s| s.as_str().to_owned()),
+            entitlement_status: best.as_ref().map(|(e, _)| e.status),
+            subscription_id: best.as_ref().map(|(_, s)| s.subscription_id.clone()),
             limits: tier.limits(),
-            grace_period_ends_at: state.as_ref().and_then(|s| s.grace).map(|g| g.ends_at),
-            usage_today: crate::service::UsageToday { messages, api_calls },
+            grace_period_ends_at: best.as_ref().and_then(|(_, s)| s.grace).map(|g| g.ends_at),
+            usage_today,
+            as_of,
         })
     }
 
-    /// The subscription that decides the account's limits, with its entitlement (see
-    /// [`Entitlements::subscription_id`]); `None` without subscriptions.
-    async fn best_subscription(
+    /// The subscriptions of an account and when they were read: from the cache, or from the store
+    /// (filling the cache unless the account changed while it was read).
+    async fn account_subscriptions(
         &self,
         account_id: Uuid,
         now: DateTime<Utc>,
-    ) -> Result<Option<(Entitlement, SubscriptionState)>, StoreError> {
-        let subscriptions = self.store.subscriptions_for_account(account_id).await?;
-        Ok(subscriptions.into_iter().map(|s| (s.entitlement(now), s)).max_by_key(|(e, s)| {
-            (
-                e.status.grants(),
-                e.tier,
-                e.status != EntitlementStatus::Canceled,
-                s.snapshot.as_ref().map(|x| x.event_created),
-            )
-        }))
+    ) -> Result<(Arc<Vec<SubscriptionState>>, DateTime<Utc>), StoreError> {
+        if self.cache.needs_start() {
+            let listener: Arc<dyn ChangeListener> = self.cache.clone();
+            self.cache.started(self.store.watch_changes(Arc::downgrade(&listener)));
+        }
+        let ticket = match self.cache.subscriptions(account_id) {
+            Ok(cached) => return Ok((cached.subscriptions, cached.as_of)),
+            Err(ticket) => ticket,
+        };
+        let subscriptions = Arc::new(self.store.subscriptions_for_account(account_id).await?);
+        if let Some(ticket) = ticket {
+            self.cache.fill_subscriptions(account_id, ticket, Arc::clone(&subscriptions), now);
+        }
+        Ok((subscriptions, now))
     }
+
+    /// Today's counters, from the cache while fresh.
+    async fn usage_today(&self, account_id: Uuid, now: DateTime<Utc>) -> Result<UsageToday, StoreError> {
+        let day = now.date_naive();
+        if let Some(cached) = self.cache.usage(account_id, day) {
+            return Ok(UsageToday { messages: cached.messages, api_calls: cached.api_calls, as_of: cached.as_of });
+        }
+        let messages = self.store.usage(UsageKey { account_id, metric: Metric::Messages, day }).await?;
+        let api_calls = self.store.usage(UsageKey { account_id, metric: Metric::ApiCalls, day }).await?;
+        self.cache.fill_usage(account_id, day, messages, api_calls, now);
+        Ok(UsageToday { messages, api_calls, as_of: now })
+    }
+}
+
+/// The subscription that decides the account's limits, with its entitlement (see
+/// [`Entitlements::subscription_id`]); `None` without subscriptions.
+fn best_subscription(
+    subscriptions: &[SubscriptionState],
+    now: DateTime<Utc>,
+) -> Option<(Entitlement, &SubscriptionState)> {
+    subscriptions.iter().map(|s| (s.entitlement(now), s)).max_by_key(|(e, s)| {
+        (
+            e.status.grants(),
+            e.tier,
+            e.status != EntitlementStatus::Canceled,
+            s.snapshot.as_ref().map(|x| x.event_created),
+        )
+    })
 }
