@@ -78,6 +78,7 @@ where
     grace_and_unapplied_queries(fresh().await).await;
     accounts_and_listing(fresh().await).await;
     record_and_load_returns_the_aggregate(fresh().await).await;
+    record_and_commit_is_one_atomic_step(fresh().await).await;
     leases_renew_and_skipped_jobs_keep_their_reason(fresh().await).await;
 }
 
@@ -106,6 +107,58 @@ pub async fn leases_renew_and_skipped_jobs_keep_their_reason(store: Arc<dyn Stor
     let done = store.list_jobs(&JobFilter { state: Some(JobState::Done), limit: 5 }).await.unwrap();
     assert_eq!(done.len(), 1);
     assert_eq!(done[0].last_error.as_deref(), Some("skipped: the invoice was paid"));
+}
+
+/// `record_and_commit` records a new event with its outcome and commits; a stale expected version
+/// commits nothing but keeps the event recorded (pending) and answers the current aggregate; a done
+/// event is a duplicate; a pending one is committed.
+pub async fn record_and_commit_is_one_atomic_step(store: Arc<dyn Store>) {
+    use crate::model::{Expected, RecordedCommit};
+    let payload = "{\"id\":\"evt_rc1\",\"note\":\"caf\u{e9} \\u00e9 'quoted'\"}";
+    let absent = Some(Expected { subscription_id: "sub_rc", version: 0 });
+    let first = commit_for(Some("evt_rc1"), Some(state_of("sub_rc")), vec![job("rc:first", Some("sub_rc"), t0())]);
+    let r = store.record_and_commit(&new_event("evt_rc1", payload, t0()), absent, &first).await.unwrap();
+    assert_eq!(r, RecordedCommit::Committed);
+    let stored = store.load_event("evt_rc1").await.unwrap().expect("recorded");
+    assert_eq!((stored.status, stored.payload.as_str(), stored.deliveries), (EventStatus::Applied, payload, 1));
+    assert_eq!(store.load_subscription("sub_rc").await.unwrap().map(|s| s.version), Some(1));
+
+    // The same event again: a duplicate, counted, nothing else written.
+    let again = commit_for(Some("evt_rc1"), Some(state_of("sub_rc")), vec![job("rc:again", Some("sub_rc"), t0())]);
+    let r = store.record_and_commit(&new_event("evt_rc1", payload, t0()), absent, &again).await.unwrap();
+    assert_eq!(r, RecordedCommit::Duplicate);
+    assert_eq!(store.load_event("evt_rc1").await.unwrap().unwrap().deliveries, 2);
+
+    // Decided on a stale aggregate (absent, but it is at version 1): nothing committed, the event
+    // kept as received, the current aggregate answered — also for a decision that writes none.
+    let mut stale = commit_for(Some("evt_rc2"), None, vec![job("rc:stale", Some("sub_rc"), t0())]);
+    stale.outcome = Outcome::Ignored;
+    let r = store.record_and_commit(&new_event("evt_rc2", "{}", t0()), absent, &stale).await.unwrap();
+    let RecordedCommit::Conflict(Some(current)) = r else { panic!("expected a conflict with the aggregate: {r:?}") };
+    assert_eq!(current.version, 1);
+    let pending = store.load_event("evt_rc2").await.unwrap().expect("recorded although not committed");
+    assert_eq!((pending.status, pending.processed_at), (EventStatus::Received, None));
+    let jobs = store.list_jobs(&JobFilter { state: None, limit: 10 }).await.unwrap();
+    assert_eq!(jobs.iter().map(|j| j.key.as_str()).collect::<Vec<_>>(), ["rc:first"], "nothing else written");
+
+    // Decided again on the current aggregate: the pending event is committed.
+    let mut next = state_of("sub_rc");
+    next.version = 1;
+    let mut retry = commit_for(Some("evt_rc2"), Some(next), vec![]);
+    retry.outcome = Outcome::Failed("unknown price".into());
+    let expected = Some(Expected { subscription_id: "sub_rc", version: 1 });
+    let r = store.record_and_commit(&new_event("evt_rc2", "{}", t0()), expected, &retry).await.unwrap();
+    assert_eq!(r, RecordedCommit::Committed);
+    let failed = store.load_event("evt_rc2").await.unwrap().unwrap();
+    assert_eq!((failed.status, failed.reason.as_deref()), (EventStatus::Failed, Some("unknown price")));
+    assert_eq!(store.load_subscription("sub_rc").await.unwrap().map(|s| s.version), Some(2));
+
+    // An event about no subscription: recorded with its outcome.
+    let mut ignored = commit_for(Some("evt_rc3"), None, vec![]);
+    ignored.outcome = Outcome::Ignored;
+    let r = store.record_and_commit(&new_event("evt_rc3", "{}", t0()), None, &ignored).await.unwrap();
+    assert_eq!(r, RecordedCommit::Committed);
+    assert_eq!(store.load_event("evt_rc3").await.unwrap().unwrap().status, EventStatus::Ignored);
 }
 
 /// `record_and_load` records like `record_event` and hands back the aggregate unless the event is done.

@@ -15,9 +15,9 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::model::{
-    Account, Claim, Commit, CommitResult, EventSource, EventStatus, InstanceRecord, Job, JobCounts, JobFinish,
-    JobResolution, JobState, NewEvent, NewJob, Recorded, StoredEvent, SubscriptionState, SyncCursor, UsageKey,
-    UsageResult, account_id_for_customer,
+    Account, Claim, Commit, CommitResult, EventSource, EventStatus, Expected, InstanceRecord, Job, JobCounts,
+    JobFinish, JobResolution, JobState, NewEvent, NewJob, Recorded, RecordedCommit, StoredEvent, SubscriptionState,
+    SyncCursor, UsageKey, UsageResult, account_id_for_customer,
 };
 use crate::ports::{ChangeListener, EventFilter, JobFilter, Store, StoreError};
 use crate::tier::Limit;
@@ -247,38 +247,110 @@ fn newest_first<T>(mut items: Vec<T>, key: impl Fn(&T) -> (DateTime<Utc>, i64), 
     items
 }
 
+/// Records an event (see [`Store::record_event`]).
+fn record_in(inner: &mut Inner, event: &NewEvent<'_>) -> Recorded {
+    if let Some(existing) = inner.events.get_mut(event.id) {
+        existing.deliveries += 1;
+        return if existing.status.is_done() {
+            Recorded::Done(existing.status)
+        } else {
+            Recorded::Pending(existing.status)
+        };
+    }
+    if let Some(done) = inner.compacted.get_mut(event.id) {
+        done.deliveries += 1;
+        return Recorded::Done(done.status);
+    }
+    inner.events.insert(
+        event.id.into(),
+        StoredEvent {
+            id: event.id.to_owned(),
+            event_type: event.event_type.to_owned(),
+            created: event.created,
+            status: EventStatus::Received,
+            reason: None,
+            payload: event.payload.to_owned(),
+            received_at: event.received_at,
+            processed_at: None,
+            deliveries: 1,
+            source: event.source,
+        },
+    );
+    Recorded::Fresh
+}
+
+/// Applies a commit (see [`Store::commit`]); also answers the accounts whose subscriptions changed.
+fn commit_in(inner: &mut Inner, commit: &Commit) -> Result<(CommitResult, Vec<Uuid>), StoreError> {
+    if let Some(id) = &commit.event_id {
+        if inner.compacted.contains_key(id.as_str())
+            || inner.events.get(id.as_str()).is_some_and(|e| e.status.is_done())
+        {
+            return Ok((CommitResult::AlreadyDone, Vec::new()));
+        }
+    }
+    if let Some(next) = &commit.subscription {
+        let stored = inner.subscriptions.get(&next.subscription_id).map_or(0, |s| s.version);
+        if stored != next.version {
+            return Err(StoreError::Conflict(next.subscription_id.clone()));
+        }
+    }
+    // Every check passed: write everything (the mutex makes it one atomic step).
+    let now = commit.now;
+    let mut changed = Vec::new();
+    if let Some(next) = &commit.subscription {
+        changed.push(next.account_id);
+        let by_customer = inner.accounts.get(&next.customer_id).map(|a| a.id);
+        changed.extend(by_customer.filter(|id| *id != next.account_id));
+        let mut stored = next.clone();
+        stored.version += 1;
+        inner.subscriptions.insert(stored.subscription_id.clone(), stored);
+        let customer = next.customer_id.clone();
+        inner.accounts.entry(customer.clone()).or_insert_with(|| Account {
+            id: account_id_for_customer(&customer),
+            stripe_customer_id: customer,
+            email: None,
+            reference: None,
+        });
+    }
+    if let Some(patch) = &commit.account {
+        let inner = &mut *inner;
+        let account = inner.accounts.entry(patch.stripe_customer_id.clone()).or_insert_with(|| Account {
+            id: account_id_for_customer(&patch.stripe_customer_id),
+            stripe_customer_id: patch.stripe_customer_id.clone(),
+            email: None,
+            reference: None,
+        });
+        let observed =
+            inner.email_observed_at.entry(patch.stripe_customer_id.clone()).or_insert(DateTime::<Utc>::MIN_UTC);
+        if patch.email.is_some() && patch.observed_at >= *observed {
+            account.email.clone_from(&patch.email);
+            *observed = patch.observed_at;
+        }
+        if patch.reference.is_some() {
+            account.reference.clone_from(&patch.reference);
+        }
+    }
+    inner.enqueue(&commit.jobs, now);
+    if let Some(id) = &commit.event_id {
+        if let Some(event) = inner.events.get_mut(id.as_str()) {
+            event.status = EventStatus::of(&commit.outcome);
+            event.reason = match &commit.outcome {
+                crate::model::Outcome::Failed(reason) => Some(reason.clone()),
+                _ => None,
+            };
+            event.processed_at = Some(now);
+            if event.status.is_done() {
+                inner.became_done(id);
+            }
+        }
+    }
+    Ok((CommitResult::Committed, changed))
+}
+
 #[async_trait]
 impl Store for MemoryStore {
     async fn record_event(&self, event: &NewEvent<'_>) -> Result<Recorded, StoreError> {
-        let mut inner = self.lock()?;
-        if let Some(existing) = inner.events.get_mut(event.id) {
-            existing.deliveries += 1;
-            return Ok(if existing.status.is_done() {
-                Recorded::Done(existing.status)
-            } else {
-                Recorded::Pending(existing.status)
-            });
-        }
-        if let Some(done) = inner.compacted.get_mut(event.id) {
-            done.deliveries += 1;
-            return Ok(Recorded::Done(done.status));
-        }
-        inner.events.insert(
-            event.id.into(),
-            StoredEvent {
-                id: event.id.to_owned(),
-                event_type: event.event_type.to_owned(),
-                created: event.created,
-                status: EventStatus::Received,
-                reason: None,
-                payload: event.payload.to_owned(),
-                received_at: event.received_at,
-                processed_at: None,
-                deliveries: 1,
-                source: event.source,
-            },
-        );
-        Ok(Recorded::Fresh)
+        Ok(record_in(&mut *self.lock()?, event))
     }
 
     async fn load_event(&self, id: &str) -> Result<Option<StoredEvent>, StoreError> {
@@ -330,73 +402,35 @@ impl Store for MemoryStore {
     }
 
     async fn commit(&self, commit: &Commit) -> Result<CommitResult, StoreError> {
-        let mut inner = self.lock()?;
-        if let Some(id) = &commit.event_id {
-            if inner.compacted.contains_key(id.as_str())
-                || inner.events.get(id.as_str()).is_some_and(|e| e.status.is_done())
-            {
-                return Ok(CommitResult::AlreadyDone);
-            }
-        }
-        if let Some(next) = &commit.subscription {
-            let stored = inner.subscriptions.get(&next.subscription_id).map_or(0, |s| s.version);
-            if stored != next.version {
-                return Err(StoreError::Conflict(next.subscription_id.clone()));
-            }
-        }
-        // Every check passed: write everything (the mutex makes it one atomic step).
-        let now = commit.now;
-        let mut changed = Vec::new();
-        if let Some(next) = &commit.subscription {
-            changed.push(next.account_id);
-            let by_customer = inner.accounts.get(&next.customer_id).map(|a| a.id);
-            changed.extend(by_customer.filter(|id| *id != next.account_id));
-            let mut stored = next.clone();
-            stored.version += 1;
-            inner.subscriptions.insert(stored.subscription_id.clone(), stored);
-            let customer = next.customer_id.clone();
-            inner.accounts.entry(customer.clone()).or_insert_with(|| Account {
-                id: account_id_for_customer(&customer),
-                stripe_customer_id: customer,
-                email: None,
-                reference: None,
-            });
-        }
-        if let Some(patch) = &commit.account {
-            let inner = &mut *inner;
-            let account = inner.accounts.entry(patch.stripe_customer_id.clone()).or_insert_with(|| Account {
-                id: account_id_for_customer(&patch.stripe_customer_id),
-                stripe_customer_id: patch.stripe_customer_id.clone(),
-                email: None,
-                reference: None,
-            });
-            let observed =
-                inner.email_observed_at.entry(patch.stripe_customer_id.clone()).or_insert(DateTime::<Utc>::MIN_UTC);
-            if patch.email.is_some() && patch.observed_at >= *observed {
-                account.email.clone_from(&patch.email);
-                *observed = patch.observed_at;
-            }
-            if patch.reference.is_some() {
-                account.reference.clone_from(&patch.reference);
-            }
-        }
-        inner.enqueue(&commit.jobs, now);
-        if let Some(id) = &commit.event_id {
-            if let Some(event) = inner.events.get_mut(id.as_str()) {
-                event.status = EventStatus::of(&commit.outcome);
-                event.reason = match &commit.outcome {
-                    crate::model::Outcome::Failed(reason) => Some(reason.clone()),
-                    _ => None,
-                };
-                event.processed_at = Some(now);
-                if event.status.is_done() {
-                    inner.became_done(id);
-                }
-            }
-        }
-        drop(inner);
+        let (result, changed) = commit_in(&mut *self.lock()?, commit)?;
         self.changed(&changed);
-        Ok(CommitResult::Committed)
+        Ok(result)
+    }
+
+    async fn record_and_commit(
+        &self,
+        event: &NewEvent<'_>,
+        expected: Option<Expected<'_>>,
+        commit: &Commit,
+    ) -> Result<RecordedCommit, StoreError> {
+        let mut inner = self.lock()?;
+        if let Recorded::Done(_) = record_in(&mut inner, event) {
+            return Ok(RecordedCommit::Duplicate);
+        }
+        let current = |inner: &Inner| expected.and_then(|e| inner.subscriptions.get(e.subscription_id).cloned());
+        if expected.is_some_and(|e| current(&inner).map_or(0, |s| s.version) != e.version) {
+            return Ok(RecordedCommit::Conflict(current(&inner)));
+        }
+        match commit_in(&mut inner, commit) {
+            Ok((CommitResult::Committed, changed)) => {
+                drop(inner);
+                self.changed(&changed);
+                Ok(RecordedCommit::Committed)
+            }
+            Ok((CommitResult::AlreadyDone, _)) => Ok(RecordedCommit::Duplicate),
+            Err(StoreError::Conflict(_)) => Ok(RecordedCommit::Conflict(current(&inner))),
+            Err(e) => Err(e),
+        }
     }
 
     async fn expired_grace(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<String>, StoreError> {

@@ -556,6 +556,27 @@ pub struct Commit {
     pub jobs: Vec<NewJob>,
 }
 
+/// The aggregate a decision was made on: its subscription and version (0: absent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expected<'a> {
+    /// `sub_…`
+    pub subscription_id: &'a str,
+    /// The version the decision saw (0: no aggregate).
+    pub version: u64,
+}
+
+/// What [`crate::Store::record_and_commit`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RecordedCommit {
+    /// The event is recorded with the decision's outcome, and the decision committed.
+    Committed,
+    /// The event was done already: only its delivery was counted.
+    Duplicate,
+    /// The aggregate is not at the expected version: the event is recorded (pending) and nothing
+    /// else written. Holds the current aggregate, to decide again on.
+    Conflict(Option<SubscriptionState>),
+}
+
 /// What a commit did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CommitResult {

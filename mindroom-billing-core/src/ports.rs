@@ -10,8 +10,8 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::model::{
-    Account, Claim, Commit, CommitResult, EventStatus, InstanceRecord, Job, JobCounts, JobFinish, JobState, NewEvent,
-    NewJob, Recorded, StoredEvent, SubscriptionState, SyncCursor, UsageKey, UsageResult,
+    Account, Claim, Commit, CommitResult, EventStatus, Expected, InstanceRecord, Job, JobCounts, JobFinish, JobState,
+    NewEvent, NewJob, Recorded, RecordedCommit, StoredEvent, SubscriptionState, SyncCursor, UsageKey, UsageResult,
 };
 use crate::tier::{Limit, Limits, Tier};
 
@@ -83,6 +83,47 @@ pub trait Store: Send + Sync + 'static {
             (_, Some(id)) => self.load_subscription(id).await?,
         };
         Ok((recorded, state))
+    }
+
+    /// Records an event and commits a decision made before it was recorded, on the aggregate the
+    /// caller already held (`expected`: its subscription and version, 0 = absent) — a new webhook
+    /// event in one round trip when the caller has the aggregate cached. Atomically:
+    /// - an event already done is a [`RecordedCommit::Duplicate`] (the delivery may be counted);
+    /// - when the stored aggregate is not at the expected version, the event is recorded as
+    ///   pending and nothing else is written: [`RecordedCommit::Conflict`] with the current aggregate;
+    /// - otherwise the event is recorded (payload byte for byte, as [`Store::record_event`]) and
+    ///   `commit` is applied as [`Store::commit`] applies it, with the same compare-and-swap.
+    ///
+    /// The default records, compares and commits in three calls; stores that can do it in one
+    /// transaction override it.
+    async fn record_and_commit(
+        &self,
+        event: &NewEvent<'_>,
+        expected: Option<Expected<'_>>,
+        commit: &Commit,
+    ) -> Result<RecordedCommit, StoreError> {
+        if let Recorded::Done(_) = self.record_event(event).await? {
+            return Ok(RecordedCommit::Duplicate);
+        }
+        let current = match expected {
+            Some(expected) => {
+                let current = self.load_subscription(expected.subscription_id).await?;
+                if current.as_ref().map_or(0, |s| s.version) != expected.version {
+                    return Ok(RecordedCommit::Conflict(current));
+                }
+                Some(expected.subscription_id)
+            }
+            None => None,
+        };
+        match self.commit(commit).await {
+            Ok(CommitResult::Committed) => Ok(RecordedCommit::Committed),
+            Ok(CommitResult::AlreadyDone) => Ok(RecordedCommit::Duplicate),
+            Err(StoreError::Conflict(_)) => Ok(RecordedCommit::Conflict(match current {
+                Some(id) => self.load_subscription(id).await?,
+                None => None,
+            })),
+            Err(e) => Err(e),
+        }
     }
 
     /// Loads a stored event.

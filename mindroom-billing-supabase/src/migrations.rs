@@ -60,6 +60,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "billing_account_changes",
         sql: include_str!("../migrations/20261204000000_billing_account_changes.sql"),
     },
+    Migration {
+        version: "20261204000100",
+        name: "billing_record_and_commit",
+        sql: include_str!("../migrations/20261204000100_billing_record_and_commit.sql"),
+    },
 ];
 
 #[cfg(test)]

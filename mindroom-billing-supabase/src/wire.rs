@@ -8,8 +8,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use mindroom_billing_core::ports::{EventFilter, JobFilter, StoreError};
 use mindroom_billing_core::{
-    Account, Claim, Commit, CommitResult, EventStatus, InstanceRecord, Job, JobCounts, JobFinish, JobResolution, Limit,
-    NewEvent, NewJob, Outcome, Recorded, StoredEvent, SubscriptionState, SyncCursor, UsageKey, UsageResult,
+    Account, Claim, Commit, CommitResult, EventStatus, Expected, InstanceRecord, Job, JobCounts, JobFinish,
+    JobResolution, Limit, NewEvent, NewJob, Outcome, Recorded, RecordedCommit, StoredEvent, SubscriptionState,
+    SyncCursor, UsageKey, UsageResult,
 };
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -139,6 +140,29 @@ pub(crate) async fn record_and_load<R: Rpc + ?Sized>(
     let recorded = recorded_of(F, &out)?;
     let state = decode_opt(F, out.get_mut("subscription").map_or(Value::Null, Value::take))?;
     Ok((recorded, state))
+}
+
+/// Records the event and commits the decision made before it, in one round trip.
+pub(crate) async fn record_and_commit<R: Rpc + ?Sized>(
+    rpc: &R,
+    event: &NewEvent<'_>,
+    expected: Option<Expected<'_>>,
+    commit: &Commit,
+) -> Result<RecordedCommit, StoreError> {
+    const F: &str = "billing_record_and_commit";
+    let mut p = record_payload(event);
+    p["expected"] = expected
+        .map_or(Value::Null, |e| json!({ "subscription_id": e.subscription_id, "version": e.version.to_string() }));
+    p["commit"] = commit_payload(commit)?;
+    let mut out = rpc.call(F, p).await?;
+    match out["result"].as_str() {
+        Some("committed") => Ok(RecordedCommit::Committed),
+        Some("duplicate") => Ok(RecordedCommit::Duplicate),
+        Some("conflict") => {
+            Ok(RecordedCommit::Conflict(decode_opt(F, out.get_mut("subscription").map_or(Value::Null, Value::take))?))
+        }
+        _ => Err(decode_err(F, format!("bad result {out}"))),
+    }
 }
 
 fn record_payload(event: &NewEvent<'_>) -> Value {
@@ -433,6 +457,14 @@ macro_rules! impl_store_via_rpc {
                 event: &mindroom_billing_core::NewEvent<'_>,
             ) -> Result<mindroom_billing_core::Recorded, mindroom_billing_core::StoreError> {
                 crate::wire::record_event(self, event).await
+            }
+            async fn record_and_commit(
+                &self,
+                event: &mindroom_billing_core::NewEvent<'_>,
+                expected: Option<mindroom_billing_core::Expected<'_>>,
+                commit: &mindroom_billing_core::Commit,
+            ) -> Result<mindroom_billing_core::RecordedCommit, mindroom_billing_core::StoreError> {
+                crate::wire::record_and_commit(self, event, expected, commit).await
             }
             async fn record_and_load(
                 &self,

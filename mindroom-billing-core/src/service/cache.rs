@@ -36,11 +36,20 @@ pub struct CacheConfig {
     pub usage_ttl: Duration,
     /// Most accounts kept; when full the cache starts over.
     pub capacity: usize,
+    /// Most subscription aggregates kept to decide a new event before recording it (a stale one
+    /// only costs a second round trip: the store compares versions). Used even when `enabled` is off.
+    pub aggregates: usize,
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        Self { enabled: true, ttl: Duration::from_secs(1), usage_ttl: Duration::from_secs(1), capacity: 100_000 }
+        Self {
+            enabled: true,
+            ttl: Duration::from_secs(1),
+            usage_ttl: Duration::from_secs(1),
+            capacity: 100_000,
+            aggregates: 10_000,
+        }
     }
 }
 
@@ -347,5 +356,46 @@ mod tests {
         assert_eq!((usage.messages, usage.api_calls), (9, 7));
         let tomorrow = day.succ_opt().expect("a next day");
         assert!(cache.usage(account, tomorrow).is_none(), "yesterday's counters are not today's");
+    }
+}
+
+/// The subscription aggregates this replica last committed or loaded, so that a new event is decided
+/// before it is recorded and sent to the store in one call ([`crate::Store::record_and_commit`]). Only
+/// a starting point: the store's compare-and-swap on the version catches any that went stale (another
+/// replica committed since), and answers the current aggregate. Bounded; when full it starts over.
+#[derive(Debug)]
+pub(crate) struct AggregateCache {
+    capacity: usize,
+    aggregates: Mutex<HashMap<String, SubscriptionState>>,
+}
+
+impl AggregateCache {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self { capacity, aggregates: Mutex::new(HashMap::new()) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, SubscriptionState>> {
+        self.aggregates.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The aggregate last seen for `subscription_id`.
+    pub(crate) fn get(&self, subscription_id: &str) -> Option<SubscriptionState> {
+        self.lock().get(subscription_id).cloned()
+    }
+
+    /// Remembers the aggregate as stored now (`None`: forget it).
+    pub(crate) fn put(&self, subscription_id: &str, state: Option<SubscriptionState>) {
+        let mut aggregates = self.lock();
+        match state {
+            None => {
+                aggregates.remove(subscription_id);
+            }
+            Some(state) => {
+                if aggregates.len() >= self.capacity && !aggregates.contains_key(subscription_id) {
+                    aggregates.clear();
+                }
+                aggregates.insert(subscription_id.to_owned(), state);
+            }
+        }
     }
 }

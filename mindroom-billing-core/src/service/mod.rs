@@ -11,7 +11,8 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::event::{self, Event, EventType, ParseError};
 use crate::model::{
-    Commit, CommitResult, EventSource, JobKind, NewEvent, NewJob, Outcome, Recorded, StoredEvent, SubscriptionState,
+    Commit, CommitResult, EventSource, Expected, JobKind, NewEvent, NewJob, Outcome, Recorded, RecordedCommit,
+    StoredEvent, SubscriptionState,
 };
 use crate::ports::{Clock, Notifier, Provisioner, Store, StoreError, SystemClock};
 use crate::signature::{SignatureError, Verifier};
@@ -232,6 +233,8 @@ pub struct Billing {
     holder: String,
     /// Entitlement answers kept by this replica.
     cache: Arc<cache::EntitlementCache>,
+    /// Aggregates this replica last committed or loaded (see [`Store::record_and_commit`]).
+    aggregates: cache::AggregateCache,
 }
 
 impl std::fmt::Debug for Billing {
@@ -262,7 +265,18 @@ impl Billing {
     ) -> Self {
         let holder = format!("billing-{}", uuid::Uuid::new_v4());
         let cache = Arc::new(cache::EntitlementCache::new(config.cache.clone()));
-        Self { store, provisioner, notifier, clock: Arc::new(SystemClock), config, stripe: None, holder, cache }
+        let aggregates = cache::AggregateCache::new(config.cache.aggregates);
+        Self {
+            store,
+            provisioner,
+            notifier,
+            clock: Arc::new(SystemClock),
+            config,
+            stripe: None,
+            holder,
+            cache,
+            aggregates,
+        }
     }
 
     /// Adds the Stripe API: catch-up and reconciliation (DESIGN §8), and customer e-mail look-ups.
@@ -356,10 +370,38 @@ impl Billing {
             received_at: now,
             source,
         };
-        let (recorded, state) = self.store.record_and_load(&new_event, event.subscription_id()).await?;
-        match recorded {
-            Recorded::Done(_) => Ok(Disposition::Duplicate),
-            Recorded::Fresh | Recorded::Pending(_) => self.apply_from(event, Some(state)).await,
+        // Decide first, on the aggregate this replica last saw (none: the subscription is taken
+        // for new), then record and commit in one call. The store's compare-and-swap catches a
+        // stale guess, keeps the event recorded and answers the current aggregate to decide on.
+        let subscription_id = event.subscription_id();
+        let state = subscription_id.and_then(|id| self.aggregates.get(id));
+        let decision = transition::decide(&self.config.policy, state.as_ref(), event, now);
+        let expected = subscription_id
+            .map(|id| Expected { subscription_id: id, version: state.as_ref().map_or(0, |s| s.version) });
+        let commit = Commit {
+            now,
+            event_id: Some(event.id.clone()),
+            outcome: decision.outcome,
+            subscription: decision.subscription,
+            account: decision.account,
+            jobs: decision.jobs,
+        };
+        match self.store.record_and_commit(&new_event, expected, &commit).await? {
+            RecordedCommit::Committed => {
+                self.committed(&commit);
+                if let Outcome::Failed(reason) = &commit.outcome {
+                    warn!(event_id = %event.id, %reason, "event failed; recorded with its reason (its admin alert is queued once per event id)");
+                }
+                Ok(Disposition::of(&commit.outcome))
+            }
+            RecordedCommit::Duplicate => Ok(Disposition::Duplicate),
+            RecordedCommit::Conflict(current) => {
+                metrics::counter!("billing_commit_conflicts_total").increment(1);
+                if let Some(id) = subscription_id {
+                    self.aggregates.put(id, current.clone());
+                }
+                self.apply_from(event, Some(current)).await
+            }
         }
     }
 
@@ -453,11 +495,29 @@ impl Billing {
     /// Commits a decision; a written aggregate drops its account's cached entitlements at once
     /// (other replicas learn of it from the store, see [`Store::watch_changes`]).
     pub(crate) async fn commit(&self, commit: &Commit) -> Result<CommitResult, StoreError> {
-        let result = self.store.commit(commit).await?;
-        if let (CommitResult::Committed, Some(subscription)) = (result, &commit.subscription) {
-            self.cache.invalidate(subscription.account_id);
+        match self.store.commit(commit).await {
+            Ok(CommitResult::Committed) => {
+                self.committed(commit);
+                Ok(CommitResult::Committed)
+            }
+            Err(StoreError::Conflict(what)) => {
+                if let Some(subscription) = &commit.subscription {
+                    self.aggregates.put(&subscription.subscription_id, None);
+                }
+                Err(StoreError::Conflict(what))
+            }
+            other => other,
         }
-        Ok(result)
+    }
+
+    /// After a commit: remembers the aggregate as stored (its version bumped) and drops the
+    /// account's cached entitlements.
+    fn committed(&self, commit: &Commit) {
+        if let Some(subscription) = &commit.subscription {
+            self.cache.invalidate(subscription.account_id);
+            let stored = SubscriptionState { version: subscription.version + 1, ..subscription.clone() };
+            self.aggregates.put(&subscription.subscription_id, Some(stored));
+        }
     }
 
     /// Applies a recorded event: load, decide, commit with compare-and-swap, re-deciding on conflict.
