@@ -417,7 +417,8 @@ impl Store for MemoryStore {
         if let Recorded::Done(_) = record_in(&mut inner, event) {
             return Ok(RecordedCommit::Duplicate);
         }
-        let current = |inner: &Inner| expected.and_then(|e| inner.subscriptions.get(e.subscription_id).cloned());
+        let current =
+            |inner: &Inner| expected.and_then(|e| inner.subscriptions.get(e.subscription_id).cloned()).map(Box::new);
         if expected.is_some_and(|e| current(&inner).map_or(0, |s| s.version) != e.version) {
             return Ok(RecordedCommit::Conflict(current(&inner)));
         }

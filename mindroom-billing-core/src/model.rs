@@ -574,7 +574,7 @@ pub enum RecordedCommit {
     Duplicate,
     /// The aggregate is not at the expected version: the event is recorded (pending) and nothing
     /// else written. Holds the current aggregate, to decide again on.
-    Conflict(Option<SubscriptionState>),
+    Conflict(Option<Box<SubscriptionState>>),
 }
 
 /// What a commit did.

@@ -109,7 +109,7 @@ pub trait Store: Send + Sync + 'static {
             Some(expected) => {
                 let current = self.load_subscription(expected.subscription_id).await?;
                 if current.as_ref().map_or(0, |s| s.version) != expected.version {
-                    return Ok(RecordedCommit::Conflict(current));
+                    return Ok(RecordedCommit::Conflict(current.map(Box::new)));
                 }
                 Some(expected.subscription_id)
             }
@@ -119,7 +119,7 @@ pub trait Store: Send + Sync + 'static {
             Ok(CommitResult::Committed) => Ok(RecordedCommit::Committed),
             Ok(CommitResult::AlreadyDone) => Ok(RecordedCommit::Duplicate),
             Err(StoreError::Conflict(_)) => Ok(RecordedCommit::Conflict(match current {
-                Some(id) => self.load_subscription(id).await?,
+                Some(id) => self.load_subscription(id).await?.map(Box::new),
                 None => None,
             })),
             Err(e) => Err(e),

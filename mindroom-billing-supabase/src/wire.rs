@@ -159,7 +159,8 @@ pub(crate) async fn record_and_commit<R: Rpc + ?Sized>(
         Some("committed") => Ok(RecordedCommit::Committed),
         Some("duplicate") => Ok(RecordedCommit::Duplicate),
         Some("conflict") => {
-            Ok(RecordedCommit::Conflict(decode_opt(F, out.get_mut("subscription").map_or(Value::Null, Value::take))?))
+            let current = decode_opt(F, out.get_mut("subscription").map_or(Value::Null, Value::take))?;
+            Ok(RecordedCommit::Conflict(current.map(Box::new)))
         }
         _ => Err(decode_err(F, format!("bad result {out}"))),
     }

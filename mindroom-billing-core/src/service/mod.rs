@@ -396,6 +396,7 @@ impl Billing {
             }
             RecordedCommit::Duplicate => Ok(Disposition::Duplicate),
             RecordedCommit::Conflict(current) => {
+                let current = current.map(|state| *state);
                 metrics::counter!("billing_commit_conflicts_total").increment(1);
                 if let Some(id) = subscription_id {
                     self.aggregates.put(id, current.clone());
