@@ -18,6 +18,7 @@ PORT=${PORT:-3917}
 DB=mindroom_billing_compare
 BENCH_DB=mindroom_billing_pgbench
 WORK=$(mktemp -d)
+export PGOPTIONS="-c client_min_messages=warning"
 export BILLING_API_KEY=compare-load-key-0123456789
 SECRET=whsec_compare_load
 ENTERPRISE=price_compare_enterprise
@@ -37,7 +38,7 @@ trap cleanup EXIT
 psql "$PGURL/postgres" -qc "drop database if exists $DB with (force)" -c "create database $DB" \
   -c "drop database if exists $BENCH_DB with (force)" -c "create database $BENCH_DB" >/dev/null
 pgbench -q -i -s 10 "$PGURL/$BENCH_DB" >/dev/null 2>&1
-DATABASE_URL="$PGURL/$DB" "$BIN" migrate >/dev/null
+DATABASE_URL="$PGURL/$DB" "$BIN" migrate >/dev/null 2>&1
 
 DATABASE_URL="$PGURL/$DB" STRIPE_WEBHOOK_SECRET=$SECRET STRIPE_PRICE_ENTERPRISE=$ENTERPRISE PORT=$PORT \
   RUST_LOG=warn "$BIN" serve >"$WORK/serve.log" 2>&1 &
@@ -82,7 +83,8 @@ row "run" "req/s" "p99 ms" "pgbench -N TPS" "ratio"
 row "---" "---" "---" "---" "---"
 
 tps=$(pgbench_tps 1)
-out=$(STRIPE_WEBHOOK_SECRET=$SECRET THREADS=1 CONNECTIONS=1 DURATION=${DURATION}s IDS=$(( DURATION * 3000 )) \
+ids=$(( DURATION * 3000 ))
+out=$(STRIPE_WEBHOOK_SECRET=$SECRET THREADS=1 CONNECTIONS=1 DURATION=${DURATION}s IDS=$ids \
   URL=http://127.0.0.1:$PORT/webhooks/stripe LOAD_DIR=$WORK/load "$ROOT/scripts/load.sh" distinct 2>/dev/null)
 rps=$(awk -F'[ =]' '/^mode=/ {print $8}' <<<"$out")
 p99=$(awk '/^latency_ms/ {split($4, a, "="); print a[2]}' <<<"$out")

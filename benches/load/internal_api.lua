@@ -5,9 +5,12 @@
 -- Bearer key from BILLING_API_KEY.
 
 local mode = os.getenv("API_MODE") or "entitlements"
-local key = assert(os.getenv("BILLING_API_KEY"), "set BILLING_API_KEY")
+local key = os.getenv("BILLING_API_KEY")
+assert(key, "set BILLING_API_KEY")
+local path = os.getenv("API_ACCOUNTS")
+assert(path, "set API_ACCOUNTS")
 local accounts = {}
-for line in io.lines(assert(os.getenv("API_ACCOUNTS"), "set API_ACCOUNTS")) do
+for line in io.lines(path) do
   if #line > 0 then accounts[#accounts + 1] = line end
 end
 local i = 0

@@ -11,7 +11,7 @@
 //! | `GET /ready` | 200 when the store answers a ping, else 503 |
 //! | `GET /metrics` | Prometheus text, from the render function given to [`AppState::with_metrics`] (404 without one) |
 //! | `POST /v1/usage` | bearer-authenticated; `{"account_id","metric","count","idempotency_key"?}` → 200 `{"allowed","used","limit","remaining"}`, or 429 with the same body when over the limit; a retry with the same `idempotency_key` counts once and answers the same |
-//! | `GET /v1/accounts/{id}/entitlements` | bearer-authenticated; tier, status, entitlement status, limits, grace deadline, usage today |
+//! | `GET /v1/accounts/{id}/entitlements` | bearer-authenticated; tier, status, entitlement status, limits, grace deadline, usage today, `as_of` (answered from the replica's cache) |
 //!
 //! Wrong methods get 405 with `Allow`, unknown paths 404. Every error body is `{"error":"…"}` and never
 //! carries internals (store errors are logged, not returned).
