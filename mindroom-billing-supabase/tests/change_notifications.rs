@@ -101,3 +101,24 @@ async fn a_lost_listening_connection_drops_the_cache() {
     assert_eq!(until_cached(&r.b, &r.clock, r.account).await.tier, Tier::Professional);
     r.fresh.db.drop_db().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_postgrest_cached_entitlements_live_for_the_time_to_live() {
+    let fresh = common::fresh().await;
+    let clock = Arc::new(TestClock::new(at(T0 + 10)));
+    let a = common::billing(fresh.store.clone() as Arc<dyn Store>, Arc::clone(&clock), Tier::Professional);
+    let (_gateway, rest) = common::via_gateway(&fresh.db, false).await;
+    let ttl = StdDuration::from_millis(300);
+    let config = mindroom_billing_core::CacheConfig { ttl, ..mindroom_billing_core::CacheConfig::default() };
+    let b = common::billing_with_cache(rest as Arc<dyn Store>, Arc::clone(&clock), Tier::Professional, config);
+    for name in ["checkout.session.completed", "customer.subscription.created", "invoice.paid"] {
+        deliver(&a, &clock, name).await;
+    }
+    let account = fresh.store.load_account(CUS).await.unwrap().expect("account").id;
+    assert_eq!(until_cached(&b, &clock, account).await.tier, Tier::Starter);
+    clock.set(at(T0 + 10 * DAY + 10));
+    deliver(&a, &clock, "customer.subscription.updated").await;
+    let took = until_tier(&b, account, Tier::Professional).await;
+    eprintln!("over PostgREST (time-to-live {ttl:?}) the upgrade was answered after {took:?}");
+    fresh.db.drop_db().await.unwrap();
+}

@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use mindroom_billing_core::signature::{WebhookSecret, sign};
-use mindroom_billing_core::{Billing, BillingConfig, Clock, Policy, PriceCatalog, Store, Tier, Verifier, WorkerConfig};
+use mindroom_billing_core::{
+    Billing, BillingConfig, CacheConfig, Clock, Policy, PriceCatalog, Store, Tier, Verifier, WorkerConfig,
+};
 use mindroom_billing_supabase::testing::{Gateway, GatewayConfig, TestDb};
 use mindroom_billing_supabase::{PgStore, PgStoreOptions, PostgrestOptions, PostgrestStore};
 use secrecy::SecretString;
@@ -92,10 +94,16 @@ pub fn policy(pro_tier: Tier) -> Policy {
 
 /// A `Billing` over `store` with the dry-run provisioner, a logging notifier and `clock`.
 pub fn billing(store: Arc<dyn Store>, clock: Arc<TestClock>, pro_tier: Tier) -> Billing {
+    billing_with_cache(store, clock, pro_tier, CacheConfig::default())
+}
+
+/// [`billing`] with the given entitlement cache settings.
+pub fn billing_with_cache(store: Arc<dyn Store>, clock: Arc<TestClock>, pro_tier: Tier, cache: CacheConfig) -> Billing {
     let worker = WorkerConfig { lease: Duration::seconds(2), ..WorkerConfig::default() };
     let config = BillingConfig::new(Verifier::new([WebhookSecret::new(SECRET)]))
         .with_policy(policy(pro_tier))
-        .with_worker(worker);
+        .with_worker(worker)
+        .with_cache(cache);
     Billing::new(
         store,
         Arc::new(mindroom_billing_core::dryrun::DryRunProvisioner::default()),
