@@ -55,6 +55,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "billing_stripe_sync",
         sql: include_str!("../migrations/20261203000000_billing_stripe_sync.sql"),
     },
+    Migration {
+        version: "20261205000000",
+        name: "billing_retention",
+        sql: include_str!("../migrations/20261205000000_billing_retention.sql"),
+    },
 ];
 
 #[cfg(test)]

@@ -14,10 +14,12 @@ use crate::model::{
     Commit, CommitResult, EventSource, JobKind, NewEvent, NewJob, Outcome, Recorded, StoredEvent, SubscriptionState,
 };
 use crate::ports::{Clock, Notifier, Provisioner, Store, StoreError, SystemClock};
+use crate::retention::RetentionPolicy;
 use crate::signature::{SignatureError, Verifier};
 use crate::stripe_api::StripeApi;
 use crate::transition::{self, Policy};
 
+mod retention;
 mod sync;
 mod usage;
 mod worker;
@@ -82,6 +84,8 @@ pub struct BillingConfig {
     pub admin_email: Option<String>,
     /// Catch-up and reconciliation from the Stripe API (used when one is configured).
     pub stripe_sync: StripeSyncConfig,
+    /// How long event payloads, event ids and finished jobs are kept; the worker prunes the rest.
+    pub retention: RetentionPolicy,
 }
 
 impl BillingConfig {
@@ -93,7 +97,15 @@ impl BillingConfig {
             worker: WorkerConfig::default(),
             admin_email: None,
             stripe_sync: StripeSyncConfig::default(),
+            retention: RetentionPolicy::default(),
         }
+    }
+
+    /// Sets the retention policy.
+    #[must_use]
+    pub fn with_retention(mut self, retention: RetentionPolicy) -> Self {
+        self.retention = retention;
+        self
     }
 
     /// Sets the catch-up and reconciliation settings.
@@ -557,6 +569,8 @@ impl Billing {
         Ok(handled)
     }
 
+    /// Runs the job workers, the grace sweeper and unapplied pick-up, retention pruning and (with a
+    /// Stripe API) catch-up and reconciliation until `shutdown`
     /// turns true; a job that is running then is finished first.
     pub async fn run_background(self: Arc<Self>, shutdown: watch::Receiver<bool>) {
         let mut tasks = tokio::task::JoinSet::new();
@@ -584,6 +598,8 @@ impl Billing {
             let (this, stop) = (Arc::clone(&self), shutdown.clone());
             tasks.spawn(async move { this.run_stripe_sync(stop).await });
         }
+        let (this, stop) = (Arc::clone(&self), shutdown.clone());
+        tasks.spawn(async move { this.run_retention(stop).await });
         let (this, mut stop) = (Arc::clone(&self), shutdown);
         tasks.spawn(async move {
             while !*stop.borrow() {
