@@ -34,7 +34,7 @@ pub struct RetentionPolicy {
 
 impl Default for RetentionPolicy {
     fn default() -> Self {
-        Self { retention: Duration::days(400), batch: 1_000, interval: StdDuration::from_secs(600), max_batches: 100 }
+        Self { retention: Duration::days(400), batch: 250, interval: StdDuration::from_secs(600), max_batches: 400 }
     }
 }
 
