@@ -220,7 +220,7 @@ PY
     done
     printf '%s\n' "${results[@]}" >"$OUT/load-lines.txt"
     python3 - "$OUT/load-lines.txt" <<'PY'
-# Side by side: the median over rounds of each run, big database / empty database.
+# Side by side: the median over rounds of each run (req/s range in brackets), big / empty database.
 import statistics, sys
 rows = {}
 for line in open(sys.argv[1]):
@@ -228,12 +228,12 @@ for line in open(sys.argv[1]):
     rows.setdefault((kind, conc), {}).setdefault(label, []).append((float(rps), p50, p99, int(non)))
 def med(runs):
     runs = sorted(runs)
-    return runs[len(runs) // 2]
-print(f"{'load':<28} {'big req/s':>10} {'big p50':>9} {'big p99':>9} {'empty req/s':>12} {'empty p50':>10} {'empty p99':>10} {'big/empty':>9}")
+    return runs[(len(runs) - 1) // 2], f"{runs[0][0]:.0f}-{runs[-1][0]:.0f}", sum(r[3] for r in runs)
+print(f"{'load':<26} {'big req/s (range)':>20} {'p50':>8} {'p99':>9} {'empty req/s (range)':>21} {'p50':>8} {'p99':>9} {'big/empty':>9} non-2xx")
 for (kind, conc), by in rows.items():
-    b, e = med(by.get("big", [(0, "?", "?", 0)])), med(by.get("empty", [(0, "?", "?", 0)]))
+    (b, br, bn), (e, er, en) = med(by.get("big", [(0, "?", "?", 0)])), med(by.get("empty", [(0, "?", "?", 0)]))
     ratio = f"{b[0] / e[0] * 100:.0f} %" if e[0] else "?"
-    print(f"{kind + ' ' + conc:<28} {b[0]:>10.0f} {b[1]:>9} {b[2]:>9} {e[0]:>12.0f} {e[1]:>10} {e[2]:>10} {ratio:>9}")
+    print(f"{kind + ' ' + conc:<26} {f'{b[0]:.0f} ({br})':>20} {b[1]:>8} {b[2]:>9} {f'{e[0]:.0f} ({er})':>21} {e[1]:>8} {e[2]:>9} {ratio:>9} {bn}/{en}")
 PY
 }
 
@@ -254,7 +254,8 @@ fi
 if [[ "$PHASE" == explain || "$PHASE" == all ]]; then
     begin_phase explain
     explain | tee "$OUT/explain-summary.txt"
-    say "plans: $OUT/explain.txt"
+    python3 "$ROOT/scripts/scale/trim_plans.py" "$OUT/explain.txt" >"$OUT/explain-trimmed.txt"
+    say "plans: $OUT/explain.txt (trimmed: $OUT/explain-trimmed.txt)"
     end_phase explain
 fi
 if [[ "$PHASE" == load || "$PHASE" == all ]]; then
