@@ -4,7 +4,9 @@ use std::fmt;
 use std::time::Duration;
 
 use mindroom_billing_core::signature::DEFAULT_TOLERANCE_SECS;
-use mindroom_billing_core::{CacheConfig, MemoryLimits, PriceCatalog, StripeSyncConfig, Tier, WorkerConfig};
+use mindroom_billing_core::{
+    CacheConfig, MemoryLimits, PriceCatalog, RetentionPolicy, StripeSyncConfig, Tier, WorkerConfig,
+};
 use secrecy::{ExposeSecret, SecretString};
 
 /// A configuration error naming the variable.
@@ -87,6 +89,8 @@ pub(crate) struct Config {
     /// subscription with a store that cannot report changes (PostgREST); 0 turns the per-replica
     /// entitlement cache off.
     pub(crate) cache: CacheConfig,
+    /// `BILLING_EVENT_RETENTION_DAYS`: days raw payloads and finished jobs are kept.
+    pub(crate) retention_days: i64,
     /// Whether `webhook_secrets` is the built-in development secret (see [`DEV_WEBHOOK_SECRET`]).
     pub(crate) dev_secret: bool,
     /// `RUST_LOG`, validated (default `info`).
@@ -198,6 +202,7 @@ impl fmt::Debug for Config {
             .field("stripe_secret_key", &set(&self.stripe_secret_key))
             .field("worker", &self.worker)
             .field("request_timeout", &self.request_timeout)
+            .field("retention_days", &self.retention_days)
             .finish()
     }
 }
@@ -235,6 +240,17 @@ fn positive(name: &'static str, default: u64) -> Result<u64, ConfigError> {
         return Err(ConfigError { var: name, message: "must be at least 1".into() });
     }
     Ok(value)
+}
+
+/// `BILLING_EVENT_RETENTION_DAYS`: 1 to 36,500 days (default 400: disputes and audits reach back
+/// more than a year).
+fn retention_days() -> Result<i64, ConfigError> {
+    const NAME: &str = "BILLING_EVENT_RETENTION_DAYS";
+    let days = parse(NAME, RetentionPolicy::default().retention.num_days(), "a number of days")?;
+    if !(1..=36_500).contains(&days) {
+        return Err(ConfigError { var: NAME, message: format!("must be 1..=36500 days, got {days}") });
+    }
+    Ok(days)
 }
 
 /// `STRIPE_SECRET_KEY`: a secret (`sk_…`) or restricted (`rk_…`) key, not a publishable one.
@@ -353,6 +369,7 @@ impl Config {
             request_timeout: Duration::from_secs(parse("BILLING_REQUEST_TIMEOUT_SECS", 15_u64, "seconds")?),
             memory_events: parse("BILLING_MEMORY_EVENTS", MemoryLimits::default().max_payloads, "a number of events")?,
             cache: cache_from_env()?,
+            retention_days: retention_days()?,
             dev_secret: false,
             log_filter,
             no_color: var("NO_COLOR").is_some(),

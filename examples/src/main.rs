@@ -156,6 +156,14 @@ enum EventsCommand {
         /// `evt_…`
         id: String,
     },
+    /// Prune what `BILLING_EVENT_RETENTION_DAYS` lets go now (the server does it by itself every 10
+    /// minutes): done events' payloads and rows, and done jobs. Failed and received events and
+    /// pending, running and dead jobs are never pruned.
+    Prune {
+        /// Count what would go and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -361,7 +369,38 @@ async fn events(billing: &Billing, command: EventsCommand) -> Result<()> {
             say!("received_at:  {}", event.received_at);
             say!("processed_at: {}", event.processed_at.map(|t| t.to_string()).unwrap_or_else(|| "-".into()));
             say!("deliveries:   {}", event.deliveries);
-            say!("payload:\n{}", event.payload);
+            if event.payload.is_empty() && event.status.is_done() {
+                say!("payload:      (pruned by retention, BILLING_EVENT_RETENTION_DAYS)");
+            } else {
+                say!("payload:\n{}", event.payload);
+            }
+        }
+        EventsCommand::Prune { dry_run } => {
+            let policy = &billing.config().retention;
+            let request = policy.request(billing.now(), dry_run);
+            let report = billing.prune(dry_run, None).await?;
+            let day = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M:%S UTC");
+            say!(
+                "retention: {} days (BILLING_EVENT_RETENTION_DAYS); event ids are kept at least {} days",
+                policy.retention.num_days(),
+                mindroom_billing_core::retention::REDELIVERY_HORIZON_DAYS
+            );
+            say!("{}", if dry_run { "would prune:" } else { "pruned:" });
+            say!(
+                "  events:   {:>10}  done events received before {} (rows deleted)",
+                report.events,
+                day(request.events_before)
+            );
+            say!(
+                "  payloads: {:>10}  done events received before {} (payload emptied, id row kept)",
+                report.payloads,
+                day(request.payloads_before)
+            );
+            say!("  jobs:     {:>10}  done jobs created before {}", report.jobs, day(request.jobs_before));
+            say!("never pruned: failed and received events; pending, running and dead jobs");
+            if dry_run {
+                say!("(dry run: nothing changed; run without --dry-run to prune)");
+            }
         }
         EventsCommand::Replay { id } => {
             let disposition = billing.replay(&id).await?;

@@ -7,7 +7,8 @@ use anyhow::{Context, Result};
 use mindroom_billing_core::dryrun::{DryRunProvisioner, LogNotifier};
 use mindroom_billing_core::stripe_api::StripeApi;
 use mindroom_billing_core::{
-    Billing, BillingConfig, MemoryLimits, MemoryStore, Notifier, Policy, Provisioner, Store, Verifier, WebhookSecret,
+    Billing, BillingConfig, MemoryLimits, MemoryStore, Notifier, Policy, Provisioner, RetentionPolicy, Store, Verifier,
+    WebhookSecret,
 };
 use mindroom_billing_dokku::{DokkuConfig, DokkuProvisioner};
 use mindroom_billing_resend::{ResendConfig, ResendNotifier};
@@ -183,7 +184,8 @@ fn billing_config(cfg: &Config) -> BillingConfig {
         .with_policy(policy)
         .with_worker(cfg.worker.clone())
         .with_stripe_sync(cfg.stripe_sync.clone())
-        .with_cache(cfg.cache.clone());
+        .with_cache(cfg.cache.clone())
+        .with_retention(RetentionPolicy::default().with_retention(chrono::Duration::days(cfg.retention_days)));
     if let Some(email) = &cfg.admin_email {
         config = config.with_admin_email(email.clone());
     }

@@ -17,6 +17,7 @@ use crate::model::{
     JobKind, JobResolution, JobState, NewEvent, NewJob, Outcome, PaidInvoice, Recorded, SubscriptionState, UsageKey,
 };
 use crate::ports::{EventFilter, JobFilter, Store, StoreError};
+use crate::retention::{PruneReport, RetentionPolicy};
 use crate::tier::{Limit, Metric, Tier};
 
 /// A fixed instant the checks work around.
@@ -80,6 +81,7 @@ where
     record_and_load_returns_the_aggregate(fresh().await).await;
     record_and_commit_is_one_atomic_step(fresh().await).await;
     leases_renew_and_skipped_jobs_keep_their_reason(fresh().await).await;
+    retention_prunes_only_old_done_history(fresh().await).await;
 }
 
 /// `extend_lease` keeps a running job from being taken over and is refused once the lease is lost;
@@ -530,4 +532,107 @@ pub async fn accounts_and_listing(store: Arc<dyn Store>) {
     assert_eq!(subs, ["sub_1", "sub_2"]);
     assert!(store.load_account("cus_none").await.unwrap().is_none());
     store.ping().await.unwrap();
+}
+
+/// Retention prunes done events and done jobs past their cut-offs, in batches, and nothing else: a
+/// failed or received event and pending, running and dead jobs stay whatever their age; an event inside
+/// the window keeps its payload; an event past the payload cut-off but inside the id horizon keeps its
+/// row (a redelivery is still a duplicate); a dry run counts everything and changes nothing.
+pub async fn retention_prunes_only_old_done_history(store: Arc<dyn Store>) {
+    let now = t0();
+    let days = |d: i64| now - Duration::days(d);
+    // Retention 15 days: payloads go after 15 days, event ids only after 30.
+    let policy = RetentionPolicy::default().with_retention(Duration::days(15)).with_batch(2);
+    let done = |id: &'static str, received: DateTime<Utc>| {
+        let store = Arc::clone(&store);
+        async move {
+            store.record_event(&new_event(id, id, received)).await.unwrap();
+            store.commit(&commit_for(Some(id), None, vec![])).await.unwrap();
+        }
+    };
+    for id in ["evt_old_1", "evt_old_2", "evt_old_3"] {
+        done(id, days(500)).await;
+    }
+    done("evt_mid", days(20)).await;
+    done("evt_recent", days(10)).await;
+    store.record_event(&new_event("evt_old_failed", "failed payload", days(500))).await.unwrap();
+    let mut failed = commit_for(Some("evt_old_failed"), None, vec![]);
+    failed.outcome = Outcome::Failed("unknown price".into());
+    store.commit(&failed).await.unwrap();
+    store.record_event(&new_event("evt_old_received", "received payload", days(500))).await.unwrap();
+
+    // Jobs, each enqueued (and so created) at its `run_after`, claimed one at a time.
+    let run = |key: &'static str, at: DateTime<Utc>, resolution: Option<JobResolution>| {
+        let store = Arc::clone(&store);
+        async move {
+            store.enqueue(&[job(key, None, at)]).await.unwrap();
+            let Some(resolution) = resolution else { return };
+            let claimed = store.claim_jobs(&Claim { now: at, lease: Duration::seconds(30), limit: 1 }).await.unwrap();
+            assert_eq!(claimed[0].key, key);
+            let finish = |resolution| JobFinish {
+                job_id: claimed[0].id,
+                attempt: claimed[0].attempts,
+                now: at + Duration::seconds(1),
+                resolution,
+                instance: None,
+                enqueue: vec![],
+            };
+            match resolution {
+                JobResolution::Retry { .. } => {} // stays running
+                other => assert!(store.finish_job(&finish(other)).await.unwrap()),
+            }
+        }
+    };
+    run("job_old_done", days(500), Some(JobResolution::Done)).await;
+    run("job_old_dead", days(500), Some(JobResolution::Dead { error: "gave up".into() })).await;
+    run("job_recent_done", days(10), Some(JobResolution::Done)).await;
+    run("job_old_running", days(500), Some(JobResolution::Retry { run_after: now, error: String::new() })).await;
+    run("job_old_pending", days(500), None).await;
+
+    let dry = store.prune(&policy.request(now, true)).await.unwrap();
+    assert_eq!(dry, PruneReport { events: 3, payloads: 1, jobs: 1 }, "a dry run counts all, ignoring the batch");
+    assert_eq!(store.prune(&policy.request(now, true)).await.unwrap(), dry, "and changes nothing");
+    assert_eq!(store.load_event("evt_old_1").await.unwrap().unwrap().payload, "evt_old_1");
+    assert_eq!(store.load_event("evt_mid").await.unwrap().unwrap().payload, "evt_mid");
+
+    let first = store.prune(&policy.request(now, false)).await.unwrap();
+    assert_eq!(first, PruneReport { events: 2, payloads: 1, jobs: 1 }, "at most a batch of each kind");
+    assert!(!first.exhausted(2));
+    let second = store.prune(&policy.request(now, false)).await.unwrap();
+    assert_eq!(second, PruneReport { events: 1, payloads: 0, jobs: 0 });
+    assert_eq!(store.prune(&policy.request(now, false)).await.unwrap(), PruneReport::default());
+    assert_eq!(store.prune(&policy.request(now, true)).await.unwrap(), PruneReport::default());
+
+    for id in ["evt_old_1", "evt_old_2", "evt_old_3"] {
+        assert!(store.load_event(id).await.unwrap().is_none(), "{id} is past both cut-offs");
+    }
+    let failed = store.load_event("evt_old_failed").await.unwrap().expect("failed events are never pruned");
+    assert_eq!((failed.status, failed.payload.as_str()), (EventStatus::Failed, "failed payload"));
+    let received = store.load_event("evt_old_received").await.unwrap().expect("received events are never pruned");
+    assert_eq!(received.payload, "received payload");
+    let unapplied = store.unapplied_events(now, 10).await.unwrap();
+    assert_eq!(unapplied.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["evt_old_received"]);
+    assert_eq!(store.load_event("evt_recent").await.unwrap().unwrap().payload, "evt_recent", "inside the window");
+    let mid = store.load_event("evt_mid").await.unwrap().expect("the id row stays for 30 days");
+    assert_eq!((mid.status, mid.payload.as_str()), (EventStatus::Applied, ""), "its payload is pruned");
+    assert_eq!(
+        store.record_event(&new_event("evt_mid", "evt_mid", now)).await.unwrap(),
+        Recorded::Done(EventStatus::Applied),
+        "a redelivery of a pruned-payload event is still a duplicate"
+    );
+    let mut jobs: Vec<(String, &str)> = store
+        .list_jobs(&JobFilter { state: None, limit: 10 })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|j| (j.key, j.state.as_str()))
+        .collect();
+    jobs.sort();
+    let expected = [
+        ("job_old_dead", "dead"),
+        ("job_old_pending", "pending"),
+        ("job_old_running", "running"),
+        ("job_recent_done", "done"),
+    ];
+    assert_eq!(jobs, expected.map(|(k, s)| (k.to_owned(), s)), "only the old done job is pruned");
 }

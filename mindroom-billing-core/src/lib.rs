@@ -3,6 +3,7 @@
 pub mod event;
 pub mod model;
 pub mod ports;
+pub mod retention;
 pub mod signature;
 pub mod stripe_api;
 pub mod tier;
@@ -11,6 +12,7 @@ pub mod transition;
 pub use event::{Event, EventObject, EventType, ParseError, SubscriptionStatus, parse, parse_str};
 pub use model::*;
 pub use ports::{ChangeListener, Clock, Notifier, Provisioner, Store, StoreError, SystemClock};
+pub use retention::{PruneReport, PruneRequest, RetentionPolicy};
 pub use signature::{SignatureError, Verifier, WebhookSecret};
 pub use tier::{Limit, Limits, Metric, PriceCatalog, PriceRef, Tier};
 pub use transition::{Decision, Policy, decide, expire_grace};

@@ -20,6 +20,7 @@ use crate::model::{
     SyncCursor, UsageKey, UsageResult, account_id_for_customer,
 };
 use crate::ports::{ChangeListener, EventFilter, JobFilter, Store, StoreError};
+use crate::retention::{PruneReport, PruneRequest};
 use crate::tier::Limit;
 
 /// How much of its event history the in-memory store keeps.
@@ -185,23 +186,9 @@ impl Inner {
         }
         while self.kept.len() > self.limits.max_payloads {
             let Some(id) = self.kept.pop_front() else { break };
-            let Some(event) = self.events.remove(&id) else { continue };
-            let known = self.event_types.iter().position(|t| **t == *event.event_type);
-            let index = known.unwrap_or_else(|| {
-                self.event_types.push(event.event_type.into());
-                self.event_types.len() - 1
-            });
-            let row = DoneRow {
-                event_type: u32::try_from(index).unwrap_or(u32::MAX),
-                created: event.created,
-                received_at: event.received_at,
-                processed_at: event.processed_at.unwrap_or(event.received_at),
-                deliveries: event.deliveries,
-                status: event.status,
-                source: event.source,
-            };
-            self.compacted.insert(Arc::clone(&id), row);
-            self.dropped.push_back(id);
+            if self.compact(&id) {
+                self.dropped.push_back(id);
+            }
         }
         while self.events.len() + self.compacted.len() > self.limits.max_events {
             if let Some(id) = self.dropped.pop_front() {
@@ -212,6 +199,96 @@ impl Inner {
                 break; // only received and failed events are left: never dropped
             }
         }
+    }
+
+    /// Moves the event `id` from `events` to `compacted`, dropping its payload (the caller keeps
+    /// `kept` and `dropped` in step). Whether it was there.
+    fn compact(&mut self, id: &Arc<str>) -> bool {
+        let Some(event) = self.events.remove(id) else { return false };
+        let known = self.event_types.iter().position(|t| **t == *event.event_type);
+        let index = known.unwrap_or_else(|| {
+            self.event_types.push(event.event_type.into());
+            self.event_types.len() - 1
+        });
+        let row = DoneRow {
+            event_type: u32::try_from(index).unwrap_or(u32::MAX),
+            created: event.created,
+            received_at: event.received_at,
+            processed_at: event.processed_at.unwrap_or(event.received_at),
+            deliveries: event.deliveries,
+            status: event.status,
+            source: event.source,
+        };
+        self.compacted.insert(Arc::clone(id), row);
+        true
+    }
+
+    /// [`Store::prune`] under the lock.
+    fn prune(&mut self, request: &PruneRequest) -> PruneReport {
+        let limit = if request.dry_run { usize::MAX } else { usize::try_from(request.limit).unwrap_or(usize::MAX) };
+        let done_before = |status: EventStatus, received_at: DateTime<Utc>, before: DateTime<Utc>| {
+            status.is_done() && received_at < before
+        };
+        let old_ids: Vec<Arc<str>> = self
+            .events
+            .iter()
+            .filter(|(_, e)| done_before(e.status, e.received_at, request.events_before))
+            .map(|(id, _)| Arc::clone(id))
+            .chain(
+                self.compacted
+                    .iter()
+                    .filter(|(_, r)| done_before(r.status, r.received_at, request.events_before))
+                    .map(|(id, _)| Arc::clone(id)),
+            )
+            .take(limit)
+            .collect();
+        let payload_ids: Vec<Arc<str>> = self
+            .events
+            .iter()
+            .filter(|(_, e)| {
+                done_before(e.status, e.received_at, request.payloads_before)
+                    && e.received_at >= request.events_before
+                    && !e.payload.is_empty()
+            })
+            .map(|(id, _)| Arc::clone(id))
+            .take(limit)
+            .collect();
+        let job_ids: Vec<i64> = self
+            .jobs
+            .values()
+            .filter(|j| {
+                j.state == JobState::Done && j.created_at < request.jobs_before && j.updated_at < request.jobs_before
+            })
+            .map(|j| j.id)
+            .take(limit)
+            .collect();
+        let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        let report = PruneReport {
+            events: count(old_ids.len()),
+            payloads: count(payload_ids.len()),
+            jobs: count(job_ids.len()),
+        };
+        if request.dry_run {
+            return report;
+        }
+        for id in &old_ids {
+            self.events.remove(id);
+            self.compacted.remove(id);
+        }
+        for id in payload_ids {
+            if self.compact(&id) {
+                self.dropped.push_front(id); // older than anything compacted by the payload bound
+            }
+        }
+        for id in job_ids {
+            if let Some(job) = self.jobs.remove(&id) {
+                self.job_keys.remove(&job.key);
+            }
+        }
+        let (events, compacted) = (&self.events, &self.compacted);
+        self.kept.retain(|id| events.contains_key(id));
+        self.dropped.retain(|id| compacted.contains_key(id));
+        report
     }
 
     fn enqueue(&mut self, jobs: &[NewJob], now: DateTime<Utc>) {
@@ -625,5 +702,9 @@ impl Store for MemoryStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         self.lock().map(drop)
+    }
+
+    async fn prune(&self, request: &PruneRequest) -> Result<PruneReport, StoreError> {
+        Ok(self.lock()?.prune(request))
     }
 }

@@ -13,6 +13,7 @@ use crate::model::{
     Account, Claim, Commit, CommitResult, EventStatus, Expected, InstanceRecord, Job, JobCounts, JobFinish, JobState,
     NewEvent, NewJob, Recorded, RecordedCommit, StoredEvent, SubscriptionState, SyncCursor, UsageKey, UsageResult,
 };
+use crate::retention::{PruneReport, PruneRequest};
 use crate::tier::{Limit, Limits, Tier};
 
 /// A boxed error source.
@@ -219,6 +220,17 @@ pub trait Store: Send + Sync + 'static {
 
     /// Answers when the store is reachable.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Prunes old history, at most `request.limit` rows of each kind (one short transaction):
+    /// deletes done (applied, stale, ignored) events received before `events_before`; empties the
+    /// payload of done events received before `payloads_before` but not before `events_before` (the
+    /// row and its status stay, so a redelivery is still a duplicate; an empty payload means
+    /// "pruned"); deletes `done` jobs created and last updated before `jobs_before` (their keys are
+    /// forgotten with them). Received and failed events and pending, running and dead jobs are never
+    /// touched. Rows another transaction holds are skipped, so concurrent calls never wait on each
+    /// other or on the hot path. With `dry_run` nothing changes and the report counts everything
+    /// that calls without `dry_run` would prune, ignoring `limit`.
+    async fn prune(&self, request: &PruneRequest) -> Result<PruneReport, StoreError>;
 
     /// Starts telling `listener` about account changes committed from now on, by this or any other
     /// replica (a per-replica read cache drops what they make stale), until `listener` is dropped.

@@ -78,4 +78,14 @@ pub fn describe_metrics() {
         Unit::Count,
         "Failed catch-up or reconciliation runs, by task and kind (unauthorized, api, store)"
     );
+    describe_counter!(
+        "billing_retention_pruned_rows_total",
+        Unit::Count,
+        "Rows pruned by retention, by kind (events: whole event rows; payloads: raw payloads emptied, the id row kept; jobs: finished jobs)"
+    );
+    describe_counter!(
+        "billing_retention_errors_total",
+        Unit::Count,
+        "Retention pruning passes that ended on a store error (retried at the next interval)"
+    );
 }

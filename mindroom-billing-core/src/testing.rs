@@ -128,6 +128,12 @@ impl<H: StoreHooks> Store for HookedStore<H> {
     async fn usage(&self, key: UsageKey) -> Result<u64, StoreError> {
         self.inner.usage(key).await
     }
+    async fn prune(
+        &self,
+        request: &crate::retention::PruneRequest,
+    ) -> Result<crate::retention::PruneReport, StoreError> {
+        self.inner.prune(request).await
+    }
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
     }

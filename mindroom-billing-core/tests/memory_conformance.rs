@@ -163,3 +163,30 @@ async fn failed_and_received_events_are_never_dropped() {
     assert_eq!(with_payload(&events), [id(0), id(1)], "the replayed event's payload is the newest kept one");
     assert_eq!(events.len(), 3);
 }
+
+/// Retention prunes compacted rows too, and the payload bound keeps working after a prune.
+#[tokio::test]
+async fn pruning_a_bounded_store_keeps_its_bounds() {
+    use mindroom_billing_core::{PruneReport, PruneRequest};
+    let store = bounded(2, 100);
+    for i in 0..6 {
+        deliver(&store, i, Outcome::Applied).await;
+    }
+    let at = |secs: i64| t0() + Duration::seconds(secs);
+    let request =
+        PruneRequest { events_before: at(3), payloads_before: at(5), jobs_before: at(0), limit: 100, dry_run: false };
+    // 0–2 go whole (0–3 had lost their payload to the bound already); 4 loses its payload.
+    assert_eq!(store.prune(&request).await.unwrap(), PruneReport { events: 3, payloads: 1, jobs: 0 });
+    let ids: Vec<String> = all_events(&store).await.into_iter().map(|e| e.id).collect();
+    assert_eq!(ids, [id(5), id(4), id(3)]);
+    assert_eq!(with_payload(&all_events(&store).await), [id(5)]);
+    for i in 6..9 {
+        deliver(&store, i, Outcome::Applied).await;
+    }
+    assert_eq!(with_payload(&all_events(&store).await), [id(7), id(8)], "the payload bound still holds");
+    assert_eq!(
+        store.record_event(&new_event(&id(4), &payload(4), at(10))).await.unwrap(),
+        Recorded::Done(EventStatus::Applied),
+        "a pruned payload's id still answers a duplicate"
+    );
+}

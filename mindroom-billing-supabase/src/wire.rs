@@ -9,8 +9,8 @@ use chrono::{DateTime, Utc};
 use mindroom_billing_core::ports::{EventFilter, JobFilter, StoreError};
 use mindroom_billing_core::{
     Account, Claim, Commit, CommitResult, EventStatus, Expected, InstanceRecord, Job, JobCounts, JobFinish,
-    JobResolution, Limit, NewEvent, NewJob, Outcome, Recorded, RecordedCommit, StoredEvent, SubscriptionState,
-    SyncCursor, UsageKey, UsageResult,
+    JobResolution, Limit, NewEvent, NewJob, Outcome, PruneReport, PruneRequest, Recorded, RecordedCommit, StoredEvent,
+    SubscriptionState, SyncCursor, UsageKey, UsageResult,
 };
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -444,6 +444,23 @@ pub(crate) async fn ping<R: Rpc + ?Sized>(rpc: &R) -> Result<(), StoreError> {
     rpc.call(F, json!({})).await.map(drop)
 }
 
+pub(crate) async fn prune<R: Rpc + ?Sized>(rpc: &R, request: &PruneRequest) -> Result<PruneReport, StoreError> {
+    const F: &str = "billing_prune";
+    let p = json!({
+        "events_before": request.events_before,
+        "payloads_before": request.payloads_before,
+        "jobs_before": request.jobs_before,
+        "limit": request.limit.to_string(),
+        "dry_run": request.dry_run,
+    });
+    let out = rpc.call(F, p).await?;
+    Ok(PruneReport {
+        events: u64_field(F, &out, "events")?,
+        payloads: u64_field(F, &out, "payloads")?,
+        jobs: u64_field(F, &out, "jobs")?,
+    })
+}
+
 /// Implements [`mindroom_billing_core::Store`] for a type implementing [`Rpc`].
 macro_rules! impl_store_via_rpc {
     ($ty:ty) => {
@@ -607,6 +624,12 @@ macro_rules! impl_store_via_rpc {
             }
             async fn ping(&self) -> Result<(), mindroom_billing_core::StoreError> {
                 crate::wire::ping(self).await
+            }
+            async fn prune(
+                &self,
+                request: &mindroom_billing_core::PruneRequest,
+            ) -> Result<mindroom_billing_core::PruneReport, mindroom_billing_core::StoreError> {
+                crate::wire::prune(self, request).await
             }
         }
     };

@@ -15,11 +15,13 @@ use crate::model::{
     StoredEvent, SubscriptionState,
 };
 use crate::ports::{Clock, Notifier, Provisioner, Store, StoreError, SystemClock};
+use crate::retention::RetentionPolicy;
 use crate::signature::{SignatureError, Verifier};
 use crate::stripe_api::StripeApi;
 use crate::transition::{self, Policy};
 
 mod cache;
+mod retention;
 mod sync;
 mod usage;
 mod worker;
@@ -88,6 +90,8 @@ pub struct BillingConfig {
     pub stripe_sync: StripeSyncConfig,
     /// The per-replica entitlement cache.
     pub cache: CacheConfig,
+    /// How long event payloads, event ids and finished jobs are kept; the worker prunes the rest.
+    pub retention: RetentionPolicy,
 }
 
 impl BillingConfig {
@@ -100,6 +104,7 @@ impl BillingConfig {
             admin_email: None,
             stripe_sync: StripeSyncConfig::default(),
             cache: CacheConfig::default(),
+            retention: RetentionPolicy::default(),
         }
     }
 
@@ -107,6 +112,13 @@ impl BillingConfig {
     #[must_use]
     pub fn with_cache(mut self, cache: CacheConfig) -> Self {
         self.cache = cache;
+        self
+    }
+
+    /// Sets the retention policy.
+    #[must_use]
+    pub fn with_retention(mut self, retention: RetentionPolicy) -> Self {
+        self.retention = retention;
         self
     }
 
@@ -644,6 +656,8 @@ impl Billing {
         Ok(handled)
     }
 
+    /// Runs the job workers, the grace sweeper and unapplied pick-up, retention pruning and (with a
+    /// Stripe API) catch-up and reconciliation until `shutdown`
     /// turns true; a job that is running then is finished first.
     pub async fn run_background(self: Arc<Self>, shutdown: watch::Receiver<bool>) {
         let mut tasks = tokio::task::JoinSet::new();
@@ -671,6 +685,8 @@ impl Billing {
             let (this, stop) = (Arc::clone(&self), shutdown.clone());
             tasks.spawn(async move { this.run_stripe_sync(stop).await });
         }
+        let (this, stop) = (Arc::clone(&self), shutdown.clone());
+        tasks.spawn(async move { this.run_retention(stop).await });
         let (this, mut stop) = (Arc::clone(&self), shutdown);
         tasks.spawn(async move {
             while !*stop.borrow() {

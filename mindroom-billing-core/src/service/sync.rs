@@ -446,7 +446,9 @@ impl Billing {
         }
     }
 
-    async fn lease(&self, name: &str, interval: Duration) -> bool {
+    /// Takes or renews the singleton lease `name` for `interval`; `false` when another replica
+    /// holds it (or the store failed: logged).
+    pub(super) async fn lease(&self, name: &str, interval: Duration) -> bool {
         let now = self.clock.now();
         let until = now + chrono::Duration::from_std(interval).unwrap_or(chrono::Duration::days(1));
         match self.store.try_lease(name, &self.holder, now, until).await {
