@@ -2,6 +2,7 @@
 
 pub mod event;
 pub mod model;
+pub mod operator;
 pub mod ports;
 pub mod signature;
 pub mod stripe_api;
@@ -10,6 +11,7 @@ pub mod transition;
 
 pub use event::{Event, EventObject, EventType, ParseError, SubscriptionStatus, parse, parse_str};
 pub use model::*;
+pub use operator::{AuditEntry, DriftRecord, OperatorStore};
 pub use ports::{ChangeListener, Clock, Notifier, Provisioner, Store, StoreError, SystemClock};
 pub use signature::{SignatureError, Verifier, WebhookSecret};
 pub use tier::{Limit, Limits, Metric, PriceCatalog, PriceRef, Tier};
@@ -25,5 +27,7 @@ pub mod memory;
 pub use memory::{MemoryLimits, MemoryStore};
 #[cfg(feature = "test-util")]
 pub mod conformance;
+#[cfg(feature = "test-util")]
+pub mod operator_conformance;
 #[cfg(feature = "test-util")]
 pub mod testing;
