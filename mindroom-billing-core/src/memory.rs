@@ -691,14 +691,14 @@ impl OperatorStore for MemoryStore {
         Ok(take(found.into_iter().cloned(), limit))
     }
 
-    async fn retry_dead_job(&self, job_id: i64, now: DateTime<Utc>) -> Result<bool, StoreError> {
+    async fn retry_dead_job(&self, job_id: i64, now: DateTime<Utc>) -> Result<Option<Job>, StoreError> {
         let mut inner = self.lock()?;
-        let Some(job) = inner.jobs.get_mut(&job_id).filter(|j| j.state == JobState::Dead) else { return Ok(false) };
+        let Some(job) = inner.jobs.get_mut(&job_id).filter(|j| j.state == JobState::Dead) else { return Ok(None) };
         job.state = JobState::Pending;
         job.run_after = now;
         job.locked_until = None;
         job.updated_at = now;
-        Ok(true)
+        Ok(Some(job.clone()))
     }
 
     async fn record_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {

@@ -120,11 +120,12 @@ pub trait OperatorStore: Send + Sync + 'static {
     /// most `limit`.
     async fn subscriptions_in_grace(&self, limit: u32) -> Result<Vec<SubscriptionState>, StoreError>;
 
-    /// Re-queues a dead job: `pending`, due at `now`, its last error kept. Fenced: only a job that is
-    /// `dead` changes; returns `false` (and writes nothing) for any other job or an unknown id. Its
+    /// Re-queues a dead job: `pending`, due at `now`, its last error kept, and returns it as re-queued.
+    /// Fenced: only a job that is `dead` changes; returns `None` (and writes nothing) for any other
+    /// job or an unknown id. Its
     /// `attempts` keep counting (they are the lease fencing token), so the worker gives it one more
     /// attempt before its attempt limit marks it dead again.
-    async fn retry_dead_job(&self, job_id: i64, now: DateTime<Utc>) -> Result<bool, StoreError>;
+    async fn retry_dead_job(&self, job_id: i64, now: DateTime<Utc>) -> Result<Option<Job>, StoreError>;
 
     /// Appends an audit row.
     async fn record_audit(&self, entry: &AuditEntry) -> Result<(), StoreError>;

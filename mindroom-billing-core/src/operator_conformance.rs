@@ -167,11 +167,12 @@ pub async fn retry_is_fenced_on_dead<S: Store + OperatorStore>(store: Arc<S>) {
     };
     assert!(store.finish_job(&dead).await.unwrap());
     let waiting = store.list_jobs(&JobFilter { state: Some(JobState::Pending), limit: 5 }).await.unwrap();
-    assert!(!store.retry_dead_job(waiting[0].id, t0()).await.unwrap(), "a pending job is not touched");
-    assert!(!store.retry_dead_job(9_999_999, t0()).await.unwrap(), "unknown id");
+    assert_eq!(store.retry_dead_job(waiting[0].id, t0()).await.unwrap(), None, "a pending job is not touched");
+    assert_eq!(store.retry_dead_job(9_999_999, t0()).await.unwrap(), None, "unknown id");
     let later = t0() + Duration::hours(1);
-    assert!(store.retry_dead_job(claimed[0].id, later).await.unwrap());
-    assert!(!store.retry_dead_job(claimed[0].id, later).await.unwrap(), "once: it is pending now");
+    let retried = store.retry_dead_job(claimed[0].id, later).await.unwrap().expect("a dead job is re-queued");
+    assert_eq!((retried.key.as_str(), retried.state, retried.run_after), ("dies", JobState::Pending, later));
+    assert_eq!(store.retry_dead_job(claimed[0].id, later).await.unwrap(), None, "once: it is pending now");
     let again = store.claim_jobs(&Claim { now: later, lease: Duration::seconds(30), limit: 5 }).await.unwrap();
     assert_eq!(again.iter().map(|j| j.key.as_str()).collect::<Vec<_>>(), ["dies"]);
     assert_eq!(again[0].attempts, 2, "attempts keep counting (the fencing token)");

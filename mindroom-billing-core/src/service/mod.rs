@@ -298,6 +298,11 @@ impl Billing {
         &self.store
     }
 
+    /// Whether the Stripe API is configured (catch-up, reconciliation against Stripe).
+    pub fn has_stripe_api(&self) -> bool {
+        self.stripe.is_some()
+    }
+
     /// The configuration.
     pub fn config(&self) -> &BillingConfig {
         &self.config
