@@ -641,7 +641,8 @@ fn take<T>(items: impl Iterator<Item = T>, limit: u32) -> Vec<T> {
 impl OperatorStore for MemoryStore {
     async fn accounts_by_email(&self, email: &str, limit: u32) -> Result<Vec<Account>, StoreError> {
         let inner = self.lock()?;
-        let matches = |a: &&Account| a.email.as_deref().is_some_and(|e| e.eq_ignore_ascii_case(email));
+        let email = email.to_lowercase();
+        let matches = |a: &&Account| a.email.as_deref().is_some_and(|e| e.to_lowercase() == email);
         Ok(take(inner.accounts.values().filter(matches).cloned(), limit))
     }
 
@@ -665,12 +666,12 @@ impl OperatorStore for MemoryStore {
     async fn jobs_for_subscription(&self, subscription_id: &str, limit: u32) -> Result<Vec<Job>, StoreError> {
         let inner = self.lock()?;
         let names = |job: &&Job| {
-            job.group.as_deref() == Some(subscription_id)
-                || match &job.kind {
-                    crate::model::JobKind::Reconcile { subscription_id: s } => s == subscription_id,
-                    crate::model::JobKind::Email { subscription_id: s, .. } => s.as_deref() == Some(subscription_id),
-                    crate::model::JobKind::AdminAlert { .. } => false,
-                }
+            let about = match &job.kind {
+                crate::model::JobKind::Reconcile { subscription_id } => Some(subscription_id.as_str()),
+                crate::model::JobKind::Email { subscription_id, .. } => subscription_id.as_deref(),
+                crate::model::JobKind::AdminAlert { .. } => None,
+            };
+            about.or(job.group.as_deref()) == Some(subscription_id)
         };
         let found: Vec<Job> = inner.jobs.values().filter(names).cloned().collect();
         Ok(newest_first(found, |j| (j.created_at, j.id), limit))

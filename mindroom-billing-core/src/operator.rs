@@ -97,7 +97,7 @@ pub fn event_customer(payload: &str) -> Option<String> {
 /// statement). Writes are the audit row, the drift of one reconciliation, and re-queueing a dead job.
 #[async_trait]
 pub trait OperatorStore: Send + Sync + 'static {
-    /// Accounts whose e-mail equals `email`, ignoring ASCII case, at most `limit`.
+    /// Accounts whose e-mail equals `email`, ignoring case, at most `limit`.
     async fn accounts_by_email(&self, email: &str, limit: u32) -> Result<Vec<Account>, StoreError>;
 
     /// The instance record whose app name is `app_name`.
@@ -112,8 +112,8 @@ pub trait OperatorStore: Send + Sync + 'static {
     /// the events whose payload they keep.
     async fn events_for_customer(&self, customer_id: &str, limit: u32) -> Result<Vec<StoredEvent>, StoreError>;
 
-    /// The jobs of a subscription: those of its group and those whose work names it (its e-mails),
-    /// newest first, at most `limit`.
+    /// The jobs of a subscription, newest first, at most `limit`: those whose work names it (its
+    /// reconciles and e-mails), and those whose work names no subscription but whose group is it.
     async fn jobs_for_subscription(&self, subscription_id: &str, limit: u32) -> Result<Vec<Job>, StoreError>;
 
     /// Subscriptions with a grace period whose expiry is not handled yet, earliest deadline first, at

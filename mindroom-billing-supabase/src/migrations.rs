@@ -65,6 +65,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "billing_record_and_commit",
         sql: include_str!("../migrations/20261204000100_billing_record_and_commit.sql"),
     },
+    Migration {
+        version: "20261206000000",
+        name: "billing_console",
+        sql: include_str!("../migrations/20261206000000_billing_console.sql"),
+    },
 ];
 
 #[cfg(test)]
