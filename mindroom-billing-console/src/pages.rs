@@ -123,7 +123,7 @@ pub(crate) fn dashboard(ctx: &Ctx, counts: &JobCounts, stripe: bool) -> Markup {
                 dt { "dead" } dd { a href="/jobs/dead" { (counts.dead) } }
                 dt { "done" } dd { (counts.done) }
             }
-            @if !stripe { p.note { "The Stripe API is not configured (no STRIPE_API_KEY): reconciling against Stripe is off." } }
+            @if !stripe { p.note { "The Stripe API is not configured (no STRIPE_SECRET_KEY): reconciling against Stripe is off." } }
         },
     )
 }
@@ -352,7 +352,7 @@ pub(crate) fn customer(ctx: &Ctx, view: &CustomerView) -> Markup {
                             button type="submit" disabled[ctx.read_only()] { "Reconcile with Stripe now" }
                         }
                     } @else {
-                        p.note { "Reconcile now is off: the Stripe API is not configured (no STRIPE_API_KEY)." }
+                        p.note { "Reconcile now is off: the Stripe API is not configured (no STRIPE_SECRET_KEY)." }
                     }
                 }
             }
@@ -470,7 +470,7 @@ pub(crate) fn drift(ctx: &Ctx, drift: &[DriftRecord], stripe: bool) -> Markup {
         "Drift found by the last reconciliation",
         Some(ctx),
         &html! {
-            @if !stripe { p.note { "The Stripe API is not configured (no STRIPE_API_KEY): no reconciliation runs." } }
+            @if !stripe { p.note { "The Stripe API is not configured (no STRIPE_SECRET_KEY): no reconciliation runs." } }
             @if drift.is_empty() { p.empty { "No drift." } } @else { (drift_table(drift)) }
         },
     )

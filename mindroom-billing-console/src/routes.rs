@@ -468,7 +468,7 @@ async fn reconcile(console: &Console, ctx: &Ctx, actor: String, id: &str) -> Ans
             };
             (report.checked > 0, result)
         }
-        Err(SyncError::NotConfigured) => (false, "the Stripe API is not configured (no STRIPE_API_KEY)".to_owned()),
+        Err(SyncError::NotConfigured) => (false, "the Stripe API is not configured (no STRIPE_SECRET_KEY)".to_owned()),
         Err(e) => (false, error_chain(&e)),
     };
     let entry = AuditEntry {
