@@ -311,3 +311,55 @@ async fn a_read_only_user_sees_the_pages_and_gets_403_on_every_action() {
     assert_eq!(logout.status(), 303);
     assert!(logout.headers()["set-cookie"].to_str().unwrap().contains("Max-Age=0"));
 }
+
+/// In real headless Chromium: log in, find the customer, open the failed event, replay it and see
+/// its disposition change; screenshots of the customer page and the lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_browser_an_operator_finds_the_customer_and_replays_the_failed_event() {
+    use fantoccini::Locator;
+    let Some(browser) = support::browser::start().await else { return };
+    let h = start(Options::default()).await;
+    let c = &browser.client;
+    let base = format!("http://{}", h.addr);
+    let shots = support::browser::screenshot_dir();
+    let shoot = |name: &'static str| {
+        let path = shots.join(name);
+        async move { std::fs::write(&path, c.screenshot().await.unwrap()).unwrap() }
+    };
+
+    c.goto(&format!("{base}/customers/cus_Evil1")).await.unwrap();
+    assert!(c.current_url().await.unwrap().as_str().ends_with("/login"), "the browser is sent to log in");
+    c.find(Locator::Css("input[name=password]")).await.unwrap().send_keys(ADMIN_PASSWORD).await.unwrap();
+    c.find(Locator::Css("form.login button")).await.unwrap().click().await.unwrap();
+    let search = c.wait().for_element(Locator::Css("form.search-big input[name=q]")).await.unwrap();
+    search.send_keys(CUS).await.unwrap();
+    c.find(Locator::Css("form.search-big button")).await.unwrap().click().await.unwrap();
+    c.wait().for_element(Locator::Css("section.timeline")).await.unwrap();
+    assert!(c.current_url().await.unwrap().as_str().ends_with("/customers/cus_Evil1"));
+    let email = c.find(Locator::Css("dd.email")).await.unwrap().text().await.unwrap();
+    assert_eq!(email, EVIL_EMAIL, "shown as text; no script ran (an alert would have failed every command)");
+    shoot("customer.png").await;
+
+    c.goto(&format!("{base}/events/failed")).await.unwrap();
+    shoot("failed-events.png").await;
+    c.goto(&format!("{base}/jobs/dead")).await.unwrap();
+    shoot("dead-jobs.png").await;
+    c.goto(&format!("{base}/customers/cus_Evil1")).await.unwrap();
+
+    c.find(Locator::LinkText(FAILED_EVENT)).await.unwrap().click().await.unwrap();
+    let disposition = c.wait().for_element(Locator::Id("disposition")).await.unwrap();
+    assert_eq!(disposition.text().await.unwrap(), "failed");
+    shoot("failed-event.png").await;
+    c.find(Locator::Id("confirm")).await.unwrap().click().await.unwrap();
+    c.find(Locator::Id("replay")).await.unwrap().click().await.unwrap();
+    let result = c.wait().for_element(Locator::Id("result")).await.unwrap();
+    assert!(result.text().await.unwrap().contains("disposition applied"));
+    c.find(Locator::Id("back")).await.unwrap().click().await.unwrap();
+    let disposition = c.wait().for_element(Locator::Id("disposition")).await.unwrap();
+    assert_eq!(disposition.text().await.unwrap(), "applied", "the disposition changed");
+    c.goto(&format!("{base}/customers/cus_Evil1")).await.unwrap();
+    shoot("customer-after-replay.png").await;
+    assert_eq!(h.store.load_event(FAILED_EVENT).await.unwrap().unwrap().status, EventStatus::Applied);
+    assert_eq!(h.store.list_audit(Some(CUS), 10).await.unwrap().len(), 1, "one audit row");
+    browser.client.clone().close().await.unwrap();
+}

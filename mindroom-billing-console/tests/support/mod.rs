@@ -14,6 +14,8 @@ use mindroom_billing_core::{
 };
 use tokio::sync::oneshot;
 
+pub mod browser;
+
 pub const ADMIN_PASSWORD: &str = "admin: correct horse battery staple";
 pub const READONLY_PASSWORD: &str = "readonly: tr0ub4dor&3";
 pub const KEY: &str = "test session key, 32 bytes or more!";
