@@ -3,6 +3,7 @@
 //! Skipped with a message when `chromium` or `chromedriver` is not installed, unless
 //! `CONSOLE_BROWSER_TEST=require` (set by `.ci/run`, which installs both): then a missing browser
 //! fails the test.
+#![allow(clippy::print_stderr)] // the skip message
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
