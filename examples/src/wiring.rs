@@ -128,7 +128,8 @@ pub(crate) fn build_notifier(cfg: &Config) -> Result<Arc<dyn Notifier>> {
 /// migrations first), and the operator port of its store (for the console).
 pub(crate) async fn build_billing(cfg: &Config, migrate: bool) -> Result<(Arc<Billing>, Arc<dyn OperatorStore>)> {
     let Stores { store, ops } = build_store(cfg, migrate).await?;
-    let mut billing = Billing::new(store, build_provisioner(cfg)?, build_notifier(cfg)?, billing_config(cfg));
+    let mut billing = Billing::new(store, build_provisioner(cfg)?, build_notifier(cfg)?, billing_config(cfg))
+        .with_drift_log(ops.clone());
     match build_stripe_api(cfg)? {
         Some(api) => {
             info!(
@@ -165,10 +166,11 @@ pub(crate) async fn build_stripe_billing(cfg: &Config) -> Result<Arc<Billing>> {
         var: "STRIPE_SECRET_KEY",
         message: "required by `stripe` commands".into(),
     })?;
-    let store = build_store(cfg, false).await?.store;
+    let Stores { store, ops } = build_store(cfg, false).await?;
     let billing =
         Billing::new(store, Arc::new(DryRunProvisioner::default()), Arc::new(LogNotifier), billing_config(cfg))
-            .with_stripe_api(api);
+            .with_stripe_api(api)
+            .with_drift_log(ops);
     Ok(Arc::new(billing))
 }
 

@@ -12,7 +12,7 @@ use maud::Markup;
 use mindroom_billing_core::operator::event_customer;
 use mindroom_billing_core::ports::{EventFilter, JobFilter};
 use mindroom_billing_core::service::{SyncError, error_chain};
-use mindroom_billing_core::{AuditEntry, DriftRecord, EventStatus, JobState, StoreError, account_id_for_customer};
+use mindroom_billing_core::{AuditEntry, EventStatus, JobState, StoreError, account_id_for_customer};
 use tracing::{error, info, warn};
 
 use crate::auth::{Role, Session};
@@ -457,9 +457,7 @@ async fn reconcile(console: &Console, ctx: &Ctx, actor: String, id: &str) -> Ans
     let customer_id = console.billing.store().load_subscription(id).await.map_err(fail)?.map(|s| s.customer_id);
     let (ok, result) = match console.billing.reconcile_stripe(Some(id), false).await {
         Ok(report) => {
-            let found_at = console.billing.now();
-            let drift: Vec<DriftRecord> = report.drift.iter().map(|d| DriftRecord::of(d, found_at)).collect();
-            console.ops.save_drift(&[id.to_owned()], &drift).await.map_err(fail)?;
+            // The drift is recorded by the reconciliation itself (`Billing::with_drift_log`).
             let fields: Vec<&str> = report.drift.iter().map(|d| d.field.label()).collect();
             let result = match (report.checked, fields.is_empty()) {
                 (0, _) => "Stripe does not know this subscription".to_owned(),

@@ -312,6 +312,36 @@ async fn a_read_only_user_sees_the_pages_and_gets_403_on_every_action() {
     assert!(logout.headers()["set-cookie"].to_str().unwrap().contains("Max-Age=0"));
 }
 
+#[tokio::test]
+async fn reconcile_now_records_the_drift_it_fixed_and_clears_it_once_in_sync() {
+    let api = std::sync::Arc::new(mindroom_billing_core::stripe_api::FakeStripeApi::new());
+    api.put_subscription(support::stripe_subscription("past_due"));
+    let h = start(Options { stripe: Some(api.clone()), ..Options::default() }).await;
+    let admin = Client::login(h.addr, ADMIN_PASSWORD).await;
+    let page = admin.page("/customers/cus_Evil1").await;
+    assert!(page.contains("Reconcile with Stripe now") && !page.contains("Reconcile now is off"));
+    let token = admin.csrf().await;
+    let reconcile = format!("/subscriptions/{SUB}/reconcile");
+    let fixed = admin.post_form(&reconcile, &[("csrf", &token), ("confirm", "yes")]).await;
+    assert_eq!(fixed.status(), 200);
+    assert!(fixed.text().await.unwrap().contains("drift fixed: status, grace"));
+    let drift = h.store.list_drift(Some(SUB), 10).await.unwrap();
+    let fields: Vec<(&str, &str)> = drift.iter().map(|d| (d.field.as_str(), d.before.as_str())).collect();
+    assert_eq!(fields, [("grace", "-"), ("status", "active")], "past_due opens a grace period");
+    assert!(admin.page("/grace").await.contains(SUB), "now in grace");
+    assert!(admin.page("/drift").await.contains("past_due"));
+    assert!(admin.page("/customers/cus_Evil1").await.contains("past_due"));
+
+    let again = admin.post_form(&reconcile, &[("csrf", &token), ("confirm", "yes")]).await;
+    assert!(again.text().await.unwrap().contains("in sync with Stripe"));
+    assert!(h.store.list_drift(None, 10).await.unwrap().is_empty(), "the last reconciliation found none");
+    let audit = h.store.list_audit(Some(CUS), 10).await.unwrap();
+    assert_eq!(
+        audit.iter().map(|a| (a.action.as_str(), a.ok)).collect::<Vec<_>>(),
+        [("reconcile", true), ("reconcile", true)]
+    );
+}
+
 /// In real headless Chromium: log in, find the customer, open the failed event, replay it and see
 /// its disposition change; screenshots of the customer page and the lists.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,6 +8,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use mindroom_billing_console::{Console, ConsoleConfig, SessionKey, hash_password};
 use mindroom_billing_core::dryrun::{DryRunProvisioner, LogNotifier};
+use mindroom_billing_core::stripe_api::{FakeStripeApi, RawObject};
 use mindroom_billing_core::{
     AccountPatch, Billing, BillingConfig, Claim, Clock, Commit, EventSource, JobFinish, JobKind, JobResolution,
     MemoryStore, NewEvent, NewJob, Outcome, Policy, PriceCatalog, Store, Tier, Verifier, WebhookSecret,
@@ -83,6 +84,8 @@ pub struct Options {
     pub secure_cookie: bool,
     pub login_attempts_per_minute: Option<u32>,
     pub key: Option<&'static str>,
+    /// A fake Stripe API (reconciliation on, drift recorded in the store).
+    pub stripe: Option<Arc<FakeStripeApi>>,
 }
 
 /// Seeds the store (an applied event, a failed one whose price is known now, an account with a
@@ -92,10 +95,13 @@ pub async fn start(options: Options) -> Harness {
     let clock = Arc::new(TestClock(Mutex::new(t0())));
     let policy = Policy::default().with_prices(PriceCatalog::new().with_price(PRICE, Tier::Professional));
     let config = BillingConfig::new(Verifier::new([WebhookSecret::new("whsec_test")])).with_policy(policy);
-    let billing = Arc::new(
+    let mut billing =
         Billing::new(store.clone(), Arc::new(DryRunProvisioner::default()), Arc::new(LogNotifier), config)
-            .with_clock(clock.clone()),
-    );
+            .with_clock(clock.clone());
+    if let Some(api) = &options.stripe {
+        billing = billing.with_stripe_api(api.clone()).with_drift_log(store.clone());
+    }
+    let billing = Arc::new(billing);
     seed(&store, &billing).await;
     let dead_job = dead_job(&store, &billing).await;
 
@@ -116,6 +122,14 @@ pub async fn start(options: Options) -> Harness {
         let _ = stopped.await;
     }));
     Harness { addr, store, billing, clock, dead_job, stop: Some(stop) }
+}
+
+/// The subscription as Stripe holds it now, with `status`.
+pub fn stripe_subscription(status: &str) -> RawObject {
+    let event: serde_json::Value = serde_json::from_str(&subscription_event("evt_x", t0(), "")).unwrap();
+    let mut object = event["data"]["object"].clone();
+    object["status"] = serde_json::Value::String(status.into());
+    RawObject { id: SUB.into(), raw: object.to_string() }
 }
 
 fn new_event<'a>(id: &'a str, payload: &'a str, at: DateTime<Utc>) -> NewEvent<'a> {
