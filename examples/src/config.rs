@@ -180,6 +180,20 @@ fn console_from_env(public_port: u16) -> Result<Option<ConsoleSettings>, ConfigE
             });
         }
     };
+    for (name, value) in [
+        ("BILLING_CONSOLE_PASSWORD_HASH", Some(password_hash.expose_secret().to_owned())),
+        ("BILLING_CONSOLE_READONLY_PASSWORD_HASH", var("BILLING_CONSOLE_READONLY_PASSWORD_HASH")),
+    ] {
+        if value.is_some_and(|v| !v.starts_with("$argon2")) {
+            return Err(ConfigError {
+                var: name,
+                message:
+                    "expected an argon2 hash ($argon2id$…) from `mindroom-billing console hash-password`; in .env \
+                          put it in single quotes (a `$` there starts a variable)"
+                        .into(),
+            });
+        }
+    }
     let settings = ConsoleSettings {
         addr,
         password_hash,

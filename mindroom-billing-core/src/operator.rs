@@ -3,7 +3,7 @@
 //! grow, and so a read-only reporting adapter could implement only this.
 //!
 //! Every store adapter implements it ([`crate::MemoryStore`], and the PostgreSQL and PostgREST
-//! stores); [`crate::conformance::run_operator`] (feature `test-util`) holds them to the contract.
+//! stores); `operator_conformance::run_all` (feature `test-util`) holds them to the contract.
 //!
 //! [`Store`]: crate::Store
 
