@@ -24,7 +24,9 @@
 //!   is the second layer.
 //! - Every answer carries `Content-Security-Policy: default-src 'self'` (no inline script or style
 //!   runs; the console has no JavaScript), `X-Frame-Options: DENY`, `X-Content-Type-Options:
-//!   nosniff`, `Referrer-Policy: no-referrer` and `Cache-Control: no-store`.
+//!   nosniff`, `Referrer-Policy: same-origin` (nothing leaks to other sites, and the browser sends
+//!   `Origin` with its own forms) and `Cache-Control: no-store`; a `POST` whose `Origin` is another
+//!   site (or `null`) is refused.
 //! - Templates are [maud](https://maud.lambda.xyz): every interpolated value is HTML-escaped, so
 //!   names, e-mails and metadata from Stripe cannot inject markup. Raw event JSON is served as
 //!   `text/plain` with `nosniff`.

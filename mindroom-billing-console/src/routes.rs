@@ -46,7 +46,7 @@ where
         ),
         (header::X_FRAME_OPTIONS, "DENY"),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-        (header::REFERRER_POLICY, "no-referrer"),
+        (header::REFERRER_POLICY, "same-origin"),
         (header::CACHE_CONTROL, "no-store"),
     ] {
         headers.insert(name, HeaderValue::from_static(value));
@@ -115,6 +115,18 @@ fn cookie<'a, B>(req: &'a Request<B>, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
+/// A third layer under the CSRF token and `SameSite=Strict`: a `POST` whose `Origin` names another
+/// host than the one it was sent to, or `null` (an opaque origin: a sandboxed frame, a `data:` page),
+/// is refused (also at login, which has no session yet). Browsers send `Origin` with every `POST`
+/// (the `same-origin` referrer policy keeps it a real one); a request without one (curl, a test) is
+/// let through to the token check.
+fn same_origin<B>(req: &Request<B>) -> bool {
+    let Some(origin) = req.headers().get(header::ORIGIN) else { return true };
+    let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok());
+    let origin_host = origin.to_str().ok().and_then(|o| o.split_once("://")).map(|(_, rest)| rest);
+    matches!((origin_host, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
+}
+
 fn form_field(form: &[(String, String)], name: &str) -> Option<String> {
     form.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
 }
@@ -159,6 +171,9 @@ where
         (&Method::GET, ["login"]) => {
             return Ok(if session.is_some() { see_other("/") } else { page(StatusCode::OK, &pages::login(None)) });
         }
+        (&Method::POST, ["login"]) if !same_origin(&req) => {
+            return Err(refuse(None, StatusCode::FORBIDDEN, "Cross-origin requests are refused."));
+        }
         (&Method::POST, ["login"]) => return login(console, client, req).await,
         _ => {}
     }
@@ -172,6 +187,10 @@ where
     let ctx = Ctx { role: session.role, csrf: session.csrf_token(key) };
 
     if method == Method::POST {
+        if !same_origin(&req) {
+            warn!(path, "console: cross-origin POST refused");
+            return Err(refuse(Some(&ctx), StatusCode::FORBIDDEN, "Cross-origin requests are refused."));
+        }
         let form = read_form(req).await?;
         let token = form_field(&form, "csrf").unwrap_or_default();
         if !session.csrf_ok(key, &token) {

@@ -148,6 +148,40 @@ async fn a_post_without_or_with_a_wrong_csrf_token_is_refused() {
     assert!(h.store.list_audit(None, 10).await.unwrap().is_empty(), "nothing acted, nothing audited");
 
     let token = admin.csrf().await;
+    for origin in ["http://evil.example", "null"] {
+        let cross = admin
+            .http
+            .post(format!("{}{replay}", admin.base))
+            .header("cookie", admin.cookie.as_deref().unwrap())
+            .header("origin", origin)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("csrf={token}&confirm=yes"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(cross.status(), 403, "a POST from {origin}, even with the token");
+    }
+    let same = admin
+        .http
+        .post(format!("{}/logout", admin.base))
+        .header("cookie", admin.cookie.as_deref().unwrap())
+        .header("origin", admin.base.as_str())
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("csrf={token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(same.status(), 303, "its own origin is fine");
+    let login = Client::new(h.addr)
+        .http
+        .post(format!("{}/login", admin.base))
+        .header("origin", "http://evil.example")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("password=x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), 403, "no login CSRF");
     let unconfirmed = admin.post_form(replay, &[("csrf", &token)]).await;
     assert_eq!(unconfirmed.status(), 400, "the confirmation box is required");
     assert_eq!(h.store.load_event(FAILED_EVENT).await.unwrap().unwrap().status, EventStatus::Failed);

@@ -657,8 +657,14 @@ impl OperatorStore for MemoryStore {
 
     async fn events_for_customer(&self, customer_id: &str, limit: u32) -> Result<Vec<StoredEvent>, StoreError> {
         let inner = self.lock()?;
-        let mut found: Vec<&StoredEvent> =
-            inner.events.values().filter(|e| event_customer(&e.payload).as_deref() == Some(customer_id)).collect();
+        // A substring test first (memchr-fast) so that only candidate payloads are parsed while the
+        // mutex is held.
+        let mut found: Vec<&StoredEvent> = inner
+            .events
+            .values()
+            .filter(|e| e.payload.contains(customer_id))
+            .filter(|e| event_customer(&e.payload).as_deref() == Some(customer_id))
+            .collect();
         found.sort_by(|a, b| b.received_at.cmp(&a.received_at).then_with(|| a.id.cmp(&b.id)));
         Ok(take(found.into_iter().cloned(), limit))
     }
