@@ -5,8 +5,10 @@
 -- an expression index, not by a new column: the column would have to be written by the record
 -- functions (the webhook's hot path, re-created by other migrations), and the payload already holds
 -- the answer. public.billing_event_customer is immutable (a function of the payload text only) and
--- never raises, so the index cannot make an insert fail. Building the index reads every stored
--- payload once (on a large table, run this migration in a quiet hour).
+-- never raises, so the index cannot make an insert fail. Its price, measured on PostgreSQL 15 with
+-- 1.5 KB payloads: about 45 µs more per recorded event (57 µs instead of 11 µs per insert), and
+-- building it reads every stored payload once (10 s for 200,000 events, during which inserts wait:
+-- on a large table, run this migration in a quiet hour). A customer's timeline then takes < 1 ms.
 
 -- The customer a Stripe event concerns: data.object.customer, or data.object.id for a customer
 -- object; null when the payload is not JSON (or is JSON jsonb refuses, e.g. \u0000) or names none.
