@@ -408,6 +408,10 @@ async fn in_a_browser_an_operator_finds_the_customer_and_replays_the_failed_even
     shoot("failed-events.png").await;
     c.goto(&format!("{base}/jobs/dead")).await.unwrap();
     shoot("dead-jobs.png").await;
+    c.goto(&format!("{base}/grace")).await.unwrap();
+    shoot("grace.png").await;
+    c.goto(&format!("{base}/drift")).await.unwrap();
+    shoot("drift.png").await;
     c.goto(&format!("{base}/customers/cus_Evil1")).await.unwrap();
 
     c.find(Locator::LinkText(FAILED_EVENT)).await.unwrap().click().await.unwrap();
