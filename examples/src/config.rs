@@ -97,6 +97,116 @@ pub(crate) struct Config {
     pub(crate) log_filter: String,
     /// `NO_COLOR` is set (to anything non-empty): no colour codes even on a terminal.
     pub(crate) no_color: bool,
+    /// The operator console, when `BILLING_CONSOLE_ADDR` is set.
+    pub(crate) console: Option<ConsoleSettings>,
+}
+
+/// The operator console's settings (`BILLING_CONSOLE_*`), validated. Secrets are redacted from `Debug`.
+pub(crate) struct ConsoleSettings {
+    /// Where it listens (never the public port).
+    pub(crate) addr: std::net::SocketAddr,
+    /// The admin password's argon2 PHC hash.
+    pub(crate) password_hash: SecretString,
+    /// The read-only password's argon2 PHC hash.
+    pub(crate) readonly_password_hash: Option<SecretString>,
+    /// The cookie signing key; random per process start when unset.
+    pub(crate) session_key: Option<SecretString>,
+    /// Mark the session cookie `Secure` (the console is reached over HTTPS).
+    pub(crate) secure_cookie: bool,
+}
+
+impl fmt::Debug for ConsoleSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConsoleSettings")
+            .field("addr", &self.addr)
+            .field("readonly", &self.readonly_password_hash.is_some())
+            .field("session_key", &self.session_key.as_ref().map(|_| "[set]"))
+            .field("secure_cookie", &self.secure_cookie)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConsoleSettings {
+    /// The console's configuration (the session key derived from `BILLING_CONSOLE_SESSION_KEY`, or
+    /// random: then sessions end when the process restarts, and each replica has its own).
+    pub(crate) fn console_config(&self) -> Result<mindroom_billing_console::ConsoleConfig, ConfigError> {
+        use mindroom_billing_console::{ConsoleConfig, SessionKey};
+        let err = |var: &'static str| {
+            move |e: mindroom_billing_console::ConsoleError| ConfigError { var, message: e.to_string() }
+        };
+        let key = match &self.session_key {
+            Some(k) => SessionKey::from_secret(k.expose_secret()).map_err(err("BILLING_CONSOLE_SESSION_KEY"))?,
+            None => SessionKey::random(),
+        };
+        let mut config = ConsoleConfig::new(self.password_hash.expose_secret(), key)
+            .map_err(err("BILLING_CONSOLE_PASSWORD_HASH"))?
+            .with_secure_cookie(self.secure_cookie);
+        if let Some(hash) = &self.readonly_password_hash {
+            config = config
+                .with_readonly_password_hash(hash.expose_secret())
+                .map_err(err("BILLING_CONSOLE_READONLY_PASSWORD_HASH"))?;
+        }
+        Ok(config)
+    }
+}
+
+/// `BILLING_CONSOLE_*`: off unless `BILLING_CONSOLE_ADDR` is set; then a password hash is required
+/// and the address must not be the public port.
+fn console_from_env(public_port: u16) -> Result<Option<ConsoleSettings>, ConfigError> {
+    let Some(addr) = var("BILLING_CONSOLE_ADDR") else { return Ok(None) };
+    let addr: std::net::SocketAddr = addr.parse().map_err(|e| ConfigError {
+        var: "BILLING_CONSOLE_ADDR",
+        message: format!("expected an address with a port (e.g. 127.0.0.1:3006), got {addr:?} ({e})"),
+    })?;
+    if addr.port() == public_port {
+        return Err(ConfigError {
+            var: "BILLING_CONSOLE_ADDR",
+            message: format!(
+                "uses the public port {public_port} (PORT): the console gets its own port, never the webhook's"
+            ),
+        });
+    }
+    let Some(password_hash) = var("BILLING_CONSOLE_PASSWORD_HASH").map(SecretString::from) else {
+        return Err(ConfigError {
+            var: "BILLING_CONSOLE_PASSWORD_HASH",
+            message:
+                "required when BILLING_CONSOLE_ADDR is set: make one with `mindroom-billing console hash-password`"
+                    .into(),
+        });
+    };
+    let secure_cookie = match var("BILLING_CONSOLE_SECURE_COOKIE").as_deref() {
+        None | Some("0" | "false") => false,
+        Some("1" | "true") => true,
+        Some(other) => {
+            return Err(ConfigError {
+                var: "BILLING_CONSOLE_SECURE_COOKIE",
+                message: format!("expected true or false, got {other:?}"),
+            });
+        }
+    };
+    for (name, value) in [
+        ("BILLING_CONSOLE_PASSWORD_HASH", Some(password_hash.expose_secret().to_owned())),
+        ("BILLING_CONSOLE_READONLY_PASSWORD_HASH", var("BILLING_CONSOLE_READONLY_PASSWORD_HASH")),
+    ] {
+        if value.is_some_and(|v| !v.starts_with("$argon2")) {
+            return Err(ConfigError {
+                var: name,
+                message:
+                    "expected an argon2 hash ($argon2id$…) from `mindroom-billing console hash-password`; in .env \
+                          put it in single quotes (a `$` there starts a variable)"
+                        .into(),
+            });
+        }
+    }
+    let settings = ConsoleSettings {
+        addr,
+        password_hash,
+        readonly_password_hash: var("BILLING_CONSOLE_READONLY_PASSWORD_HASH").map(SecretString::from),
+        session_key: secret("BILLING_CONSOLE_SESSION_KEY")?,
+        secure_cookie,
+    };
+    settings.console_config()?; // validates the hashes and the key now, at start-up
+    Ok(Some(settings))
 }
 
 /// The signing secret used when `STRIPE_WEBHOOK_SECRET` is unset in the fully embedded set-up (in-memory
@@ -203,6 +313,7 @@ impl fmt::Debug for Config {
             .field("worker", &self.worker)
             .field("request_timeout", &self.request_timeout)
             .field("retention_days", &self.retention_days)
+            .field("console", &self.console)
             .finish()
     }
 }
@@ -339,8 +450,9 @@ impl Config {
                 });
             }
         }
+        let port = parse("PORT", 3005_u16, "a TCP port")?;
         let config = Self {
-            port: parse("PORT", 3005_u16, "a TCP port")?,
+            port,
             webhook_secrets: webhook_secrets.map(SecretString::from),
             tolerance_secs: parse("STRIPE_WEBHOOK_TOLERANCE_SECS", DEFAULT_TOLERANCE_SECS, "a number of seconds")?,
             prices,
@@ -373,6 +485,7 @@ impl Config {
             dev_secret: false,
             log_filter,
             no_color: var("NO_COLOR").is_some(),
+            console: console_from_env(port)?,
         };
         let mut config = config;
         if config.webhook_secrets.is_none() && config.embedded() {

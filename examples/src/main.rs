@@ -104,12 +104,24 @@ enum Command {
         #[command(subcommand)]
         command: JobsCommand,
     },
+    /// The operator console (served by `serve` on `BILLING_CONSOLE_ADDR`).
+    Console {
+        #[command(subcommand)]
+        command: ConsoleCommand,
+    },
     /// Read the Stripe API (`STRIPE_SECRET_KEY`, read-only) into the server's database: catch up on
     /// missed events, or reconcile subscriptions. `serve` runs both by itself when the key is set.
     Stripe {
         #[command(subcommand)]
         command: StripeCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConsoleCommand {
+    /// Read a password (from the terminal without echo, or the first line of a pipe) and print its
+    /// argon2id hash for `BILLING_CONSOLE_PASSWORD_HASH` / `BILLING_CONSOLE_READONLY_PASSWORD_HASH`.
+    HashPassword,
 }
 
 #[derive(Debug, Subcommand)]
@@ -191,6 +203,16 @@ fn main() -> ExitCode {
         }
     }
     let cli = parse_cli();
+    if let Command::Console { command: ConsoleCommand::HashPassword } = cli.command {
+        // Before reading the configuration: the hash is what a console configuration lacks.
+        return match hash_password() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(e) => {
@@ -219,6 +241,27 @@ fn main() -> ExitCode {
     }
 }
 
+/// `console hash-password`: the password from the terminal (no echo) or the first line of stdin.
+fn hash_password() -> Result<()> {
+    let password = if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password("Console password: ").context("reading the password")?;
+        let again = rpassword::prompt_password("Again: ").context("reading the password")?;
+        if first != again {
+            bail!("the two passwords differ");
+        }
+        first
+    } else {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).context("reading the password from stdin")?;
+        line.trim_end_matches(['\r', '\n']).to_owned()
+    };
+    if password.chars().count() < 12 {
+        bail!("use at least 12 characters");
+    }
+    say!("{}", mindroom_billing_console::hash_password(&password)?);
+    Ok(())
+}
+
 /// The command line, with the bundled samples listed in `send --help`.
 fn parse_cli() -> Cli {
     let samples: Vec<&str> = samples::SAMPLES.iter().map(|(t, _)| *t).collect();
@@ -243,6 +286,7 @@ fn init_tracing(config: &Config) {
 async fn run(command: Command, config: Config) -> Result<()> {
     match command {
         Command::Serve { host, migrate } => run_serve(config, host, migrate).await,
+        Command::Console { command: ConsoleCommand::HashPassword } => hash_password(),
         Command::Sign { file, secret, timestamp } => {
             let body = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let secret = signing_secret(&config, secret)?;
@@ -534,7 +578,7 @@ async fn run_serve(config: Config, host: Option<IpAddr>, migrate: bool) -> Resul
         }
     });
 
-    let billing = wiring::build_billing(&config, migrate).await?;
+    let (billing, ops) = wiring::build_billing(&config, migrate).await?;
     if !config.any_price {
         warn!(
             "no STRIPE_PRICE_STARTER, STRIPE_PRICE_PRO or STRIPE_PRICE_ENTERPRISE: only prices whose lookup_key or \
@@ -555,6 +599,24 @@ async fn run_serve(config: Config, host: Option<IpAddr>, migrate: bool) -> Resul
     let (stop_worker, worker_stopped) = tokio::sync::watch::channel(false);
     let worker = tokio::spawn(Arc::clone(&billing).run_background(worker_stopped));
 
+    let console = match &config.console {
+        Some(settings) => {
+            let console_config = settings.console_config()?;
+            let listener = tokio::net::TcpListener::bind(settings.addr)
+                .await
+                .with_context(|| format!("binding {} (BILLING_CONSOLE_ADDR)", settings.addr))?;
+            let console = mindroom_billing_console::Console::new(Arc::clone(&billing), ops, console_config);
+            if settings.session_key.is_none() {
+                info!("no BILLING_CONSOLE_SESSION_KEY: console sessions end when this process restarts");
+            }
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(mindroom_billing_console::serve(listener, Arc::new(console), async {
+                let _ = stopped.await;
+            }));
+            Some((stop, task))
+        }
+        None => None,
+    };
     let mut state =
         AppState::new(billing).with_metrics(move || prometheus.render()).with_request_timeout(config.request_timeout);
     if let Some(key) = config.api_key.clone() {
@@ -563,6 +625,12 @@ async fn run_serve(config: Config, host: Option<IpAddr>, migrate: bool) -> Resul
     let addr = SocketAddr::new(host, config.port);
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr} (PORT)"))?;
     serve(listener, Arc::new(state), shutdown_signal()).await;
+    if let Some((stop, task)) = console {
+        let _ = stop.send(());
+        if let Err(e) = task.await {
+            warn!(error = %e, "console server ended abnormally");
+        }
+    }
 
     info!("stopping the job worker (a running job is finished first)");
     let _ = stop_worker.send(true);

@@ -7,8 +7,8 @@ use anyhow::{Context, Result};
 use mindroom_billing_core::dryrun::{DryRunProvisioner, LogNotifier};
 use mindroom_billing_core::stripe_api::StripeApi;
 use mindroom_billing_core::{
-    Billing, BillingConfig, MemoryLimits, MemoryStore, Notifier, Policy, Provisioner, RetentionPolicy, Store, Verifier,
-    WebhookSecret,
+    Billing, BillingConfig, MemoryLimits, MemoryStore, Notifier, OperatorStore, Policy, Provisioner, RetentionPolicy,
+    Store, Verifier, WebhookSecret,
 };
 use mindroom_billing_dokku::{DokkuConfig, DokkuProvisioner};
 use mindroom_billing_resend::{ResendConfig, ResendNotifier};
@@ -19,13 +19,28 @@ use tracing::{info, warn};
 
 use crate::config::{Config, ConfigError};
 
+/// The configured store, seen through the billing port and through the operator port (one object).
+pub(crate) struct Stores {
+    /// What billing records, decides and commits through.
+    pub(crate) store: Arc<dyn Store>,
+    /// What the operator console reads and audits through.
+    pub(crate) ops: Arc<dyn OperatorStore>,
+}
+
+impl Stores {
+    fn of<S: Store + OperatorStore>(store: S) -> Self {
+        let store = Arc::new(store);
+        Self { ops: store.clone(), store }
+    }
+}
+
 /// The store: `DATABASE_URL` (direct Postgres) or `SUPABASE_URL` (PostgREST), else in memory.
 ///
 /// The direct store is checked before anything else: one connection attempt (its own error in one
 /// line: refused, no such database, bad password) and the schema (pending migrations stop the start
 /// with a configuration error, or are applied first when `migrate` is set). Once running, a database
 /// outage gives 503s and `/ready` 503 until it is back.
-pub(crate) async fn build_store(cfg: &Config, migrate: bool) -> Result<Arc<dyn Store>> {
+pub(crate) async fn build_store(cfg: &Config, migrate: bool) -> Result<Stores> {
     if let Some(url) = &cfg.database_url {
         if cfg.supabase_url.is_some() {
             info!("both DATABASE_URL and SUPABASE_URL are set: using the direct Postgres store");
@@ -52,7 +67,7 @@ pub(crate) async fn build_store(cfg: &Config, migrate: bool) -> Result<Arc<dyn S
             .into());
         }
         info!("store: PostgreSQL (direct, DATABASE_URL)");
-        return Ok(Arc::new(store));
+        return Ok(Stores::of(store));
     }
     if let (Some(url), Some(key)) = (&cfg.supabase_url, &cfg.supabase_service_key) {
         let store = PostgrestStore::new(url, key.clone(), PostgrestOptions::default())
@@ -76,13 +91,13 @@ pub(crate) async fn build_store(cfg: &Config, migrate: bool) -> Result<Arc<dyn S
             }
         }
         info!(url = %url, "store: Supabase (PostgREST RPC, SUPABASE_URL)");
-        return Ok(Arc::new(store));
+        return Ok(Stores::of(store));
     }
     warn!("************************************************************************");
     warn!("STORE IS IN MEMORY AND NOT DURABLE: events, subscriptions, instances and");
     warn!("jobs are lost on restart. Set DATABASE_URL or SUPABASE_URL for production.");
     warn!("************************************************************************");
-    Ok(Arc::new(MemoryStore::with_limits(MemoryLimits::default().with_max_payloads(cfg.memory_events))))
+    Ok(Stores::of(MemoryStore::with_limits(MemoryLimits::default().with_max_payloads(cfg.memory_events))))
 }
 
 /// The provisioner: the Dokku provisioner service when `DOKKU_PROVISIONER_URL` is set, else dry run.
@@ -110,10 +125,11 @@ pub(crate) fn build_notifier(cfg: &Config) -> Result<Arc<dyn Notifier>> {
 }
 
 /// The billing service `serve` runs, over the configured adapters (`migrate`: apply pending
-/// migrations first).
-pub(crate) async fn build_billing(cfg: &Config, migrate: bool) -> Result<Arc<Billing>> {
-    let store = build_store(cfg, migrate).await?;
-    let mut billing = Billing::new(store, build_provisioner(cfg)?, build_notifier(cfg)?, billing_config(cfg));
+/// migrations first), and the operator port of its store (for the console).
+pub(crate) async fn build_billing(cfg: &Config, migrate: bool) -> Result<(Arc<Billing>, Arc<dyn OperatorStore>)> {
+    let Stores { store, ops } = build_store(cfg, migrate).await?;
+    let mut billing = Billing::new(store, build_provisioner(cfg)?, build_notifier(cfg)?, billing_config(cfg))
+        .with_drift_log(ops.clone());
     match build_stripe_api(cfg)? {
         Some(api) => {
             info!(
@@ -125,7 +141,7 @@ pub(crate) async fn build_billing(cfg: &Config, migrate: bool) -> Result<Arc<Bil
         }
         None => info!("no STRIPE_SECRET_KEY: webhooks only (no catch-up or reconciliation from the Stripe API)"),
     }
-    Ok(Arc::new(billing))
+    Ok((Arc::new(billing), ops))
 }
 
 /// The read-only Stripe API client, when `STRIPE_SECRET_KEY` is set.
@@ -150,17 +166,18 @@ pub(crate) async fn build_stripe_billing(cfg: &Config) -> Result<Arc<Billing>> {
         var: "STRIPE_SECRET_KEY",
         message: "required by `stripe` commands".into(),
     })?;
-    let store = build_store(cfg, false).await?;
+    let Stores { store, ops } = build_store(cfg, false).await?;
     let billing =
         Billing::new(store, Arc::new(DryRunProvisioner::default()), Arc::new(LogNotifier), billing_config(cfg))
-            .with_stripe_api(api);
+            .with_stripe_api(api)
+            .with_drift_log(ops);
     Ok(Arc::new(billing))
 }
 
 /// The billing service of the operator commands (`events`, `jobs`): the configured store only. They
 /// never run jobs (the server's worker does), so the provisioner and notifier are inert stand-ins.
 pub(crate) async fn build_operator_billing(cfg: &Config) -> Result<Arc<Billing>> {
-    let store = build_store(cfg, false).await?;
+    let store = build_store(cfg, false).await?.store;
     Ok(Arc::new(Billing::new(
         store,
         Arc::new(DryRunProvisioner::default()),

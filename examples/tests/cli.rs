@@ -466,3 +466,103 @@ fn promtool_check(body: &str) {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "promtool: {}{}", text(&out.stdout), text(&out.stderr));
 }
+
+// ---- issue 14: the operator console ------------------------------------------------------------------
+
+/// `console hash-password` reading a piped password.
+fn console_hash(password: &str) -> String {
+    use std::io::Write as _;
+    let mut child = binary(&std::env::temp_dir())
+        .args(["console", "hash-password"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(format!("{password}\n").as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn the_console_needs_a_password_hash_and_its_own_port() {
+    let dir = scratch_dir("console-config");
+    let hash = console_hash("a console password");
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    let short = binary(&dir).args(["console", "hash-password"]).output().unwrap();
+    assert!(!short.status.success(), "an empty password is refused");
+    assert_config_error(
+        &["serve"],
+        &[("BILLING_CONSOLE_ADDR", "127.0.0.1:3999")],
+        &dir,
+        "BILLING_CONSOLE_PASSWORD_HASH",
+    );
+    let same = [("BILLING_CONSOLE_ADDR", "127.0.0.1:3005"), ("BILLING_CONSOLE_PASSWORD_HASH", hash.as_str())];
+    assert_config_error(&["serve"], &same, &dir, "BILLING_CONSOLE_ADDR");
+    let plain = [("BILLING_CONSOLE_ADDR", "127.0.0.1:3999"), ("BILLING_CONSOLE_PASSWORD_HASH", "hunter2")];
+    assert_config_error(&["serve"], &plain, &dir, "BILLING_CONSOLE_PASSWORD_HASH");
+    let no_port = [("BILLING_CONSOLE_ADDR", "127.0.0.1"), ("BILLING_CONSOLE_PASSWORD_HASH", hash.as_str())];
+    assert_config_error(&["serve"], &no_port, &dir, "BILLING_CONSOLE_ADDR");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_on_postgres_shows_a_failed_event_and_replays_it_with_an_audit_row() {
+    let db = TestDb::create().await.unwrap();
+    support::migrate(db.url());
+    let hash = console_hash("a console password");
+    let console_port = free_port();
+    let console_addr = format!("127.0.0.1:{console_port}");
+    let secret = ("STRIPE_WEBHOOK_SECRET", "whsec_0123456789abcdef");
+    let env = [
+        ("DATABASE_URL", db.url()),
+        secret,
+        ("BILLING_CONSOLE_ADDR", console_addr.as_str()),
+        ("BILLING_CONSOLE_PASSWORD_HASH", hash.as_str()),
+    ];
+    let server = Server::start(&[], &env);
+    server.wait_for_log("console listening");
+    let sent = output(&["send", "customer.subscription.created", "--url", &server.url("/webhooks/stripe")], &[secret]);
+    assert!(sent.status.success(), "{}", text(&sent.stderr));
+    let id = "evt_1FxcB7WZ01zgkWrFwUFXakUx";
+
+    let base = format!("http://{console_addr}");
+    let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let anonymous = http.get(format!("{base}/events/failed")).send().await.unwrap();
+    assert_eq!(anonymous.status(), 303, "login first");
+    let public = reqwest::get(server.url("/events/failed")).await.unwrap();
+    assert_eq!(public.status(), 404, "the console is not on the public port");
+    let login = http
+        .post(format!("{base}/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("password=a+console+password")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), 303, "{}", server.log());
+    let cookie = login.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_owned();
+    let get = |path: String| {
+        let request = http.get(format!("{base}{path}")).header("cookie", &cookie);
+        async move { request.send().await.unwrap().text().await.unwrap() }
+    };
+    let failed = get("/events/failed".into()).await;
+    assert!(failed.contains(id), "{failed}");
+    let event = get(format!("/events/{id}")).await;
+    assert!(event.contains("unknown price") || event.contains("failed"), "{event}");
+    let at = event.find(r#"name="csrf" value=""#).unwrap() + r#"name="csrf" value=""#.len();
+    let csrf = event[at..].split('"').next().unwrap().to_owned();
+    let replayed = http
+        .post(format!("{base}/events/{id}/replay"))
+        .header("cookie", &cookie)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("csrf={csrf}&confirm=yes"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replayed.status(), 200);
+    assert!(replayed.text().await.unwrap().contains("disposition failed"), "still no price configured");
+    let customer = get("/customers/cus_QXg1o8vcGmoR32".into()).await;
+    assert!(customer.contains(id) && customer.contains("admin from 127.0.0.1"), "{customer}");
+    drop(server);
+    db.drop_db().await.unwrap();
+}

@@ -2,6 +2,7 @@
 
 pub mod event;
 pub mod model;
+pub mod operator;
 pub mod ports;
 pub mod retention;
 pub mod signature;
@@ -11,6 +12,7 @@ pub mod transition;
 
 pub use event::{Event, EventObject, EventType, ParseError, SubscriptionStatus, parse, parse_str};
 pub use model::*;
+pub use operator::{AuditEntry, DriftRecord, OperatorStore};
 pub use ports::{ChangeListener, Clock, Notifier, Provisioner, Store, StoreError, SystemClock};
 pub use retention::{PruneReport, PruneRequest, RetentionPolicy};
 pub use signature::{SignatureError, Verifier, WebhookSecret};
@@ -27,5 +29,7 @@ pub mod memory;
 pub use memory::{MemoryLimits, MemoryStore};
 #[cfg(feature = "test-util")]
 pub mod conformance;
+#[cfg(feature = "test-util")]
+pub mod operator_conformance;
 #[cfg(feature = "test-util")]
 pub mod testing;

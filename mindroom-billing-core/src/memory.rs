@@ -19,6 +19,7 @@ use crate::model::{
     JobFinish, JobResolution, JobState, NewEvent, NewJob, Recorded, RecordedCommit, StoredEvent, SubscriptionState,
     SyncCursor, UsageKey, UsageResult, account_id_for_customer,
 };
+use crate::operator::{AuditEntry, DriftRecord, OperatorStore, event_customer};
 use crate::ports::{ChangeListener, EventFilter, JobFilter, Store, StoreError};
 use crate::retention::{PruneReport, PruneRequest};
 use crate::tier::Limit;
@@ -122,6 +123,10 @@ struct Inner {
     leases: BTreeMap<String, (String, DateTime<Utc>)>,
     /// Allowed usage calls with an idempotency key: (account, day, key) → their answer.
     usage_requests: BTreeMap<(uuid::Uuid, chrono::NaiveDate, String), UsageResult>,
+    /// Operator actions, oldest first ([`OperatorStore`]).
+    audit: Vec<AuditEntry>,
+    /// The drift the last reconciliation found, per subscription.
+    drift: BTreeMap<String, Vec<DriftRecord>>,
 }
 
 /// A [`Store`] in process memory. All operations take one mutex, never across an `.await`.
@@ -706,5 +711,122 @@ impl Store for MemoryStore {
 
     async fn prune(&self, request: &PruneRequest) -> Result<PruneReport, StoreError> {
         Ok(self.lock()?.prune(request))
+    }
+}
+
+fn take<T>(items: impl Iterator<Item = T>, limit: u32) -> Vec<T> {
+    items.take(usize::try_from(limit).unwrap_or(usize::MAX)).collect()
+}
+
+#[async_trait]
+impl OperatorStore for MemoryStore {
+    async fn accounts_by_email(&self, email: &str, limit: u32) -> Result<Vec<Account>, StoreError> {
+        let inner = self.lock()?;
+        let email = email.to_lowercase();
+        let matches = |a: &&Account| a.email.as_deref().is_some_and(|e| e.to_lowercase() == email);
+        Ok(take(inner.accounts.values().filter(matches).cloned(), limit))
+    }
+
+    async fn instance_by_app(&self, app_name: &str) -> Result<Option<InstanceRecord>, StoreError> {
+        Ok(self.lock()?.instances.values().find(|i| i.app_name == app_name).cloned())
+    }
+
+    async fn subscriptions_for_customer(&self, customer_id: &str) -> Result<Vec<SubscriptionState>, StoreError> {
+        let inner = self.lock()?;
+        Ok(inner.subscriptions.values().filter(|s| s.customer_id == customer_id).cloned().collect())
+    }
+
+    async fn events_for_customer(&self, customer_id: &str, limit: u32) -> Result<Vec<StoredEvent>, StoreError> {
+        let inner = self.lock()?;
+        // A substring test first (memchr-fast) so that only candidate payloads are parsed while the
+        // mutex is held.
+        let mut found: Vec<&StoredEvent> = inner
+            .events
+            .values()
+            .filter(|e| e.payload.contains(customer_id))
+            .filter(|e| event_customer(&e.payload).as_deref() == Some(customer_id))
+            .collect();
+        found.sort_by(|a, b| b.received_at.cmp(&a.received_at).then_with(|| a.id.cmp(&b.id)));
+        Ok(take(found.into_iter().cloned(), limit))
+    }
+
+    async fn jobs_for_subscription(&self, subscription_id: &str, limit: u32) -> Result<Vec<Job>, StoreError> {
+        let inner = self.lock()?;
+        let names = |job: &&Job| {
+            let about = match &job.kind {
+                crate::model::JobKind::Reconcile { subscription_id } => Some(subscription_id.as_str()),
+                crate::model::JobKind::Email { subscription_id, .. } => subscription_id.as_deref(),
+                crate::model::JobKind::AdminAlert { .. } => None,
+            };
+            about.or(job.group.as_deref()) == Some(subscription_id)
+        };
+        let found: Vec<Job> = inner.jobs.values().filter(names).cloned().collect();
+        Ok(newest_first(found, |j| (j.created_at, j.id), limit))
+    }
+
+    async fn subscriptions_in_grace(&self, limit: u32) -> Result<Vec<SubscriptionState>, StoreError> {
+        let inner = self.lock()?;
+        let mut found: Vec<&SubscriptionState> = inner
+            .subscriptions
+            .values()
+            .filter(|s| {
+                s.grace.is_some()
+                    && !s.grace_expiry_handled
+                    && !s.status().is_some_and(crate::event::SubscriptionStatus::is_terminal)
+            })
+            .collect();
+        found.sort_by_key(|s| (s.grace.map(|g| g.ends_at), s.subscription_id.clone()));
+        Ok(take(found.into_iter().cloned(), limit))
+    }
+
+    async fn retry_dead_job(&self, job_id: i64, now: DateTime<Utc>) -> Result<Option<Job>, StoreError> {
+        let mut inner = self.lock()?;
+        let Some(job) = inner.jobs.get_mut(&job_id).filter(|j| j.state == JobState::Dead) else { return Ok(None) };
+        job.state = JobState::Pending;
+        job.run_after = now;
+        job.locked_until = None;
+        job.updated_at = now;
+        Ok(Some(job.clone()))
+    }
+
+    async fn record_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
+        self.lock()?.audit.push(entry.clone());
+        Ok(())
+    }
+
+    async fn list_audit(&self, customer_id: Option<&str>, limit: u32) -> Result<Vec<AuditEntry>, StoreError> {
+        let inner = self.lock()?;
+        let wanted = |a: &&AuditEntry| customer_id.is_none_or(|c| a.customer_id.as_deref() == Some(c));
+        Ok(take(inner.audit.iter().rev().filter(wanted).cloned(), limit))
+    }
+
+    async fn save_drift(&self, checked: &[String], drift: &[DriftRecord]) -> Result<(), StoreError> {
+        let mut inner = self.lock()?;
+        for id in checked {
+            let found: Vec<DriftRecord> = drift.iter().filter(|d| d.subscription_id == *id).cloned().collect();
+            if found.is_empty() {
+                inner.drift.remove(id);
+            } else {
+                inner.drift.insert(id.clone(), found);
+            }
+        }
+        Ok(())
+    }
+
+    async fn list_drift(&self, subscription_id: Option<&str>, limit: u32) -> Result<Vec<DriftRecord>, StoreError> {
+        let inner = self.lock()?;
+        let mut found: Vec<&DriftRecord> = inner
+            .drift
+            .iter()
+            .filter(|(id, _)| subscription_id.is_none_or(|s| s == id.as_str()))
+            .flat_map(|(_, d)| d)
+            .collect();
+        found.sort_by(|a, b| {
+            b.found_at
+                .cmp(&a.found_at)
+                .then_with(|| a.subscription_id.cmp(&b.subscription_id))
+                .then(a.field.cmp(&b.field))
+        });
+        Ok(take(found.into_iter().cloned(), limit))
     }
 }

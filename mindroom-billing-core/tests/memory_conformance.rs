@@ -18,6 +18,11 @@ async fn memory_store_conforms() {
     mindroom_billing_core::conformance::run_all(|| async { Arc::new(MemoryStore::new()) as Arc<dyn Store> }).await;
 }
 
+#[tokio::test]
+async fn memory_store_conforms_as_an_operator_store() {
+    mindroom_billing_core::operator_conformance::run_all(|| async { Arc::new(MemoryStore::new()) }).await;
+}
+
 fn bounded(max_payloads: usize, max_events: usize) -> MemoryStore {
     MemoryStore::with_limits(MemoryLimits::default().with_max_payloads(max_payloads).with_max_events(max_events))
 }

@@ -70,6 +70,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "billing_retention",
         sql: include_str!("../migrations/20261205000000_billing_retention.sql"),
     },
+    Migration {
+        version: "20261206000000",
+        name: "billing_console",
+        sql: include_str!("../migrations/20261206000000_billing_console.sql"),
+    },
 ];
 
 #[cfg(test)]

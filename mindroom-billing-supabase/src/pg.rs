@@ -349,6 +349,7 @@ impl_store_via_rpc!(PgStore {
         true
     }
 });
+crate::wire::operator::impl_operator_store_via_rpc!(PgStore);
 
 /// The channel `billing_commit` notifies with the id of each account whose subscriptions it wrote.
 const CHANGES_CHANNEL: &str = "billing_account_changed";

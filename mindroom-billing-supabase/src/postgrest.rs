@@ -277,6 +277,7 @@ impl Rpc for PostgrestStore {
 }
 
 impl_store_via_rpc!(PostgrestStore);
+crate::wire::operator::impl_operator_store_via_rpc!(PostgrestStore);
 
 #[cfg(test)]
 mod tests {

@@ -16,6 +16,8 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+pub(crate) mod operator;
+
 /// Whether a SQLSTATE means "try again later": connection exceptions, shutdown, too many
 /// connections / out of resources, serialization failure, deadlock, statement timeout, lock
 /// timeout, read-only (fail-over in progress).

@@ -247,6 +247,8 @@ pub struct Billing {
     cache: Arc<cache::EntitlementCache>,
     /// Aggregates this replica last committed or loaded (see [`Store::record_and_commit`]).
     aggregates: cache::AggregateCache,
+    /// Where reconciliation records the drift it found (the operator console shows it).
+    drift_log: Option<Arc<dyn crate::operator::OperatorStore>>,
 }
 
 impl std::fmt::Debug for Billing {
@@ -288,6 +290,7 @@ impl Billing {
             holder,
             cache,
             aggregates,
+            drift_log: None,
         }
     }
 
@@ -295,6 +298,15 @@ impl Billing {
     #[must_use]
     pub fn with_stripe_api(mut self, api: Arc<dyn StripeApi>) -> Self {
         self.stripe = Some(api);
+        self
+    }
+
+    /// Records the drift each reconciliation against Stripe finds (per subscription checked, the
+    /// last run's replaces the previous; a dry run records nothing) in `log`, normally the same
+    /// store seen through the operator port.
+    #[must_use]
+    pub fn with_drift_log(mut self, log: Arc<dyn crate::operator::OperatorStore>) -> Self {
+        self.drift_log = Some(log);
         self
     }
 
@@ -308,6 +320,11 @@ impl Billing {
     /// The store.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// Whether the Stripe API is configured (catch-up, reconciliation against Stripe).
+    pub fn has_stripe_api(&self) -> bool {
+        self.stripe.is_some()
     }
 
     /// The configuration.

@@ -12,6 +12,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 use super::{Billing, Disposition, MAX_COMMIT_ATTEMPTS, error_chain};
 use crate::event::{self, Event, EventObject, EventType, LatestInvoice, ParseError};
 use crate::model::{Commit, DesiredInstance, EventSource, JobKind, NewJob, Outcome, SubscriptionState, SyncCursor};
+use crate::operator::DriftRecord;
 use crate::ports::StoreError;
 use crate::stripe_api::{ApiEvent, EventsQuery, RawObject, StripeApi, StripeApiError};
 use crate::transition;
@@ -155,6 +156,8 @@ impl fmt::Display for Drift {
 pub struct ReconcileReport {
     /// Subscriptions compared.
     pub checked: usize,
+    /// The ids of the subscriptions compared.
+    pub subscriptions: Vec<String>,
     /// Differences found.
     pub drift: Vec<Drift>,
     /// Subscriptions Stripe returned that billing could not read or decide (logged).
@@ -320,6 +323,13 @@ impl Billing {
             for drift in &report.drift {
                 metrics::counter!("billing_stripe_drift_total", "field" => drift.field.label()).increment(1);
             }
+            if let (Some(log), false) = (&self.drift_log, dry_run) {
+                let found_at = self.clock.now();
+                let records: Vec<DriftRecord> = report.drift.iter().map(|d| DriftRecord::of(d, found_at)).collect();
+                if let Err(e) = log.save_drift(&report.subscriptions, &records).await {
+                    warn!(error = %error_chain(&e), "cannot record the drift found (the fixes are committed)");
+                }
+            }
             info!(checked = report.checked, drift = report.drift.len(), dry_run, "reconciled against Stripe");
             Ok(report)
         }
@@ -334,6 +344,7 @@ impl Billing {
         report: &mut ReconcileReport,
     ) -> Result<(), SyncError> {
         report.checked += 1;
+        report.subscriptions.push(object.id.clone());
         let fetched_at = self.clock.now();
         let (snapshot, latest) = match event::parse_subscription_object(&object.raw) {
             Ok(parsed) => parsed,

@@ -1,0 +1,262 @@
+//! The console on a real HTTP server on 127.0.0.1 over a seeded MemoryStore, and a client that
+//! logs in and keeps the session cookie.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::missing_panics_doc)]
+
+use std::net::SocketAddr;
+use std::sync::{Arc, LazyLock, Mutex};
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use mindroom_billing_console::{Console, ConsoleConfig, SessionKey, hash_password};
+use mindroom_billing_core::dryrun::{DryRunProvisioner, LogNotifier};
+use mindroom_billing_core::stripe_api::{FakeStripeApi, RawObject};
+use mindroom_billing_core::{
+    AccountPatch, Billing, BillingConfig, Claim, Clock, Commit, EventSource, JobFinish, JobKind, JobResolution,
+    MemoryStore, NewEvent, NewJob, Outcome, Policy, PriceCatalog, Store, Tier, Verifier, WebhookSecret,
+};
+use tokio::sync::oneshot;
+
+pub mod browser;
+
+pub const ADMIN_PASSWORD: &str = "admin: correct horse battery staple";
+pub const READONLY_PASSWORD: &str = "readonly: tr0ub4dor&3";
+pub const KEY: &str = "test session key, 32 bytes or more!";
+pub const CUS: &str = "cus_Evil1";
+pub const SUB: &str = "sub_Console1";
+pub const PRICE: &str = "price_pro";
+pub const EVIL_EMAIL: &str = r#""><script>alert(1)</script>"#;
+pub const EVIL_METADATA: &str = r#"<img src=x onerror=alert(2)>"#;
+pub const FAILED_EVENT: &str = "evt_failed_1";
+pub const APPLIED_EVENT: &str = "evt_applied_1";
+
+/// Hashing is slow on purpose: once per test binary.
+pub static HASHES: LazyLock<(String, String)> =
+    LazyLock::new(|| (hash_password(ADMIN_PASSWORD).unwrap(), hash_password(READONLY_PASSWORD).unwrap()));
+
+pub fn t0() -> DateTime<Utc> {
+    Utc.timestamp_opt(1_785_000_000, 0).unwrap()
+}
+
+/// A clock the tests move.
+#[derive(Debug)]
+pub struct TestClock(Mutex<DateTime<Utc>>);
+
+impl TestClock {
+    pub fn advance(&self, by: Duration) {
+        *self.0.lock().unwrap() += by;
+    }
+}
+
+impl Clock for TestClock {
+    fn now(&self) -> DateTime<Utc> {
+        *self.0.lock().unwrap()
+    }
+}
+
+pub fn subscription_event(id: &str, created: DateTime<Utc>, metadata: &str) -> String {
+    let metadata = serde_json::to_string(metadata).unwrap();
+    let (created, end) = (created.timestamp(), created.timestamp() + 30 * 86_400);
+    format!(
+        r#"{{"id":"{id}","object":"event","api_version":"2023-10-16","created":{created},"data":{{"object":{{"id":"{SUB}","object":"subscription","customer":"{CUS}","status":"active","current_period_end":{end},"cancel_at_period_end":false,"canceled_at":null,"trial_end":null,"items":{{"object":"list","data":[{{"id":"si_1","object":"subscription_item","price":{{"id":"{PRICE}","object":"price"}},"quantity":1}}]}},"metadata":{{"note":{metadata}}}}}}},"livemode":false,"type":"customer.subscription.updated"}}"#
+    )
+}
+
+/// A running console and what the tests poke at.
+pub struct Harness {
+    pub addr: SocketAddr,
+    pub store: Arc<MemoryStore>,
+    pub billing: Arc<Billing>,
+    pub clock: Arc<TestClock>,
+    pub dead_job: i64,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Options of [`start`].
+#[derive(Default)]
+pub struct Options {
+    pub secure_cookie: bool,
+    pub login_attempts_per_minute: Option<u32>,
+    pub key: Option<&'static str>,
+    /// A fake Stripe API (reconciliation on, drift recorded in the store).
+    pub stripe: Option<Arc<FakeStripeApi>>,
+}
+
+/// Seeds the store (an applied event, a failed one whose price is known now, an account with a
+/// hostile e-mail, a dead job) and serves the console on an ephemeral port.
+pub async fn start(options: Options) -> Harness {
+    let store = Arc::new(MemoryStore::new());
+    let clock = Arc::new(TestClock(Mutex::new(t0())));
+    let policy = Policy::default().with_prices(PriceCatalog::new().with_price(PRICE, Tier::Professional));
+    let config = BillingConfig::new(Verifier::new([WebhookSecret::new("whsec_test")])).with_policy(policy);
+    let mut billing =
+        Billing::new(store.clone(), Arc::new(DryRunProvisioner::default()), Arc::new(LogNotifier), config)
+            .with_clock(clock.clone());
+    if let Some(api) = &options.stripe {
+        billing = billing.with_stripe_api(api.clone()).with_drift_log(store.clone());
+    }
+    let billing = Arc::new(billing);
+    seed(&store, &billing).await;
+    let dead_job = dead_job(&store, &billing).await;
+
+    let (admin, readonly) = &*HASHES;
+    let mut config = ConsoleConfig::new(admin, SessionKey::from_secret(options.key.unwrap_or(KEY)).unwrap())
+        .unwrap()
+        .with_readonly_password_hash(readonly)
+        .unwrap()
+        .with_secure_cookie(options.secure_cookie);
+    if let Some(n) = options.login_attempts_per_minute {
+        config = config.with_login_attempts_per_minute(n);
+    }
+    let console = Arc::new(Console::new(billing.clone(), store.clone(), config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel();
+    tokio::spawn(mindroom_billing_console::serve(listener, console, async {
+        let _ = stopped.await;
+    }));
+    Harness { addr, store, billing, clock, dead_job, stop: Some(stop) }
+}
+
+/// The subscription as Stripe holds it now, with `status`.
+pub fn stripe_subscription(status: &str) -> RawObject {
+    let event: serde_json::Value = serde_json::from_str(&subscription_event("evt_x", t0(), "")).unwrap();
+    let mut object = event["data"]["object"].clone();
+    object["status"] = serde_json::Value::String(status.into());
+    RawObject { id: SUB.into(), raw: object.to_string() }
+}
+
+fn new_event<'a>(id: &'a str, payload: &'a str, at: DateTime<Utc>) -> NewEvent<'a> {
+    NewEvent {
+        id,
+        event_type: "customer.subscription.updated",
+        created: at,
+        api_version: Some("2023-10-16"),
+        livemode: false,
+        payload,
+        received_at: at,
+        source: EventSource::Webhook,
+    }
+}
+
+async fn seed(store: &Arc<MemoryStore>, billing: &Billing) {
+    let applied = subscription_event(APPLIED_EVENT, t0() - Duration::hours(2), "first");
+    store.record_event(&new_event(APPLIED_EVENT, &applied, t0() - Duration::hours(2))).await.unwrap();
+    billing.replay(APPLIED_EVENT).await.unwrap();
+    // A later event recorded as failed (as if its price was unknown when it came); the price is
+    // configured now, so a replay applies it.
+    let failed = subscription_event(FAILED_EVENT, t0() - Duration::hours(1), EVIL_METADATA);
+    store.record_event(&new_event(FAILED_EVENT, &failed, t0() - Duration::hours(1))).await.unwrap();
+    let commit = Commit {
+        now: t0() - Duration::hours(1),
+        event_id: Some(FAILED_EVENT.into()),
+        outcome: Outcome::Failed("unknown price price_pro".into()),
+        subscription: None,
+        account: Some(AccountPatch {
+            stripe_customer_id: CUS.into(),
+            email: Some(EVIL_EMAIL.into()),
+            reference: Some("<b>ref</b>".into()),
+            observed_at: t0(),
+        }),
+        jobs: vec![],
+    };
+    store.commit(&commit).await.unwrap();
+}
+
+async fn dead_job(store: &Arc<MemoryStore>, billing: &Billing) -> i64 {
+    // Run the jobs the applied event queued (the dry-run provisioner records the instance), so
+    // only the dead one below is left.
+    while billing.run_due_jobs(10).await.unwrap() > 0 {}
+    let job = NewJob {
+        key: "email:welcome:console".into(),
+        group: Some(SUB.into()),
+        kind: JobKind::Email {
+            customer_id: CUS.into(),
+            subscription_id: Some(SUB.into()),
+            email: mindroom_billing_core::EmailKind::Welcome,
+        },
+        run_after: t0(),
+    };
+    store.enqueue(&[job]).await.unwrap();
+    let claimed = store.claim_jobs(&Claim { now: t0(), lease: Duration::seconds(30), limit: 1 }).await.unwrap();
+    let finish = JobFinish {
+        job_id: claimed[0].id,
+        attempt: claimed[0].attempts,
+        now: t0(),
+        resolution: JobResolution::Dead { error: "resend said <no>".into() },
+        instance: None,
+        enqueue: vec![],
+    };
+    assert!(store.finish_job(&finish).await.unwrap());
+    claimed[0].id
+}
+
+/// A client that does not follow redirects and sends the cookie it was given.
+pub struct Client {
+    pub http: reqwest::Client,
+    pub base: String,
+    pub cookie: Option<String>,
+}
+
+impl Client {
+    pub fn new(addr: SocketAddr) -> Self {
+        let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+        Self { http, base: format!("http://{addr}"), cookie: None }
+    }
+
+    pub async fn login(addr: SocketAddr, password: &str) -> Self {
+        let mut client = Self::new(addr);
+        let response = client.post_form("/login", &[("password", password)]).await;
+        assert_eq!(response.status(), 303, "login with the right password");
+        client.cookie = Some(session_cookie(&response).expect("a session cookie"));
+        client
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        let mut request = self.http.get(format!("{}{path}", self.base));
+        if let Some(cookie) = &self.cookie {
+            request = request.header("cookie", cookie);
+        }
+        request.send().await.unwrap()
+    }
+
+    pub async fn post_form(&self, path: &str, form: &[(&str, &str)]) -> reqwest::Response {
+        let body: String = form_urlencoded::Serializer::new(String::new()).extend_pairs(form).finish();
+        let mut request = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body);
+        if let Some(cookie) = &self.cookie {
+            request = request.header("cookie", cookie);
+        }
+        request.send().await.unwrap()
+    }
+
+    /// The page's text (asserting 200).
+    pub async fn page(&self, path: &str) -> String {
+        let response = self.get(path).await;
+        assert_eq!(response.status(), 200, "GET {path}");
+        response.text().await.unwrap()
+    }
+
+    /// The CSRF token of the session, read from a page's form.
+    pub async fn csrf(&self) -> String {
+        let page = self.page("/").await;
+        let at =
+            page.find(r#"name="csrf" value=""#).expect("a form with a CSRF token") + r#"name="csrf" value=""#.len();
+        page[at..].split('"').next().unwrap().to_owned()
+    }
+}
+
+/// `name=value` of the `Set-Cookie` header.
+pub fn session_cookie(response: &reqwest::Response) -> Option<String> {
+    let set = response.headers().get("set-cookie")?.to_str().ok()?;
+    Some(set.split(';').next()?.to_owned())
+}

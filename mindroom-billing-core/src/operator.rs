@@ -1,0 +1,163 @@
+//! The operator port: what a support console reads and writes beyond the [`Store`] the billing path
+//! uses. Kept as its own small trait (not more methods on [`Store`]) so the webhook path does not
+//! grow, and so a read-only reporting adapter could implement only this.
+//!
+//! Every store adapter implements it ([`crate::MemoryStore`], and the PostgreSQL and PostgREST
+//! stores); `operator_conformance::run_all` (feature `test-util`) holds them to the contract.
+//!
+//! [`Store`]: crate::Store
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Account, InstanceRecord, Job, StoredEvent, SubscriptionState};
+use crate::ports::StoreError;
+use crate::service::Drift;
+
+/// One operator action, as recorded for audit: who did what, when, and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// When.
+    pub at: DateTime<Utc>,
+    /// Who (the console role that acted, e.g. `admin`).
+    pub actor: String,
+    /// What (`replay`, `retry_job`, `reconcile`).
+    pub action: String,
+    /// On what (an event id, a job id, a subscription id).
+    pub target: String,
+    /// The customer it concerns, when known (the customer page lists its audit rows).
+    pub customer_id: Option<String>,
+    /// Whether it succeeded.
+    pub ok: bool,
+    /// What came of it (a disposition, an error), one line.
+    pub result: String,
+}
+
+/// A difference the last reconciliation of a subscription found (see [`Drift`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriftRecord {
+    /// `sub_…`
+    pub subscription_id: String,
+    /// Which field (`tier`, `status`, `grace`, `instance`).
+    pub field: String,
+    /// Billing's value before.
+    pub before: String,
+    /// The value Stripe's object gives.
+    pub after: String,
+    /// When the reconciliation found it.
+    pub found_at: DateTime<Utc>,
+}
+
+impl DriftRecord {
+    /// The record of a drift found at `found_at`.
+    pub fn of(drift: &Drift, found_at: DateTime<Utc>) -> Self {
+        Self {
+            subscription_id: drift.subscription_id.clone(),
+            field: drift.field.label().to_owned(),
+            before: drift.before.clone(),
+            after: drift.after.clone(),
+            found_at,
+        }
+    }
+}
+
+/// The customer a stored Stripe event concerns: `data.object.customer`, or `data.object.id` when
+/// the object is a customer. `None` for a payload that is not JSON or names no customer. The SQL
+/// function `billing_event_customer` computes the same (the PostgreSQL stores index it).
+pub fn event_customer(payload: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Envelope {
+        data: Data,
+    }
+    #[derive(Deserialize)]
+    struct Data {
+        object: Object,
+    }
+    #[derive(Deserialize)]
+    struct Object {
+        object: Option<String>,
+        id: Option<serde_json::Value>,
+        customer: Option<serde_json::Value>,
+    }
+    let envelope: Envelope = serde_json::from_str(payload).ok()?;
+    let object = envelope.data.object;
+    let value = if object.object.as_deref() == Some("customer") { object.id } else { object.customer };
+    match value? {
+        serde_json::Value::String(s) => Some(s),
+        _ => None,
+    }
+}
+
+/// What a support console needs from the store beyond [`crate::Store`]: look-ups by the ids and
+/// names a support request carries, the timeline of one customer, the lists that need attention,
+/// the audit trail of operator actions and the drift found by reconciliation.
+///
+/// All reads are bounded by a `limit` and safe to run against a live store (no locks held beyond a
+/// statement). Writes are the audit row, the drift of one reconciliation, and re-queueing a dead job.
+#[async_trait]
+pub trait OperatorStore: Send + Sync + 'static {
+    /// Accounts whose e-mail equals `email`, ignoring case, at most `limit`.
+    async fn accounts_by_email(&self, email: &str, limit: u32) -> Result<Vec<Account>, StoreError>;
+
+    /// The instance record whose app name is `app_name`.
+    async fn instance_by_app(&self, app_name: &str) -> Result<Option<InstanceRecord>, StoreError>;
+
+    /// The subscription aggregates of the Stripe customer `customer_id` (also those whose account
+    /// row does not exist, e.g. when only invoices were seen).
+    async fn subscriptions_for_customer(&self, customer_id: &str) -> Result<Vec<SubscriptionState>, StoreError>;
+
+    /// The events that concern the customer (see [`event_customer`]), newest received first, at
+    /// most `limit`. Stores that drop the payloads of old done events (the in-memory one) list only
+    /// the events whose payload they keep.
+    async fn events_for_customer(&self, customer_id: &str, limit: u32) -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// The jobs of a subscription, newest first, at most `limit`: those whose work names it (its
+    /// reconciles and e-mails), and those whose work names no subscription but whose group is it.
+    async fn jobs_for_subscription(&self, subscription_id: &str, limit: u32) -> Result<Vec<Job>, StoreError>;
+
+    /// Subscriptions with a grace period whose expiry is not handled yet, earliest deadline first, at
+    /// most `limit`.
+    async fn subscriptions_in_grace(&self, limit: u32) -> Result<Vec<SubscriptionState>, StoreError>;
+
+    /// Re-queues a dead job: `pending`, due at `now`, its last error kept, and returns it as re-queued.
+    /// Fenced: only a job that is `dead` changes; returns `None` (and writes nothing) for any other
+    /// job or an unknown id. Its
+    /// `attempts` keep counting (they are the lease fencing token), so the worker gives it one more
+    /// attempt before its attempt limit marks it dead again.
+    async fn retry_dead_job(&self, job_id: i64, now: DateTime<Utc>) -> Result<Option<Job>, StoreError>;
+
+    /// Appends an audit row.
+    async fn record_audit(&self, entry: &AuditEntry) -> Result<(), StoreError>;
+
+    /// Audit rows, newest first, at most `limit`; only those of `customer_id` when given.
+    async fn list_audit(&self, customer_id: Option<&str>, limit: u32) -> Result<Vec<AuditEntry>, StoreError>;
+
+    /// Stores what one reconciliation found: for each subscription of `checked`, its drift is
+    /// replaced by the entries of `drift` naming it (none: it is in sync now). Atomic.
+    async fn save_drift(&self, checked: &[String], drift: &[DriftRecord]) -> Result<(), StoreError>;
+
+    /// The drift the last reconciliation found, newest first, at most `limit`; only that of
+    /// `subscription_id` when given.
+    async fn list_drift(&self, subscription_id: Option<&str>, limit: u32) -> Result<Vec<DriftRecord>, StoreError>;
+}
+
+// Object safety is part of the contract: the console holds an `Arc<dyn OperatorStore>`.
+const _: fn(&dyn OperatorStore) = |_| {};
+
+#[cfg(test)]
+mod tests {
+    use super::event_customer;
+
+    #[test]
+    fn event_customer_reads_the_object_customer_or_a_customer_objects_id() {
+        let sub = r#"{"data":{"object":{"object":"subscription","id":"sub_1","customer":"cus_1"}}}"#;
+        let customer = r#"{"data":{"object":{"object":"customer","id":"cus_2","email":"a@b"}}}"#;
+        let expanded = r#"{"data":{"object":{"object":"invoice","customer":{"id":"cus_3"}}}}"#;
+        assert_eq!(event_customer(sub).as_deref(), Some("cus_1"));
+        assert_eq!(event_customer(customer).as_deref(), Some("cus_2"));
+        assert_eq!(event_customer(expanded), None);
+        assert_eq!(event_customer("not json"), None);
+        assert_eq!(event_customer(r#"{"data":{}}"#), None);
+    }
+}

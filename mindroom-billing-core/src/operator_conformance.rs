@@ -1,0 +1,224 @@
+//! The [`OperatorStore`] conformance suite (feature `test-util`): every store that implements the
+//! operator port must pass it, next to [`crate::conformance::run_all`].
+//!
+//! ```ignore
+//! mindroom_billing_core::operator_conformance::run_all(|| async { Arc::new(MyStore::fresh().await) }).await;
+//! ```
+
+#![allow(clippy::missing_panics_doc, clippy::unwrap_used)]
+
+use std::future::Future;
+use std::sync::Arc;
+
+use chrono::Duration;
+
+use crate::conformance::{job, new_event, t0};
+use crate::model::{
+    AccountPatch, Claim, Commit, EmailKind, Grace, InstanceRecord, InstanceStatus, JobFinish, JobKind, JobResolution,
+    JobState, NewJob, Outcome, SubscriptionState,
+};
+use crate::operator::{AuditEntry, DriftRecord, OperatorStore};
+use crate::ports::{JobFilter, Store};
+
+/// Runs every check, each on a fresh store from `fresh`.
+pub async fn run_all<S, F, Fut>(fresh: F)
+where
+    S: Store + OperatorStore,
+    F: Fn() -> Fut,
+    Fut: Future<Output = Arc<S>>,
+{
+    finds_by_email_app_and_customer(fresh().await).await;
+    events_of_a_customer_newest_first(fresh().await).await;
+    jobs_of_a_subscription(fresh().await).await;
+    grace_by_deadline(fresh().await).await;
+    retry_is_fenced_on_dead(fresh().await).await;
+    audit_rows_by_customer(fresh().await).await;
+    drift_is_replaced_per_checked_subscription(fresh().await).await;
+}
+
+fn commit(subscription: Option<SubscriptionState>, account: Option<AccountPatch>) -> Commit {
+    Commit { now: t0(), event_id: None, outcome: Outcome::Applied, subscription, account, jobs: vec![] }
+}
+
+fn patch(customer: &str, email: &str) -> AccountPatch {
+    AccountPatch { stripe_customer_id: customer.into(), email: Some(email.into()), reference: None, observed_at: t0() }
+}
+
+/// E-mail look-up ignores ASCII case; an app name finds its instance; a customer's subscriptions
+/// are found without an account row.
+pub async fn finds_by_email_app_and_customer<S: Store + OperatorStore>(store: Arc<S>) {
+    store.commit(&commit(None, Some(patch("cus_a", "Ann@Example.com")))).await.unwrap();
+    store.commit(&commit(None, Some(patch("cus_b", "bob@example.com")))).await.unwrap();
+    let found = store.accounts_by_email("ann@example.COM", 10).await.unwrap();
+    assert_eq!(found.iter().map(|a| a.stripe_customer_id.as_str()).collect::<Vec<_>>(), ["cus_a"]);
+    assert!(store.accounts_by_email("nobody@example.com", 10).await.unwrap().is_empty());
+    assert!(store.accounts_by_email("%", 10).await.unwrap().is_empty(), "no pattern matching");
+
+    store.commit(&commit(Some(SubscriptionState::new("sub_o1", "cus_only")), None)).await.unwrap();
+    store.commit(&commit(Some(SubscriptionState::new("sub_o2", "cus_other")), None)).await.unwrap();
+    let subs = store.subscriptions_for_customer("cus_only").await.unwrap();
+    assert_eq!(subs.iter().map(|s| s.subscription_id.as_str()).collect::<Vec<_>>(), ["sub_o1"]);
+
+    store.enqueue(&[job("r1", Some("sub_o1"), t0())]).await.unwrap();
+    let claimed = store.claim_jobs(&Claim { now: t0(), lease: Duration::seconds(30), limit: 1 }).await.unwrap();
+    let instance = InstanceRecord {
+        subscription_id: "sub_o1".into(),
+        app_name: "mr-o1-abc".into(),
+        status: InstanceStatus::Running,
+        generation: 1,
+        tier: None,
+        limits: None,
+        subdomain: None,
+        frontend_url: None,
+        backend_url: None,
+        deprovisioned_at: None,
+        updated_at: t0(),
+    };
+    let finish = JobFinish {
+        job_id: claimed[0].id,
+        attempt: claimed[0].attempts,
+        now: t0(),
+        resolution: JobResolution::Done,
+        instance: Some(instance.clone()),
+        enqueue: vec![],
+    };
+    assert!(store.finish_job(&finish).await.unwrap());
+    assert_eq!(store.instance_by_app("mr-o1-abc").await.unwrap(), Some(instance));
+    assert_eq!(store.instance_by_app("mr-none").await.unwrap(), None);
+}
+
+/// A customer's events: those whose object names it as `customer`, or that are the customer.
+pub async fn events_of_a_customer_newest_first<S: Store + OperatorStore>(store: Arc<S>) {
+    let sub = r#"{"id":"evt_c1","data":{"object":{"object":"subscription","id":"sub_1","customer":"cus_t"}}}"#;
+    let cus = r#"{"id":"evt_c2","data":{"object":{"object":"customer","id":"cus_t"}}}"#;
+    let inv = r#"{"id":"evt_c3","data":{"object":{"object":"invoice","customer":"cus_t"}}}"#;
+    let other = r#"{"id":"evt_c4","data":{"object":{"object":"invoice","customer":"cus_u"}}}"#;
+    for (i, (id, payload)) in [("evt_c1", sub), ("evt_c2", cus), ("evt_c3", inv), ("evt_c4", other)].iter().enumerate()
+    {
+        let at = t0() + Duration::seconds(i64::try_from(i).unwrap());
+        store.record_event(&new_event(id, payload, at)).await.unwrap();
+    }
+    store.record_event(&new_event("evt_bad", "not json", t0())).await.unwrap();
+    let found = store.events_for_customer("cus_t", 10).await.unwrap();
+    assert_eq!(found.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["evt_c3", "evt_c2", "evt_c1"]);
+    assert_eq!(found[0].payload, inv, "byte for byte");
+    let limited = store.events_for_customer("cus_t", 2).await.unwrap();
+    assert_eq!(limited.len(), 2);
+    assert!(store.events_for_customer("cus_none", 10).await.unwrap().is_empty());
+}
+
+/// A subscription's jobs: its group's and the e-mails about it, newest first.
+pub async fn jobs_of_a_subscription<S: Store + OperatorStore>(store: Arc<S>) {
+    let email = NewJob {
+        key: "email:sub_j".into(),
+        group: None,
+        kind: JobKind::Email {
+            customer_id: "cus_j".into(),
+            subscription_id: Some("sub_j".into()),
+            email: EmailKind::Welcome,
+        },
+        run_after: t0(),
+    };
+    let alert = NewJob {
+        key: "alert".into(),
+        group: None,
+        kind: JobKind::AdminAlert { subject: "sub_j".into(), detail: String::new() },
+        run_after: t0(),
+    };
+    store.enqueue(&[job("reconcile:sub_j", Some("sub_j"), t0())]).await.unwrap();
+    store.enqueue(&[email, alert, job("reconcile:sub_k", Some("sub_k"), t0())]).await.unwrap();
+    let jobs = store.jobs_for_subscription("sub_j", 10).await.unwrap();
+    let mut keys: Vec<&str> = jobs.iter().map(|j| j.key.as_str()).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["email:sub_j", "reconcile:sub_j"]);
+    assert!(jobs[0].id > jobs[1].id, "newest first");
+    assert_eq!(store.jobs_for_subscription("sub_j", 1).await.unwrap().len(), 1);
+}
+
+/// Grace periods not handled yet, earliest deadline first; a handled one is not listed.
+pub async fn grace_by_deadline<S: Store + OperatorStore>(store: Arc<S>) {
+    for (id, days) in [("sub_late", 9), ("sub_soon", 2), ("sub_mid", 5)] {
+        let mut s = SubscriptionState::new(id, "cus_g");
+        s.grace = Some(Grace { started_at: t0(), ends_at: t0() + Duration::days(days) });
+        s.grace_expiry_handled = id == "sub_late";
+        store.commit(&commit(Some(s), None)).await.unwrap();
+    }
+    store.commit(&commit(Some(SubscriptionState::new("sub_fine", "cus_g")), None)).await.unwrap();
+    let found = store.subscriptions_in_grace(10).await.unwrap();
+    assert_eq!(found.iter().map(|s| s.subscription_id.as_str()).collect::<Vec<_>>(), ["sub_soon", "sub_mid"]);
+    assert_eq!(found[0].version, 1, "the aggregate as stored");
+    assert_eq!(store.subscriptions_in_grace(1).await.unwrap().len(), 1);
+}
+
+/// Only a dead job is re-queued, due now, its attempts kept; it can then be claimed again.
+pub async fn retry_is_fenced_on_dead<S: Store + OperatorStore>(store: Arc<S>) {
+    store
+        .enqueue(&[job("dies", Some("sub_d"), t0()), job("waits", Some("sub_w"), t0() + Duration::days(1))])
+        .await
+        .unwrap();
+    let claimed = store.claim_jobs(&Claim { now: t0(), lease: Duration::seconds(30), limit: 1 }).await.unwrap();
+    let dead = JobFinish {
+        job_id: claimed[0].id,
+        attempt: claimed[0].attempts,
+        now: t0(),
+        resolution: JobResolution::Dead { error: "provisioner said no".into() },
+        instance: None,
+        enqueue: vec![],
+    };
+    assert!(store.finish_job(&dead).await.unwrap());
+    let waiting = store.list_jobs(&JobFilter { state: Some(JobState::Pending), limit: 5 }).await.unwrap();
+    assert_eq!(store.retry_dead_job(waiting[0].id, t0()).await.unwrap(), None, "a pending job is not touched");
+    assert_eq!(store.retry_dead_job(9_999_999, t0()).await.unwrap(), None, "unknown id");
+    let later = t0() + Duration::hours(1);
+    let retried = store.retry_dead_job(claimed[0].id, later).await.unwrap().expect("a dead job is re-queued");
+    assert_eq!((retried.key.as_str(), retried.state, retried.run_after), ("dies", JobState::Pending, later));
+    assert_eq!(store.retry_dead_job(claimed[0].id, later).await.unwrap(), None, "once: it is pending now");
+    let again = store.claim_jobs(&Claim { now: later, lease: Duration::seconds(30), limit: 5 }).await.unwrap();
+    assert_eq!(again.iter().map(|j| j.key.as_str()).collect::<Vec<_>>(), ["dies"]);
+    assert_eq!(again[0].attempts, 2, "attempts keep counting (the fencing token)");
+    assert_eq!(again[0].last_error.as_deref(), Some("provisioner said no"));
+}
+
+/// Audit rows are kept and listed newest first, per customer or all.
+pub async fn audit_rows_by_customer<S: Store + OperatorStore>(store: Arc<S>) {
+    let entry = |secs: i64, customer: Option<&str>, ok: bool| AuditEntry {
+        at: t0() + Duration::seconds(secs),
+        actor: "admin".into(),
+        action: "replay".into(),
+        target: format!("evt_{secs}"),
+        customer_id: customer.map(str::to_owned),
+        ok,
+        result: if ok { "applied".into() } else { "store unavailable: <b>".into() },
+    };
+    store.record_audit(&entry(1, Some("cus_x"), true)).await.unwrap();
+    store.record_audit(&entry(2, None, false)).await.unwrap();
+    store.record_audit(&entry(3, Some("cus_x"), false)).await.unwrap();
+    store.record_audit(&entry(4, Some("cus_y"), true)).await.unwrap();
+    let of_x = store.list_audit(Some("cus_x"), 10).await.unwrap();
+    assert_eq!(of_x, [entry(3, Some("cus_x"), false), entry(1, Some("cus_x"), true)]);
+    let all = store.list_audit(None, 3).await.unwrap();
+    assert_eq!(all.iter().map(|a| a.target.as_str()).collect::<Vec<_>>(), ["evt_4", "evt_3", "evt_2"]);
+}
+
+/// Each reconciliation replaces the drift of the subscriptions it checked, and only theirs.
+pub async fn drift_is_replaced_per_checked_subscription<S: Store + OperatorStore>(store: Arc<S>) {
+    let drift = |sub: &str, field: &str, secs: i64| DriftRecord {
+        subscription_id: sub.into(),
+        field: field.into(),
+        before: "active".into(),
+        after: "past_due".into(),
+        found_at: t0() + Duration::seconds(secs),
+    };
+    let (a, b) = ("sub_da".to_owned(), "sub_db".to_owned());
+    store
+        .save_drift(&[a.clone(), b.clone()], &[drift(&a, "status", 1), drift(&a, "tier", 1), drift(&b, "grace", 1)])
+        .await
+        .unwrap();
+    assert_eq!(store.list_drift(None, 10).await.unwrap().len(), 3);
+    store.save_drift(std::slice::from_ref(&a), &[]).await.unwrap();
+    assert_eq!(store.list_drift(None, 10).await.unwrap(), [drift(&b, "grace", 1)], "a is in sync now; b untouched");
+    store.save_drift(std::slice::from_ref(&a), &[drift(&a, "instance", 2)]).await.unwrap();
+    assert_eq!(store.list_drift(Some(&a), 10).await.unwrap(), [drift(&a, "instance", 2)]);
+    let all = store.list_drift(None, 1).await.unwrap();
+    assert_eq!(all, [drift(&a, "instance", 2)], "newest first");
+}
