@@ -1,4 +1,32 @@
 -- One pass of the hot-path calls (included by explain.sql; :ex is empty or an EXPLAIN prefix).
+\echo '#### new event: record_and_commit (the webhook path: insert with its outcome, version check, compare-and-swap, public row, one job)'
+begin;
+:ex select public.billing_record_and_commit(jsonb_build_object(
+    'id', 'evt_scale_rc_' || :pass, 'type', 'customer.subscription.updated', 'created', now(),
+    'api_version', '2026-07-29.dahlia', 'livemode', false,
+    'payload', jsonb_build_object('id', 'evt_scale_rc_' || :pass, 'object', 'event', 'data', jsonb_build_object(
+        'object', jsonb_build_object('id', s.subscription_id, 'object', 'subscription', 'customer', s.customer_id,
+        'padding', repeat('x', 3700))))::text,
+    'received_at', now(), 'source', 'webhook',
+    'expected', jsonb_build_object('subscription_id', s.subscription_id, 'version', s.version::text),
+    'commit', jsonb_build_object(
+    'now', now(), 'event_id', 'evt_scale_rc_' || :pass, 'outcome', 'applied', 'reason', null,
+    'subscription', jsonb_build_object(
+        'id', s.subscription_id, 'customer_id', s.customer_id, 'account_id', s.account_id,
+        'expected_version', s.version::text, 'state', s.state, 'grace_ends_at', null,
+        'grace_expiry_handled', false, 'terminal', false,
+        'public', jsonb_build_object(
+            'stripe_price_id', s.state #>> '{snapshot,price_id}', 'tier', s.state #>> '{snapshot,tier}',
+            'status', 'active', 'max_agents', 3, 'max_messages_per_day', 1000, 'entitlement_status', 'active',
+            'current_period_end', now() + interval '30 days', 'trial_ends_at', null, 'cancelled_at', null,
+            'grace_period_ends_at', null)),
+    'account', null,
+    'jobs', jsonb_build_array(jsonb_build_object(
+        'key', 'reconcile:' || s.subscription_id || ':evt_scale_rc_' || :pass, 'group', s.subscription_id,
+        'kind', jsonb_build_object('kind', 'reconcile', 'subscription_id', s.subscription_id),
+        'run_after', now())))))
+from public.billing_subscription_state s where s.subscription_id = :'sub';
+rollback;
 \echo '#### record_and_load (a new event of an existing subscription)'
 begin;
 :ex select public.billing_record_and_load(jsonb_build_object(
