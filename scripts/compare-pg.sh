@@ -64,16 +64,21 @@ for i in range(64):
                                  {"Stripe-Signature": f"t={now},v1={sig}", "Content-Type": "application/json"})
     assert urllib.request.urlopen(req).status == 200
 PY
-psql "$PGURL/$DB" -Atc "select id from public.accounts where stripe_customer_id like 'cus_compare%'" >"$WORK/accounts.txt"
-export API_ACCOUNTS=$WORK/accounts.txt
-[[ $(wc -l <"$WORK/accounts.txt") -eq 64 ]] || { echo "seeding failed" >&2; exit 1; }
+mkdir -p "$WORK/api"
+psql "$PGURL/$DB" -Atc "select id from public.accounts where stripe_customer_id like 'cus_compare%'" >"$WORK/api/accounts.txt"
+[[ $(wc -l <"$WORK/api/accounts.txt") -eq 64 ]] || { echo "seeding failed" >&2; exit 1; }
 
 pgbench_tps() { # clients
   pgbench -N -c "$1" -j $(( $1 < 2 ? 1 : 2 )) -T "$DURATION" "$PGURL/$BENCH_DB" 2>/dev/null | awk '/^tps/ {printf "%.0f", $3}'
 }
 api() { # mode connections → "req/s p99"
-  API_MODE=$1 wrk -t$(( $2 < 2 ? 1 : 2 )) -c"$2" -d"${DURATION}s" -s "$ROOT/benches/load/internal_api.lua" \
-    "http://127.0.0.1:$PORT" | awk -F'[ =]' '/^mode=/ {printf "%s %s", $6, $10; if ($12 > 0) printf " (%s non-2xx)", $12}'
+  API_MODE=$1 LOAD_DIR=$WORK/api wrk -t$(( $2 < 2 ? 1 : 2 )) -c"$2" -d"${DURATION}s" --latency \
+    -s "$ROOT/benches/load/api.lua" "http://127.0.0.1:$PORT" | awk '
+      /Requests\/sec:/ { rps = sprintf("%.0f", $2) }
+      $1 == "99%" { v = $2; unit = v; sub(/[0-9.]+/, "", unit); sub(/[a-z]+$/, "", v)
+                    p99 = sprintf("%.2f", v * (unit == "us" ? 0.001 : (unit == "s" ? 1000 : 1))) }
+      /Non-2xx/ { non = " (" $NF " non-2xx)" }
+      END { printf "%s %s%s", rps, p99, non }'
 }
 row() { printf '| %-34s | %10s | %9s | %14s | %6s |\n' "$@"; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.0f %%", 100 * a / b}'; }

@@ -1,4 +1,4 @@
--- wrk script for mindroom-billing's internal API (see scripts/scale.sh):
+-- wrk script for mindroom-billing's internal API (see scripts/scale.sh and scripts/compare-pg.sh):
 --   API_MODE=usage         POST /v1/usage {"account_id","metric":"messages","count":1}
 --   API_MODE=entitlements  GET /v1/accounts/{id}/entitlements
 -- Account ids, one per line, from LOAD_DIR/accounts.txt (each thread walks them from its own offset);
