@@ -36,6 +36,7 @@ pub fn new_event<'a>(id: &'a str, payload: &'a str, received_at: DateTime<Utc>) 
         payload,
         received_at,
         source: crate::model::EventSource::Webhook,
+        customer_id: None,
     }
 }
 

@@ -220,6 +220,18 @@ pub struct Event {
 }
 
 impl Event {
+    /// The customer this event's object names (`None` for types billing does not read, and for a
+    /// checkout session without a customer).
+    pub fn customer_id(&self) -> Option<&str> {
+        match &self.object {
+            EventObject::Subscription(s) => Some(&s.customer),
+            EventObject::Invoice(i) => Some(&i.customer),
+            EventObject::Customer(c) => Some(&c.id),
+            EventObject::CheckoutSession(c) => c.customer.as_deref(),
+            EventObject::Other => None,
+        }
+    }
+
     /// The subscription this event concerns, if any.
     pub fn subscription_id(&self) -> Option<&str> {
         match &self.object {

@@ -499,6 +499,10 @@ pub struct NewEvent<'a> {
     pub received_at: DateTime<Utc>,
     /// How it reached us (the first delivery's source is kept).
     pub source: EventSource,
+    /// The customer the payload names ([`crate::operator::event_customer`]) when the caller has
+    /// parsed the event already; `None` lets the store derive it from the payload. Stored for the
+    /// operator's look-ups, so the webhook path does not parse the payload a second time.
+    pub customer_id: Option<&'a str>,
 }
 
 /// What recording an event found.

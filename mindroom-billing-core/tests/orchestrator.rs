@@ -346,6 +346,7 @@ fn new_event<'a>(
         payload,
         received_at,
         source: mindroom_billing_core::EventSource::Webhook,
+        customer_id: None,
     }
 }
 

@@ -30,6 +30,7 @@ async fn stored(store: &MemoryStore, id: &str, received_at: DateTime<Utc>, outco
         payload: "{}",
         received_at,
         source: EventSource::Webhook,
+        customer_id: None,
     };
     store.record_event(&event).await.unwrap();
     let commit = Commit {

@@ -323,6 +323,7 @@ async fn one_poison_event_does_not_stop_the_unapplied_pick_up() {
             payload: body,
             received_at: at(T0 - 600),
             source: mindroom_billing_core::EventSource::Webhook,
+            customer_id: None,
         };
         store.record_event(&event).await.unwrap();
     }
@@ -438,4 +439,61 @@ async fn a_verified_event_that_does_not_parse_is_stored_as_failed_not_lost() {
     // Replay reads the stored bytes again (still unreadable by this version: nothing changes).
     assert!(w.billing.replay("evt_zombie").await.is_err());
     assert_eq!(w.store.load_event("evt_zombie").await.unwrap().unwrap().status, EventStatus::Failed);
+}
+
+/// A worker dies after its provision call reached the provisioner and before it recorded the
+/// instance; the subscription ends while the job's lease runs out. The retried attempt must remove
+/// the app the first attempt created (nothing recorded it), not leave it running for ever.
+#[tokio::test]
+async fn a_retried_job_removes_the_app_an_interrupted_attempt_created_when_the_subscription_ended() {
+    let w = world();
+    let created = subscription("evt_1", "customer.subscription.created", T0, "active", STARTER, "{}");
+    assert_eq!(w.send(&created).await, Disposition::Applied);
+    // The first attempt: claimed, its provision call made, then the worker is gone.
+    let claim = mindroom_billing_core::Claim { now: w.clock.now(), lease: Duration::seconds(30), limit: 10 };
+    let claimed = w.store.claim_jobs(&claim).await.unwrap();
+    assert_eq!(claimed.len(), 1, "{claimed:?}");
+    let app = mindroom_billing_core::service::app_name_for(SUB);
+    let request = mindroom_billing_core::ports::ProvisionRequest {
+        subscription_id: SUB.into(),
+        customer_id: CUS.into(),
+        account_id: mindroom_billing_core::account_id_for_customer(CUS),
+        app_name: app.clone(),
+        tier: Tier::Starter,
+        limits: Tier::Starter.limits(),
+        idempotency_key: format!("provision:{SUB}:1:starter:{}", claimed[0].id),
+    };
+    w.provisioner.provision(&request).await.unwrap();
+    // The subscription is canceled meanwhile; the lease runs out; another worker retries.
+    let deleted = subscription("evt_2", "customer.subscription.deleted", T0 + 60, "canceled", STARTER, "{}");
+    assert_eq!(w.send(&deleted).await, Disposition::Applied);
+    w.clock.advance(Duration::seconds(31));
+    w.drain().await;
+    let removed = w.provisioner.calls().iter().any(|c| matches!(c, Call::Deprovision { app: a, .. } if *a == app));
+    assert!(removed, "the app the interrupted attempt created is left running: {:?}", w.provisioner.calls());
+}
+
+/// The same interruption, but the plan changed before the retry: the retried attempt provisions the
+/// new tier under the same app name (the provisioner answers the app the first attempt created) and
+/// then sets its limits, since an existing app keeps the ones it was created with.
+#[tokio::test]
+async fn a_retried_provision_sets_the_limits_of_a_tier_changed_meanwhile() {
+    let w = world();
+    let created = subscription("evt_1", "customer.subscription.created", T0, "active", STARTER, "{}");
+    assert_eq!(w.send(&created).await, Disposition::Applied);
+    let claim = mindroom_billing_core::Claim { now: w.clock.now(), lease: Duration::seconds(30), limit: 10 };
+    let claimed = w.store.claim_jobs(&claim).await.unwrap();
+    assert_eq!(claimed.len(), 1, "{claimed:?}");
+    let upgraded = subscription("evt_2", "customer.subscription.updated", T0 + 60, "active", PRO, "{}");
+    assert_eq!(w.send(&upgraded).await, Disposition::Applied);
+    w.clock.advance(Duration::seconds(31));
+    w.drain().await;
+    let app = mindroom_billing_core::service::app_name_for(SUB);
+    let pro = Tier::Professional.limits();
+    let calls = w.provisioner.calls();
+    let provision = calls.iter().position(|c| matches!(c, Call::Provision { app: a, .. } if *a == app));
+    let update =
+        calls.iter().position(|c| matches!(c, Call::Update { app: a, limits, .. } if *a == app && *limits == pro));
+    assert!(provision.is_some() && update > provision, "provision, then the new tier's limits: {calls:?}");
+    assert_eq!(w.store.load_instance(SUB).await.unwrap().unwrap().limits, Some(pro));
 }

@@ -178,6 +178,7 @@ fn record_payload(event: &NewEvent<'_>) -> Value {
         "payload": event.payload,
         "received_at": event.received_at,
         "source": event.source.as_str(),
+        "customer_id": event.customer_id,
     })
 }
 

@@ -39,6 +39,7 @@ async fn eight_replicas_record_one_event_exactly_once() {
                 payload: &payload,
                 received_at: at(T0 + 1),
                 source: mindroom_billing_core::EventSource::Webhook,
+                customer_id: None,
             };
             let r = store.record_event(&event).await.unwrap();
             store.close().await;
@@ -273,6 +274,7 @@ async fn an_event_recorded_but_never_committed_is_applied_on_redelivery() {
             payload,
             received_at: at(T0 + 5),
             source: mindroom_billing_core::EventSource::Webhook,
+            customer_id: None,
         })
         .await
         .unwrap();
@@ -309,6 +311,7 @@ async fn the_worker_picks_up_an_unapplied_event_without_stripe() {
             payload: std::str::from_utf8(&body).unwrap(),
             received_at: at(T0 + 5),
             source: mindroom_billing_core::EventSource::Webhook,
+            customer_id: None,
         })
         .await
         .unwrap();

@@ -210,6 +210,7 @@ async fn database_down_answers_unavailable_writes_nothing_and_the_retry_succeeds
             payload: std::str::from_utf8(&body).unwrap(),
             received_at: clock.now(),
             source: mindroom_billing_core::EventSource::Webhook,
+            customer_id: None,
         })
         .await
         .unwrap();

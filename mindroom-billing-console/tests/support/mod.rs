@@ -142,6 +142,7 @@ fn new_event<'a>(id: &'a str, payload: &'a str, at: DateTime<Utc>) -> NewEvent<'
         payload,
         received_at: at,
         source: EventSource::Webhook,
+        customer_id: None,
     }
 }
 

@@ -398,6 +398,7 @@ impl Billing {
             payload,
             received_at: now,
             source,
+            customer_id: event.customer_id(),
         };
         // Decide first, on the aggregate this replica last saw (none: the subscription is taken
         // for new), then record and commit in one call. The store's compare-and-swap catches a
@@ -474,6 +475,7 @@ impl Billing {
             payload,
             received_at: now,
             source,
+            customer_id: None,
         };
         let (recorded, _) = self.store.record_and_load(&new_event, None).await?;
         let disposition = match recorded {

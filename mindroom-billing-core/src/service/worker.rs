@@ -329,6 +329,14 @@ impl Billing {
                 };
                 let call = self.provisioner.provision(&request);
                 let created = self.provisioner_call(job, Operation::Provision, call).await?;
+                if created.app_name == request.app_name && current.is_none() && job.attempts > 1 {
+                    // An earlier attempt of this job may have created the app (its worker died before
+                    // recording it) when another tier was wanted: the provisioner answers the existing
+                    // app, so its limits are set too.
+                    let key = format!("update:{subscription_id}:{generation}:{tier}:{}", job.id);
+                    let call = self.provisioner.update_limits(&request.app_name, &limits, &key);
+                    self.provisioner_call(job, Operation::Update, call).await?;
+                }
                 if created.app_name != request.app_name {
                     // Recording another name would leak the app we asked for (nothing would ever
                     // remove it) and point billing at one it did not ask for.
@@ -374,6 +382,17 @@ impl Billing {
                 current.deprovisioned_at = Some(now);
                 current.updated_at = now;
                 JobOutput { instance: Some(current), ..JobOutput::default() }
+            }
+            (DesiredInstance::Absent, None) if job.attempts > 1 => {
+                // An earlier attempt of this job may have created the app before its worker died
+                // (nothing recorded it) and the subscription ended since: remove it, or it is left
+                // running for ever. The provisioner answers "already gone" when it never existed.
+                let app_name = app_name_for(subscription_id);
+                let key = format!("deprovision:{subscription_id}:1:{}", job.id);
+                let call = self.provisioner.deprovision(&app_name, &key);
+                self.provisioner_call(job, Operation::Deprovision, call).await?;
+                info!(app = %app_name, "possibly orphaned instance of an interrupted attempt deprovisioned");
+                JobOutput::default()
             }
             (DesiredInstance::Absent, _) => JobOutput::default(),
         };
