@@ -441,15 +441,11 @@ async fn a_verified_event_that_does_not_parse_is_stored_as_failed_not_lost() {
     assert_eq!(w.store.load_event("evt_zombie").await.unwrap().unwrap().status, EventStatus::Failed);
 }
 
-/// A worker dies after its provision call reached the provisioner and before it recorded the
-/// instance; the subscription ends while the job's lease runs out. The retried attempt must remove
-/// the app the first attempt created (nothing recorded it), not leave it running for ever.
-#[tokio::test]
-async fn a_retried_job_removes_the_app_an_interrupted_attempt_created_when_the_subscription_ended() {
-    let w = world();
+/// A starter subscription whose provisioning job's first attempt made its provision call and then
+/// lost its worker (nothing recorded the instance; the 30 s lease still holds). Returns the app.
+async fn provisioned_by_an_interrupted_attempt(w: &World) -> String {
     let created = subscription("evt_1", "customer.subscription.created", T0, "active", STARTER, "{}");
     assert_eq!(w.send(&created).await, Disposition::Applied);
-    // The first attempt: claimed, its provision call made, then the worker is gone.
     let claim = mindroom_billing_core::Claim { now: w.clock.now(), lease: Duration::seconds(30), limit: 10 };
     let claimed = w.store.claim_jobs(&claim).await.unwrap();
     assert_eq!(claimed.len(), 1, "{claimed:?}");
@@ -464,7 +460,15 @@ async fn a_retried_job_removes_the_app_an_interrupted_attempt_created_when_the_s
         idempotency_key: format!("provision:{SUB}:1:starter:{}", claimed[0].id),
     };
     w.provisioner.provision(&request).await.unwrap();
-    // The subscription is canceled meanwhile; the lease runs out; another worker retries.
+    app
+}
+
+/// The subscription ends while the interrupted attempt's lease runs out: the retried attempt must
+/// remove the app the first attempt created (nothing recorded it), not leave it running for ever.
+#[tokio::test]
+async fn a_retried_job_removes_the_app_an_interrupted_attempt_created_when_the_subscription_ended() {
+    let w = world();
+    let app = provisioned_by_an_interrupted_attempt(&w).await;
     let deleted = subscription("evt_2", "customer.subscription.deleted", T0 + 60, "canceled", STARTER, "{}");
     assert_eq!(w.send(&deleted).await, Disposition::Applied);
     w.clock.advance(Duration::seconds(31));
@@ -473,25 +477,20 @@ async fn a_retried_job_removes_the_app_an_interrupted_attempt_created_when_the_s
     assert!(removed, "the app the interrupted attempt created is left running: {:?}", w.provisioner.calls());
 }
 
-/// The same interruption, but the plan changed before the retry: the retried attempt provisions the
-/// new tier under the same app name (the provisioner answers the app the first attempt created) and
-/// then sets its limits, since an existing app keeps the ones it was created with.
+/// The plan changes instead: the retried attempt provisions the new tier under the same app name (the
+/// provisioner answers the app the first attempt created) and then sets its limits, since an existing
+/// app keeps the ones it was created with.
 #[tokio::test]
 async fn a_retried_provision_sets_the_limits_of_a_tier_changed_meanwhile() {
     let w = world();
-    let created = subscription("evt_1", "customer.subscription.created", T0, "active", STARTER, "{}");
-    assert_eq!(w.send(&created).await, Disposition::Applied);
-    let claim = mindroom_billing_core::Claim { now: w.clock.now(), lease: Duration::seconds(30), limit: 10 };
-    let claimed = w.store.claim_jobs(&claim).await.unwrap();
-    assert_eq!(claimed.len(), 1, "{claimed:?}");
+    let app = provisioned_by_an_interrupted_attempt(&w).await;
     let upgraded = subscription("evt_2", "customer.subscription.updated", T0 + 60, "active", PRO, "{}");
     assert_eq!(w.send(&upgraded).await, Disposition::Applied);
     w.clock.advance(Duration::seconds(31));
     w.drain().await;
-    let app = mindroom_billing_core::service::app_name_for(SUB);
     let pro = Tier::Professional.limits();
     let calls = w.provisioner.calls();
-    let provision = calls.iter().position(|c| matches!(c, Call::Provision { app: a, .. } if *a == app));
+    let provision = calls.iter().rposition(|c| matches!(c, Call::Provision { app: a, .. } if *a == app));
     let update =
         calls.iter().position(|c| matches!(c, Call::Update { app: a, limits, .. } if *a == app && *limits == pro));
     assert!(provision.is_some() && update > provision, "provision, then the new tier's limits: {calls:?}");
