@@ -134,6 +134,14 @@ impl JobOutput {
     }
 }
 
+/// Whether an earlier attempt of `job` ended without recording anything (its worker died or lost the
+/// lease mid-call), so a provision call it made may have reached the provisioner. An attempt that
+/// failed with an answer recorded its error; a call that timed out is not covered (its outcome is
+/// unknown too, but it is recorded like an answer).
+fn earlier_attempt_unaccounted(job: &Job) -> bool {
+    job.attempts > 1 && job.last_error.is_none()
+}
+
 impl Billing {
     /// Claims and runs up to `limit` due jobs. Returns how many ran.
     pub async fn run_due_jobs(&self, limit: u32) -> Result<usize, StoreError> {
@@ -329,7 +337,7 @@ impl Billing {
                 };
                 let call = self.provisioner.provision(&request);
                 let created = self.provisioner_call(job, Operation::Provision, call).await?;
-                if created.app_name == request.app_name && current.is_none() && job.attempts > 1 {
+                if created.app_name == request.app_name && current.is_none() && earlier_attempt_unaccounted(job) {
                     // An earlier attempt of this job may have created the app (its worker died before
                     // recording it) when another tier was wanted: the provisioner answers the existing
                     // app, so its limits are set too.
@@ -383,7 +391,7 @@ impl Billing {
                 current.updated_at = now;
                 JobOutput { instance: Some(current), ..JobOutput::default() }
             }
-            (DesiredInstance::Absent, None) if job.attempts > 1 => {
+            (DesiredInstance::Absent, None) if earlier_attempt_unaccounted(job) => {
                 // An earlier attempt of this job may have created the app before its worker died
                 // (nothing recorded it) and the subscription ended since: remove it, or it is left
                 // running for ever. The provisioner answers "already gone" when it never existed.
