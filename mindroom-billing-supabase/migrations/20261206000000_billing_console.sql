@@ -1,50 +1,13 @@
 -- mindroom-billing: what the operator console reads and writes (the OperatorStore port).
--- Additive: new tables, a column, indexes and functions; the record functions that fill the column
--- are re-created by 20261207000000_billing_event_customer.
+-- Additive: new tables, indexes and functions (billing_events.customer_id and the record functions
+-- that fill it come from 20261204000100_billing_record_and_commit).
 --
 -- A customer's events are found by `billing_events.customer_id`: the customer their payload names,
 -- stored when the event is recorded (the binary has parsed the event already and sends it; otherwise
--- the record functions derive it with public.billing_event_customer). An expression index on the
--- payload was tried first: it parsed every 3.9 KB payload again on the webhook's hot path (0.044 ms
--- per new event, 16 % of billing_record_and_commit) and lost the customer when retention empties a
--- payload. Rows recorded before this migration are filled from their payload once, below (it reads
--- every stored payload: on a large table, run this migration in a quiet hour).
-
--- The customer a Stripe event concerns: data.object.customer, or data.object.id for a customer
--- object; null when the payload is not JSON (or is JSON jsonb refuses, e.g. \u0000) or names none.
--- Must equal mindroom_billing_core::operator::event_customer.
-create or replace function public.billing_event_customer(payload text)
-returns text
-language plpgsql
-immutable
-security invoker
-set search_path = ''
-as $$
-declare
-    v_object jsonb;
-    v_value jsonb;
-begin
-    v_object := payload::jsonb -> 'data' -> 'object';
-    if v_object is null or pg_catalog.jsonb_typeof(v_object) <> 'object' then
-        return null;
-    end if;
-    if v_object ->> 'object' = 'customer' then
-        v_value := v_object -> 'id';
-    else
-        v_value := v_object -> 'customer';
-    end if;
-    if v_value is null or pg_catalog.jsonb_typeof(v_value) <> 'string' then
-        return null;
-    end if;
-    return v_value #>> '{}';
-exception when others then
-    return null;
-end
-$$;
-
-alter table public.billing_events add column if not exists customer_id text;
-update public.billing_events set customer_id = public.billing_event_customer(payload)
-where customer_id is null and payload <> '';
+-- the record functions of 20261204000100 derive it with public.billing_event_customer). An
+-- expression index on the payload was tried first: it parsed every 3.9 KB payload again on the
+-- webhook's hot path (0.044 ms per new event, 16 % of billing_record_and_commit) and lost the
+-- customer when retention empties a payload.
 create index if not exists billing_events_customer_id_idx
     on public.billing_events (customer_id, received_at desc) where customer_id is not null;
 

@@ -75,11 +75,6 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "billing_console",
         sql: include_str!("../migrations/20261206000000_billing_console.sql"),
     },
-    Migration {
-        version: "20261207000000",
-        name: "billing_event_customer",
-        sql: include_str!("../migrations/20261207000000_billing_event_customer.sql"),
-    },
 ];
 
 #[cfg(test)]
