@@ -501,7 +501,7 @@ impl Store for MemoryStore {
         }
         let current =
             |inner: &Inner| expected.and_then(|e| inner.subscriptions.get(e.subscription_id).cloned()).map(Box::new);
-        if expected.is_some_and(|e| current(&inner).map_or(0, |s| s.version) != e.version) {
+        if expected.is_some_and(|e| inner.subscriptions.get(e.subscription_id).map_or(0, |s| s.version) != e.version) {
             return Ok(RecordedCommit::Conflict(current(&inner)));
         }
         match commit_in(&mut inner, commit) {

@@ -14,7 +14,7 @@
 //! read began (a ticket). Entries carry the time the store was read (`as_of` in the answer).
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDate, Utc};
@@ -120,13 +120,15 @@ pub(crate) struct Ticket(u64);
 pub(crate) struct EntitlementCache {
     config: CacheConfig,
     state: Mutex<State>,
+    /// Set once the store has been asked whether it reports changes (the first read).
+    start: OnceLock<()>,
 }
 
 impl EntitlementCache {
     pub(crate) fn new(config: CacheConfig) -> Self {
         let mode = if config.enabled { Mode::Unstarted } else { Mode::Off };
         let state = State { mode, listening: false, seq: 0, floor: 0, accounts: HashMap::new(), usage: HashMap::new() };
-        Self { config, state: Mutex::new(state) }
+        Self { config, state: Mutex::new(state), start: OnceLock::new() }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -135,9 +137,14 @@ impl EntitlementCache {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Whether the store still has to be asked which mode to use.
-    pub(crate) fn needs_start(&self) -> bool {
-        self.lock().mode == Mode::Unstarted
+    /// On the first call only (an atomic load afterwards): asks `watch` whether the store reports
+    /// changes, unless caching is off. `watch` may call back into the cache (no lock is held).
+    pub(crate) fn start(&self, watch: impl FnOnce() -> bool) {
+        self.start.get_or_init(|| {
+            if self.lock().mode == Mode::Unstarted {
+                self.started(watch());
+            }
+        });
     }
 
     /// Settles the mode: watched when the store reports changes, else time-to-live.

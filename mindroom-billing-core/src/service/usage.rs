@@ -119,10 +119,10 @@ impl Billing {
         account_id: Uuid,
         now: DateTime<Utc>,
     ) -> Result<(Arc<Vec<SubscriptionState>>, DateTime<Utc>), StoreError> {
-        if self.cache.needs_start() {
+        self.cache.start(|| {
             let listener: Arc<dyn ChangeListener> = self.cache.clone();
-            self.cache.started(self.store.watch_changes(Arc::downgrade(&listener)));
-        }
+            self.store.watch_changes(Arc::downgrade(&listener))
+        });
         let ticket = match self.cache.subscriptions(account_id) {
             Ok(cached) => return Ok((cached.subscriptions, cached.as_of)),
             Err(ticket) => ticket,
