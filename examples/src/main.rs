@@ -137,8 +137,9 @@ enum CutoverCommand {
     /// Exits 0 when identical, 1 when anything differs, 2 when a database cannot be read.
     Compare {
         /// The Node service's database (`postgres://…`): its `accounts`, `subscriptions` and
-        /// `instances` tables.
-        #[arg(long)]
+        /// `instances` tables. From `NODE_DATABASE_URL` when not given (keeps the password out of the
+        /// process list).
+        #[arg(long, env = "NODE_DATABASE_URL", hide_env_values = true)]
         node_database_url: String,
         /// Print one JSON document (rows and counts) instead of the table.
         #[arg(long)]
