@@ -283,7 +283,7 @@ pub struct Report {
 }
 
 impl Report {
-    /// Whether anything differs or the switch would change anything beyond restating limits.
+    /// Whether any subscription differs (restating updates of identical ones do not count).
     pub fn differs(&self) -> bool {
         !self.rows.is_empty()
     }
