@@ -19,6 +19,7 @@ macro_rules! say {
 }
 
 mod config;
+mod cutover;
 mod samples;
 mod wiring;
 
@@ -115,11 +116,34 @@ enum Command {
         #[command(subcommand)]
         command: ConsoleCommand,
     },
+    /// The cut-over from the Node service (see docs/cutover.md).
+    Cutover {
+        #[command(subcommand)]
+        command: CutoverCommand,
+    },
     /// Read the Stripe API (`STRIPE_SECRET_KEY`, read-only) into the server's database: catch up on
     /// missed events, or reconcile subscriptions. `serve` runs both by itself when the key is set.
     Stripe {
         #[command(subcommand)]
         command: StripeCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CutoverCommand {
+    /// Compare billing's database (run in shadow: `DATABASE_URL` or `SUPABASE_URL`) with the Node
+    /// service's: one row per subscription whose tier, status, limits or instance differ, with the
+    /// provisioner calls and e-mails billing would make on the switch. Reads both, writes neither.
+    /// Exits 0 when identical, 1 when anything differs, 2 when a database cannot be read.
+    Compare {
+        /// The Node service's database (`postgres://…`): its `accounts`, `subscriptions` and
+        /// `instances` tables. From `NODE_DATABASE_URL` when not given (keeps the password out of the
+        /// process list).
+        #[arg(long, env = "NODE_DATABASE_URL", hide_env_values = true)]
+        node_database_url: String,
+        /// Print one JSON document (rows and counts) instead of the table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -234,6 +258,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Command::Cutover { command: CutoverCommand::Compare { node_database_url, json } } = &cli.command {
+        return runtime.block_on(cutover::compare(&config, node_database_url, *json));
+    }
     match runtime.block_on(run(cli.command, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -293,6 +320,7 @@ async fn run(command: Command, config: Config) -> Result<()> {
     match command {
         Command::Serve { host, migrate } => run_serve(config, host, migrate).await,
         Command::Console { command: ConsoleCommand::HashPassword } => hash_password(),
+        Command::Cutover { command: CutoverCommand::Compare { .. } } => unreachable!("run by main"),
         Command::Sign { file, secret, timestamp } => {
             let body = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let secret = signing_secret(&config, secret)?;

@@ -12,52 +12,11 @@ use mindroom_billing_core::Tier;
 use mindroom_billing_core::service::app_name_for;
 use mindroom_billing_supabase::testing::TestDb;
 use sqlx::Row;
-use support::{Cluster, ClusterOptions, Life, StubProvisioner, life_events, now_secs, tier_wire};
+use support::{Cluster, ClusterOptions, Life, NODE_SCHEMA, StubProvisioner, life_events, now_secs, tier_wire};
 
 const STARTER: &str = "price_cutover_starter";
 const PRO: &str = "price_cutover_pro";
 const NODE_APP: &str = "mindroom-cus123";
-
-/// The three tables as the Node service created them: its columns only, none of billing's.
-const NODE_SCHEMA: &str = "
-create table accounts (
-    id uuid primary key default gen_random_uuid(),
-    stripe_customer_id text unique,
-    email text,
-    created_at timestamptz default now(),
-    updated_at timestamptz default now()
-);
-create table subscriptions (
-    id uuid primary key default gen_random_uuid(),
-    account_id uuid references accounts (id),
-    stripe_subscription_id text unique,
-    stripe_price_id text,
-    tier text,
-    status text,
-    max_agents integer,
-    max_messages_per_day integer,
-    current_period_end timestamptz,
-    trial_ends_at timestamptz,
-    cancelled_at timestamptz,
-    grace_period_ends_at timestamptz,
-    created_at timestamptz default now(),
-    updated_at timestamptz default now()
-);
-create table instances (
-    id uuid primary key default gen_random_uuid(),
-    subscription_id uuid references subscriptions (id),
-    dokku_app_name text,
-    subdomain text,
-    status text,
-    frontend_url text,
-    backend_url text,
-    memory_limit_mb integer,
-    cpu_limit numeric,
-    deprovisioned_at timestamptz,
-    created_at timestamptz default now(),
-    updated_at timestamptz default now()
-);
-";
 
 /// Writes the Node service's rows for `life`; returns the `instances` row id.
 async fn node_rows(db: &TestDb, life: &Life) -> uuid::Uuid {

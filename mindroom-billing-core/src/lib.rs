@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+pub mod cutover;
 pub mod event;
 pub mod model;
 pub mod operator;

@@ -779,6 +779,13 @@ impl OperatorStore for MemoryStore {
         Ok(take(found.into_iter().cloned(), limit))
     }
 
+    async fn list_subscriptions(&self, after: Option<&str>, limit: u32) -> Result<Vec<SubscriptionState>, StoreError> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let inner = self.lock()?;
+        let from = after.map_or(Unbounded, |a| Excluded(a.to_owned()));
+        Ok(take(inner.subscriptions.range((from, Unbounded)).map(|(_, s)| s.clone()), limit))
+    }
+
     async fn retry_dead_job(&self, job_id: i64, now: DateTime<Utc>) -> Result<Option<Job>, StoreError> {
         let mut inner = self.lock()?;
         let Some(job) = inner.jobs.get_mut(&job_id).filter(|j| j.state == JobState::Dead) else { return Ok(None) };

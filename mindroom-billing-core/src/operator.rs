@@ -120,6 +120,11 @@ pub trait OperatorStore: Send + Sync + 'static {
     /// most `limit`.
     async fn subscriptions_in_grace(&self, limit: u32) -> Result<Vec<SubscriptionState>, StoreError>;
 
+    /// Every subscription aggregate, a page at a time: those whose id sorts after `after` (all when
+    /// `None`), by subscription id (byte order), at most `limit`, each with its current version. A
+    /// caller reads them all by passing the last id of each page until a page is short.
+    async fn list_subscriptions(&self, after: Option<&str>, limit: u32) -> Result<Vec<SubscriptionState>, StoreError>;
+
     /// Re-queues a dead job: `pending`, due at `now`, its last error kept, and returns it as re-queued.
     /// Fenced: only a job that is `dead` changes; returns `None` (and writes nothing) for any other
     /// job or an unknown id. Its

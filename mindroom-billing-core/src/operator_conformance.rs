@@ -31,6 +31,7 @@ where
     events_of_a_customer_newest_first(fresh().await).await;
     jobs_of_a_subscription(fresh().await).await;
     grace_by_deadline(fresh().await).await;
+    every_subscription_by_id_a_page_at_a_time(fresh().await).await;
     retry_is_fenced_on_dead(fresh().await).await;
     audit_rows_by_customer(fresh().await).await;
     drift_is_replaced_per_checked_subscription(fresh().await).await;
@@ -148,6 +149,44 @@ pub async fn grace_by_deadline<S: Store + OperatorStore>(store: Arc<S>) {
     assert_eq!(found.iter().map(|s| s.subscription_id.as_str()).collect::<Vec<_>>(), ["sub_soon", "sub_mid"]);
     assert_eq!(found[0].version, 1, "the aggregate as stored");
     assert_eq!(store.subscriptions_in_grace(1).await.unwrap().len(), 1);
+}
+
+/// Every aggregate is listed by subscription id in byte order, a page at a time after the last id
+/// seen, each as stored (with its version), whatever its state.
+pub async fn every_subscription_by_id_a_page_at_a_time<S: Store + OperatorStore>(store: Arc<S>) {
+    assert!(store.list_subscriptions(None, 10).await.unwrap().is_empty());
+    // Byte order: upper case before lower case, `_` between them.
+    let ids = ["sub_b", "sub_A", "sub_a", "sub_Z_", "sub_a_1", "sub_c"];
+    for id in ids {
+        let mut s = SubscriptionState::new(id, format!("cus_{id}"));
+        s.grace_expiry_handled = id == "sub_c";
+        store.commit(&commit(Some(s), None)).await.unwrap();
+    }
+    let mut bumped = store.load_subscription("sub_b").await.unwrap().unwrap();
+    bumped.grace = Some(Grace { started_at: t0(), ends_at: t0() + Duration::days(1) });
+    store.commit(&commit(Some(bumped), None)).await.unwrap();
+    let mut sorted = ids.map(str::to_owned);
+    sorted.sort_unstable();
+    let all = store.list_subscriptions(None, 100).await.unwrap();
+    assert_eq!(all.iter().map(|s| s.subscription_id.as_str()).collect::<Vec<_>>(), sorted);
+    let b = all.iter().find(|s| s.subscription_id == "sub_b").unwrap();
+    assert_eq!((b.version, b.grace.is_some()), (2, true), "the aggregate as stored");
+    assert_eq!(b, &store.load_subscription("sub_b").await.unwrap().unwrap());
+    let mut paged = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = store.list_subscriptions(after.as_deref(), 4).await.unwrap();
+        assert!(page.len() <= 4);
+        paged.extend(page.iter().map(|s| s.subscription_id.clone()));
+        after = page.last().map(|s| s.subscription_id.clone());
+        if page.len() < 4 {
+            break;
+        }
+    }
+    assert_eq!(paged, sorted);
+    let rest = store.list_subscriptions(Some("sub_a"), 100).await.unwrap();
+    assert_eq!(rest.iter().map(|s| s.subscription_id.as_str()).collect::<Vec<_>>(), ["sub_a_1", "sub_b", "sub_c"]);
+    assert!(store.list_subscriptions(Some("sub_c"), 100).await.unwrap().is_empty());
 }
 
 /// Only a dead job is re-queued, due now, its attempts kept; it can then be claimed again.

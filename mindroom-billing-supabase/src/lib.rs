@@ -11,11 +11,15 @@ pub mod testing;
 // [`PostgrestStore`] (`POST /rest/v1/rpc/<fn>`, `SUPABASE_URL` + service key).
 pub mod migrations;
 #[cfg(feature = "postgres")]
+pub mod node;
+#[cfg(feature = "postgres")]
 pub mod pg;
 #[cfg(feature = "postgrest")]
 pub mod postgrest;
 #[cfg(any(feature = "postgres", feature = "postgrest"))]
 mod wire;
+#[cfg(feature = "postgres")]
+pub use node::NodeDatabase;
 #[cfg(feature = "postgres")]
 pub use pg::{MigrationReport, PgStore, PgStoreOptions};
 #[cfg(feature = "postgrest")]

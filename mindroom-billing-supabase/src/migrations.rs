@@ -75,6 +75,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "billing_console",
         sql: include_str!("../migrations/20261206000000_billing_console.sql"),
     },
+    Migration {
+        version: "20261211000000",
+        name: "billing_list_subscriptions",
+        sql: include_str!("../migrations/20261211000000_billing_list_subscriptions.sql"),
+    },
 ];
 
 #[cfg(test)]

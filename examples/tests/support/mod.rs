@@ -24,6 +24,10 @@ use tokio::sync::broadcast;
 pub const SECRET: &str = "whsec_e2e_secret";
 pub const PROVISIONER_KEY: &str = "e2e-provisioner-key";
 
+/// The `accounts` / `subscriptions` / `instances` tables as the Node service created them (DESIGN §4):
+/// its columns only, none of billing's.
+pub const NODE_SCHEMA: &str = include_str!("node_schema.sql");
+
 #[allow(clippy::disallowed_methods)]
 pub fn now_secs() -> i64 {
     chrono::Utc::now().timestamp()

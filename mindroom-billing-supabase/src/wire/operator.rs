@@ -1,5 +1,6 @@
 //! The operator port ([`OperatorStore`]) over the same RPC contract: one SQL function per method
-//! (`migrations/20261206000000_billing_console.sql`), shared by both clients.
+//! (`migrations/20261206000000_billing_console.sql`, `20261211000000_billing_list_subscriptions.sql`), shared
+//! by both clients.
 //!
 //! [`OperatorStore`]: mindroom_billing_core::OperatorStore
 
@@ -59,6 +60,15 @@ pub(crate) async fn subscriptions_in_grace<R: Rpc + ?Sized>(
 ) -> Result<Vec<SubscriptionState>, StoreError> {
     const F: &str = "billing_subscriptions_in_grace";
     decode(F, rpc.call(F, json!({ "limit": limit.to_string() })).await?)
+}
+
+pub(crate) async fn list_subscriptions<R: Rpc + ?Sized>(
+    rpc: &R,
+    after: Option<&str>,
+    limit: u32,
+) -> Result<Vec<SubscriptionState>, StoreError> {
+    const F: &str = "billing_list_subscriptions";
+    decode(F, rpc.call(F, json!({ "after": after, "limit": limit.to_string() })).await?)
 }
 
 pub(crate) async fn retry_dead_job<R: Rpc + ?Sized>(
@@ -145,6 +155,13 @@ macro_rules! impl_operator_store_via_rpc {
                 limit: u32,
             ) -> Result<Vec<mindroom_billing_core::SubscriptionState>, mindroom_billing_core::StoreError> {
                 crate::wire::operator::subscriptions_in_grace(self, limit).await
+            }
+            async fn list_subscriptions(
+                &self,
+                after: Option<&str>,
+                limit: u32,
+            ) -> Result<Vec<mindroom_billing_core::SubscriptionState>, mindroom_billing_core::StoreError> {
+                crate::wire::operator::list_subscriptions(self, after, limit).await
             }
             async fn retry_dead_job(
                 &self,
