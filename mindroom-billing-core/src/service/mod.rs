@@ -29,7 +29,7 @@ mod worker;
 pub use cache::CacheConfig;
 
 pub use sync::{CATCH_UP_TYPES, CatchUpReport, Drift, DriftField, ReconcileReport, StripeSyncConfig, SyncError};
-pub use usage::{Entitlements, UsageReport, UsageToday};
+pub use usage::{AccountLookupError, AccountName, Entitlements, UsageReport, UsageToday};
 pub use worker::app_name_for;
 
 /// How many times a commit is re-decided after losing a compare-and-swap.
@@ -545,6 +545,9 @@ impl Billing {
     /// After a commit: remembers the aggregate as stored (its version bumped) and drops the
     /// account's cached entitlements.
     fn committed(&self, commit: &Commit) {
+        if commit.account.as_ref().is_some_and(|patch| patch.reference.is_some()) {
+            self.cache.forget_references();
+        }
         if let Some(subscription) = &commit.subscription {
             self.cache.invalidate(subscription.account_id);
             let stored = SubscriptionState { version: subscription.version + 1, ..subscription.clone() };
