@@ -41,9 +41,14 @@ pub use error::ApiError;
 pub use routes::handle;
 
 /// Describes the metrics this crate emits (`billing_http_requests_total`, `billing_http_request_seconds`)
-/// to the installed `metrics` recorder, so `/metrics` carries their `# HELP` text. Call it once after
-/// installing the recorder; without a recorder it does nothing.
+/// to the installed `metrics` recorder, so `/metrics` carries their `# HELP` text, and registers them
+/// at zero for every route (status `200`), so a scrape right after start lists them. Call it once
+/// after installing the recorder; without a recorder it does nothing.
 pub fn describe_metrics() {
+    for route in routes::ROUTE_LABELS {
+        metrics::counter!("billing_http_requests_total", "route" => route, "status" => "200").absolute(0);
+        drop(metrics::histogram!("billing_http_request_seconds", "route" => route));
+    }
     use metrics::{Unit, describe_counter, describe_histogram};
     describe_counter!(
         "billing_http_requests_total",

@@ -38,6 +38,17 @@ enum Route {
     Unmatched,
 }
 
+/// The route labels of the answered routes.
+pub(crate) const ROUTE_LABELS: [&str; 7] = [
+    "/webhooks/stripe",
+    "/health",
+    "/ready",
+    "/metrics",
+    "/v1/usage",
+    "/v1/accounts/{id}/entitlements",
+    "/v1/entitlements",
+];
+
 impl Route {
     fn of(path: &str) -> Self {
         match path {
@@ -226,16 +237,12 @@ where
     span.record("event_type", receipt.event_type.as_str());
     match &receipt.disposition {
         Disposition::Failed(reason) => {
-            warn!(subscription_id = receipt.subscription_id.as_deref().unwrap_or(""), %reason,
+            warn!(subscription_id = receipt.subscription_id.as_deref(), %reason,
                 "webhook recorded as failed; an admin alert is queued and it can be replayed");
         }
         // A redelivery carries no news: keep it out of the info log.
         Disposition::Duplicate => debug!("webhook accepted: duplicate"),
-        d => info!(
-            subscription_id = receipt.subscription_id.as_deref().unwrap_or(""),
-            disposition = d.label(),
-            "webhook accepted"
-        ),
+        d => info!(subscription_id = receipt.subscription_id.as_deref(), disposition = d.label(), "webhook accepted"),
     }
     Ok(raw(StatusCode::OK, "application/json", Bytes::from_static(RECEIVED)))
 }
@@ -459,6 +466,10 @@ mod tests {
         assert_eq!(Route::of("/webhooks/stripe/"), Route::Unmatched);
         assert_eq!(Route::of("/"), Route::Unmatched);
         assert_eq!(Route::of("/v1/entitlements"), Route::EntitlementsOf);
+        for label in ROUTE_LABELS {
+            let path = label.replace("{id}", "x");
+            assert_eq!(Route::of(&path).label(), label);
+        }
     }
 
     #[test]
