@@ -760,3 +760,54 @@ fn a_checkout_is_logged_without_empty_fields() {
     let empty: Vec<&String> = fields.filter(|(_, v)| *v == "").map(|(k, _)| k).collect();
     assert!(empty.is_empty(), "empty fields {empty:?}: {line}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_internal_api_answers_by_stripe_customer_and_by_reference_on_postgres() {
+    let db = TestDb::create().await.unwrap();
+    support::migrate(db.url());
+    let secret = ("STRIPE_WEBHOOK_SECRET", "whsec_0123456789abcdef");
+    let key = "api-key-0123456789abcdef";
+    let server = Server::start(
+        &[],
+        &[
+            ("DATABASE_URL", db.url()),
+            secret,
+            ("BILLING_API_KEY", key),
+            ("STRIPE_PRICE_STARTER", "price_1PgafmB7WZ01zgkW6dKueIc5"),
+        ],
+    );
+    for sample in ["checkout.session.completed", "customer.subscription.created"] {
+        let sent = output(&["send", sample, "--url", &server.url("/webhooks/stripe")], &[secret]);
+        assert!(sent.status.success(), "{}", text(&sent.stderr));
+    }
+    let client = reqwest::Client::new();
+    let get = |path: &str| client.get(server.url(path)).bearer_auth(key).send();
+    let by_customer = get("/v1/entitlements?customer=cus_QXg1o8vcGmoR32").await.unwrap();
+    assert_eq!(by_customer.status(), 200);
+    let by_customer: serde_json::Value = by_customer.json().await.unwrap();
+    assert_eq!(by_customer["tier"], "starter", "{by_customer}");
+    let account = by_customer["account_id"].as_str().unwrap().to_owned();
+    let by_id: serde_json::Value =
+        get(&format!("/v1/accounts/{account}/entitlements")).await.unwrap().json().await.unwrap();
+    assert_eq!(by_id["subscription_id"], by_customer["subscription_id"]);
+
+    let used = client
+        .post(server.url("/v1/usage"))
+        .bearer_auth(key)
+        .json(&serde_json::json!({"reference": "user_123", "metric": "messages", "count": 3}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(used.status(), 200);
+    assert_eq!(used.json::<serde_json::Value>().await.unwrap()["used"], 3);
+    let by_reference: serde_json::Value =
+        get("/v1/entitlements?reference=user_123").await.unwrap().json().await.unwrap();
+    assert_eq!(by_reference["account_id"], account.as_str());
+    assert_eq!(by_reference["usage_today"]["messages"], 3, "{by_reference}");
+
+    let unknown = get("/v1/entitlements?reference=user_nobody").await.unwrap();
+    assert_eq!(unknown.status(), 404);
+    assert_eq!(unknown.text().await.unwrap(), r#"{"error":"no account with reference \"user_nobody\""}"#);
+    drop(server);
+    db.drop_db().await.unwrap();
+}
