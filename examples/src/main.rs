@@ -250,7 +250,7 @@ fn main() -> ExitCode {
         return match hash_password() {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("error: {e:#}");
+                print_error(&e);
                 ExitCode::FAILURE
             }
         };
@@ -284,8 +284,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let chain: &(dyn std::error::Error + 'static) = e.as_ref();
-            eprintln!("error: {}", mindroom_billing_core::service::error_chain(chain));
+            print_error(&e);
             if e.chain().any(|cause| cause.is::<ConfigError>()) {
                 ExitCode::from(EXIT_CONFIG)
             } else {
@@ -293,6 +292,12 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Prints `error: <the error and its causes, each said once>` on stderr.
+pub(crate) fn print_error(e: &anyhow::Error) {
+    let chain: &(dyn std::error::Error + 'static) = e.as_ref();
+    eprintln!("error: {}", mindroom_billing_core::service::error_chain(chain));
 }
 
 /// `console hash-password`: the password from the terminal (no echo) or the first line of stdin.
