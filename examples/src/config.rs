@@ -83,6 +83,9 @@ pub(crate) struct Config {
     pub(crate) worker: WorkerConfig,
     /// `BILLING_REQUEST_TIMEOUT_SECS`: per-request timeout (body read + handling).
     pub(crate) request_timeout: Duration,
+    /// `BILLING_SHUTDOWN_GRACE_SECS`: how long `serve` waits for its background tasks (job worker,
+    /// sweeper, Stripe sync, console) after SIGTERM before it abandons them and exits.
+    pub(crate) shutdown_grace: Duration,
     /// `BILLING_MEMORY_EVENTS`: raw payloads of done events the in-memory store keeps.
     pub(crate) memory_events: usize,
     /// `BILLING_CACHE_TTL_MS` (1000): how old a cached usage counter may be, and a cached
@@ -95,6 +98,8 @@ pub(crate) struct Config {
     pub(crate) dev_secret: bool,
     /// `RUST_LOG`, validated (default `info`).
     pub(crate) log_filter: String,
+    /// Whether `RUST_LOG` is set (it then decides for every command).
+    pub(crate) log_filter_set: bool,
     /// `NO_COLOR` is set (to anything non-empty): no colour codes even on a terminal.
     pub(crate) no_color: bool,
     /// The operator console, when `BILLING_CONSOLE_ADDR` is set.
@@ -312,6 +317,7 @@ impl fmt::Debug for Config {
             .field("stripe_secret_key", &set(&self.stripe_secret_key))
             .field("worker", &self.worker)
             .field("request_timeout", &self.request_timeout)
+            .field("shutdown_grace", &self.shutdown_grace)
             .field("retention_days", &self.retention_days)
             .field("console", &self.console)
             .finish()
@@ -435,6 +441,7 @@ impl Config {
                             endpoint's whsec_… secret, or leave it empty in the fully embedded mode");
             }
         }
+        let log_filter_set = var("RUST_LOG").is_some();
         let log_filter = var("RUST_LOG").unwrap_or_else(|| "info".to_owned());
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&log_filter) {
             return Err(ConfigError { var: "RUST_LOG", message: format!("invalid filter {log_filter:?}: {e}") });
@@ -479,11 +486,13 @@ impl Config {
             provisioner_timeout: Duration::from_secs(positive("PROVISIONER_TIMEOUT_SECS", 30)?),
             worker: worker_from_env()?,
             request_timeout: Duration::from_secs(parse("BILLING_REQUEST_TIMEOUT_SECS", 15_u64, "seconds")?),
+            shutdown_grace: Duration::from_secs(parse("BILLING_SHUTDOWN_GRACE_SECS", 5_u64, "seconds")?),
             memory_events: parse("BILLING_MEMORY_EVENTS", MemoryLimits::default().max_payloads, "a number of events")?,
             cache: cache_from_env()?,
             retention_days: retention_days()?,
             dev_secret: false,
             log_filter,
+            log_filter_set,
             no_color: var("NO_COLOR").is_some(),
             console: console_from_env(port)?,
         };

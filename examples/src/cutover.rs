@@ -24,7 +24,7 @@ pub(crate) async fn compare(config: &Config, node_url: &str, json: bool) -> Exit
     let report = match read_and_compare(config, node_url).await {
         Ok(report) => report,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            crate::print_error(&e);
             return ExitCode::from(EXIT_ERROR);
         }
     };

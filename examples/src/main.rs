@@ -56,6 +56,10 @@ use crate::config::{Config, ConfigError, LogFormat};
 #[derive(Debug, Parser)]
 #[command(name = "mindroom-billing", version, about)]
 struct Cli {
+    /// Log at info level also for the read commands (`events list|show`, `jobs list`), which only
+    /// log warnings otherwise (`RUST_LOG`, when set, decides for every command).
+    #[arg(short, long, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -163,6 +167,10 @@ enum StripeCommand {
         /// Start from this time (RFC 3339, e.g. 2026-11-20T00:00:00Z) instead of the stored cursor.
         #[arg(long)]
         since: Option<chrono::DateTime<chrono::Utc>>,
+        /// Give up after this many seconds (each failed request is retried with backoff for about
+        /// two minutes otherwise; the retries are logged).
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
     },
     /// Compare every subscription at Stripe (or one) with billing's record and fix the drift.
     Reconcile {
@@ -172,6 +180,10 @@ enum StripeCommand {
         /// Print the drift table and change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Give up after this many seconds (each failed request is retried with backoff for about
+        /// two minutes otherwise; the retries are logged).
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
     },
 }
 
@@ -238,7 +250,7 @@ fn main() -> ExitCode {
         return match hash_password() {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("error: {e:#}");
+                print_error(&e);
                 ExitCode::FAILURE
             }
         };
@@ -250,7 +262,11 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    init_tracing(&config);
+    let read_only = matches!(
+        cli.command,
+        Command::Events { command: EventsCommand::List { .. } | EventsCommand::Show { .. } } | Command::Jobs { .. }
+    );
+    init_tracing(&config, read_only && !cli.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -261,10 +277,14 @@ fn main() -> ExitCode {
     if let Command::Cutover { command: CutoverCommand::Compare { node_database_url, json } } = &cli.command {
         return runtime.block_on(cutover::compare(&config, node_database_url, *json));
     }
-    match runtime.block_on(run(cli.command, config)) {
+    let result = runtime.block_on(run(cli.command, config));
+    // Tasks still running (abandoned at the end of the shutdown grace) are dropped; a blocking one
+    // (a DNS look-up) is not waited for.
+    runtime.shutdown_timeout(Duration::from_millis(500));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            print_error(&e);
             if e.chain().any(|cause| cause.is::<ConfigError>()) {
                 ExitCode::from(EXIT_CONFIG)
             } else {
@@ -272,6 +292,12 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Prints `error: <the error and its causes, each said once>` on stderr.
+pub(crate) fn print_error(e: &anyhow::Error) {
+    let chain: &(dyn std::error::Error + 'static) = e.as_ref();
+    eprintln!("error: {}", mindroom_billing_core::service::error_chain(chain));
 }
 
 /// `console hash-password`: the password from the terminal (no echo) or the first line of stdin.
@@ -304,9 +330,12 @@ fn parse_cli() -> Cli {
     Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit())
 }
 
-fn init_tracing(config: &Config) {
+/// Installs the logger; `quiet` (a read command without `-v`) logs warnings only unless `RUST_LOG`
+/// says otherwise.
+fn init_tracing(config: &Config, quiet: bool) {
     // Validated in `Config::from_env`.
-    let filter = EnvFilter::builder().parse_lossy(&config.log_filter);
+    let filter = if quiet && !config.log_filter_set { "warn" } else { &config.log_filter };
+    let filter = EnvFilter::builder().parse_lossy(filter);
     // Colour codes only for a person at a terminal (logs go to stderr), never into files or pipes.
     let ansi = !config.no_color && std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
@@ -346,7 +375,15 @@ async fn run(command: Command, config: Config) -> Result<()> {
             say!("{id} ({kind}) → {status}");
             say!("{answer}");
             if !status.is_success() {
-                bail!("{id}: the server answered {status}: {}", answer.trim());
+                // The hint is for the person sending, not in the server's answer: that body is what
+                // Stripe's dashboard shows for real deliveries, and it names no server settings.
+                let hint = if status == reqwest::StatusCode::BAD_REQUEST && answer.contains("no signature matches") {
+                    "\nhint: the server verifies with its STRIPE_WEBHOOK_SECRET; sign with the same secret (set \
+                     STRIPE_WEBHOOK_SECRET in this shell as the server has it, or pass --secret)"
+                } else {
+                    ""
+                };
+                bail!("{id}: the server answered {status}: {}{hint}", answer.trim());
             }
             Ok(())
         }
@@ -492,6 +529,7 @@ async fn events(billing: &Billing, command: EventsCommand) -> Result<()> {
                     "(decided with this shell's configuration: STRIPE_PRICE_*, GRACE_PERIOD_DAYS. Its admin alert was \
                      queued when it first failed; a replay queues none.)"
                 );
+                bail!("{id} failed again");
             }
         }
     }
@@ -499,8 +537,25 @@ async fn events(billing: &Billing, command: EventsCommand) -> Result<()> {
 }
 
 async fn stripe(billing: &Billing, command: StripeCommand) -> Result<()> {
+    let (name, timeout) = match &command {
+        StripeCommand::CatchUp { timeout, .. } => ("catch-up", *timeout),
+        StripeCommand::Reconcile { timeout, .. } => ("reconcile", *timeout),
+    };
+    match timeout {
+        None => stripe_run(billing, command).await,
+        Some(secs) => {
+            tokio::time::timeout(Duration::from_secs(secs), stripe_run(billing, command)).await.unwrap_or_else(|_| {
+                Err(anyhow!(
+                    "stripe {name}: no result within --timeout {secs} s (the failed attempts are logged above)"
+                ))
+            })
+        }
+    }
+}
+
+async fn stripe_run(billing: &Billing, command: StripeCommand) -> Result<()> {
     match command {
-        StripeCommand::CatchUp { since } => {
+        StripeCommand::CatchUp { since, .. } => {
             let report = billing.catch_up(since).await?;
             if let Some(reconciled) = &report.reconciled {
                 println!("no catch-up cursor within Stripe's 30-day event retention: reconciled instead");
@@ -515,7 +570,7 @@ async fn stripe(billing: &Billing, command: StripeCommand) -> Result<()> {
                 report.cursor.map_or_else(|| "-".to_owned(), |c| c.to_rfc3339())
             );
         }
-        StripeCommand::Reconcile { subscription, dry_run } => {
+        StripeCommand::Reconcile { subscription, dry_run, .. } => {
             let report = billing.reconcile_stripe(subscription.as_deref(), dry_run).await?;
             print_drift(&report);
             if dry_run && !report.drift.is_empty() {
@@ -659,20 +714,34 @@ async fn run_serve(config: Config, host: Option<IpAddr>, migrate: bool) -> Resul
     let addr = SocketAddr::new(host, config.port);
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr} (PORT)"))?;
     serve(listener, Arc::new(state), shutdown_signal()).await;
+    let grace = config.shutdown_grace;
+    info!(
+        grace_secs = grace.as_secs(),
+        "stopping the background tasks (job worker, sweeper, Stripe sync, console; BILLING_SHUTDOWN_GRACE_SECS)"
+    );
+    let _ = stop_worker.send(true);
+    // One deadline for everything: whatever still runs at its end is abandoned (a job cut short is
+    // taken over by a worker once its lease expires; every store write is atomic).
+    let deadline = tokio::time::Instant::now() + grace;
     if let Some((stop, task)) = console {
         let _ = stop.send(());
-        if let Err(e) = task.await {
-            warn!(error = %e, "console server ended abnormally");
-        }
+        stop_within(deadline, task, "console server").await;
     }
-
-    info!("stopping the job worker (a running job is finished first)");
-    let _ = stop_worker.send(true);
-    if let Err(e) = worker.await {
-        warn!(error = %e, "job worker ended abnormally");
-    }
+    stop_within(deadline, worker, "background tasks").await;
     info!("bye");
     Ok(())
+}
+
+/// Waits for `task` until `deadline`, then aborts it.
+async fn stop_within<T>(deadline: tokio::time::Instant, mut task: tokio::task::JoinHandle<T>, what: &str) {
+    match tokio::time::timeout_at(deadline, &mut task).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => warn!(error = %e, "{what} ended abnormally"),
+        Err(_) => {
+            warn!("{what} still running at the end of the shutdown grace (BILLING_SHUTDOWN_GRACE_SECS); abandoned");
+            task.abort();
+        }
+    }
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -332,7 +332,7 @@ async fn replay_says_which_configuration_decided_and_claims_no_new_alert() {
 
     let again = output(&["events", "replay", id], &[("DATABASE_URL", db.url())]);
     let all = text(&again.stdout) + &text(&again.stderr);
-    assert!(again.status.success(), "{all}");
+    assert_eq!(again.status.code(), Some(1), "an event that fails again exits 1 for scripts: {all}");
     assert!(all.contains(&format!("{id}: failed")), "{all}");
     assert!(all.contains("this shell's configuration"), "{all}");
     assert!(!all.contains("admin alert queued"), "no alert is queued by a replay: {all}");
@@ -563,6 +563,251 @@ async fn the_console_on_postgres_shows_a_failed_event_and_replays_it_with_an_aud
     assert!(replayed.text().await.unwrap().contains("disposition failed"), "still no price configured");
     let customer = get("/customers/cus_QXg1o8vcGmoR32".into()).await;
     assert!(customer.contains(id) && customer.contains("admin from 127.0.0.1"), "{customer}");
+    drop(server);
+    db.drop_db().await.unwrap();
+}
+
+// ---- the first hour's last traps -----------------------------------------------------------------------
+
+/// A port nothing listens on (bound, then released).
+fn closed_port_url() -> String {
+    format!("http://127.0.0.1:{}", free_port())
+}
+
+/// A Stripe API that accepts connections and never answers (they are held open until the test
+/// process ends); the counter says how many it accepted.
+fn silent_api() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = std::sync::Arc::clone(&accepted);
+    std::thread::spawn(move || {
+        let mut open = Vec::new();
+        while let Ok((stream, _)) = listener.accept() {
+            open.push(stream);
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    (url, accepted)
+}
+
+/// Polls `/metrics` until `series` has a sample with `needle` in its line.
+async fn wait_for_metric(server: &Server, needle: &str) {
+    let started = Instant::now();
+    loop {
+        let body = reqwest::get(server.url("/metrics")).await.unwrap().text().await.unwrap();
+        if body.lines().any(|l| !l.starts_with('#') && l.contains(needle)) {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{needle} never appeared:\n{body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_serve_within_the_grace_while_the_stripe_api_is_unreachable() {
+    let (silent, accepted) = silent_api();
+    for (api, refused) in [(closed_port_url(), true), (silent, false)] {
+        let mut server = Server::start(
+            &[],
+            &[
+                ("STRIPE_WEBHOOK_SECRET", "whsec_0123456789abcdef"),
+                ("STRIPE_SECRET_KEY", "sk_test_unreachable_api"),
+                ("STRIPE_API_BASE", &api),
+                ("BILLING_SHUTDOWN_GRACE_SECS", "2"),
+            ],
+        );
+        // The start-up catch-up is under way: its first request failed, or hangs unanswered.
+        if refused {
+            wait_for_metric(&server, r#"status="error"}"#).await;
+        } else {
+            let started = Instant::now();
+            while accepted.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                assert!(started.elapsed() < Duration::from_secs(30), "no request reached the API");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        server.child.terminate();
+        // The bound is a guard against hanging, well above the 2 s grace and below Docker's 10 s
+        // (the retries alone would take more than a minute).
+        let status = server.child.wait_exit(Duration::from_secs(9));
+        assert!(status.is_some_and(|s| s.success()), "{api}: serve did not stop in time:\n{}", server.log());
+        assert!(server.log().contains("bye"), "{}", server.log());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stripe_commands_say_each_retry_name_stripe_api_base_and_stop_at_the_timeout() {
+    let db = TestDb::create().await.unwrap();
+    support::migrate(db.url());
+    let dir = scratch_dir("stripe-retries");
+    let api = closed_port_url();
+    let env = [("DATABASE_URL", db.url()), ("STRIPE_SECRET_KEY", "sk_test_unreachable_api"), ("STRIPE_API_BASE", &api)];
+    for command in ["reconcile", "catch-up"] {
+        let (code, out) = run_to_exit(&["stripe", command, "--timeout", "3"], &env, &dir);
+        assert_eq!(code, Some(1), "stripe {command}: {out}");
+        for said in ["attempt 1 of 10", "next try in", "STRIPE_API_BASE", &api, "--timeout 3"] {
+            assert!(out.contains(said), "stripe {command} says {said:?}:\n{out}");
+        }
+        let retry = out.lines().find(|l| l.contains("attempt 1 of 10")).unwrap();
+        assert_said_once(retry, "could not connect");
+        let error = out.lines().find(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("an error line:\n{out}"));
+        assert!(error.contains("--timeout 3"), "{out}");
+    }
+    db.drop_db().await.unwrap();
+}
+
+/// `line` says `cause` exactly once.
+fn assert_said_once(line: &str, cause: &str) {
+    assert_eq!(line.matches(cause).count(), 1, "{cause:?} said once: {line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_says_its_cause_once() {
+    let dir = scratch_dir("cause-once");
+    let (code, out) = run_to_exit(&["events", "list"], &[("DATABASE_URL", REFUSED_DB)], &dir);
+    assert_eq!(code, Some(1), "{out}");
+    assert_said_once(&out, "Connection refused");
+    let db = TestDb::create().await.unwrap();
+    let missing = mindroom_billing_supabase::testing::url_with_database(db.url(), "mrb_no_such_database");
+    for args in [&["migrate"][..], &["events", "list"]] {
+        let (code, out) = run_to_exit(args, &[("DATABASE_URL", &missing)], &dir);
+        assert_eq!(code, Some(1), "{out}");
+        assert_said_once(&out, "\"mrb_no_such_database\" does not exist");
+    }
+    db.drop_db().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_commands_are_quiet_unless_verbose() {
+    let db = TestDb::create().await.unwrap();
+    support::migrate(db.url());
+    let env = [("DATABASE_URL", db.url())];
+    for args in [&["events", "list"][..], &["jobs", "list"]] {
+        let quiet = output(args, &env);
+        assert!(quiet.status.success(), "{}", text(&quiet.stderr));
+        assert_eq!(text(&quiet.stderr), "", "{args:?} writes nothing to stderr");
+        let mut verbose = vec!["-v"];
+        verbose.extend_from_slice(args);
+        let loud = output(&verbose, &env);
+        assert!(loud.status.success(), "{}", text(&loud.stderr));
+        assert!(text(&loud.stderr).contains("INFO"), "-v {args:?} logs:\n{}", text(&loud.stderr));
+        assert_eq!(text(&loud.stdout), text(&quiet.stdout));
+    }
+    db.drop_db().await.unwrap();
+}
+
+#[test]
+fn send_with_a_wrong_secret_says_which_secret_must_match() {
+    let server = Server::start(&[], &[("STRIPE_WEBHOOK_SECRET", "whsec_0123456789abcdef")]);
+    let sent = server.send(&["customer.subscription.created", "--secret", "whsec_not_the_servers"]);
+    assert!(!sent.status.success());
+    let all = text(&sent.stdout) + &text(&sent.stderr);
+    assert!(all.contains("no signature matches"), "{all}");
+    for hint in ["STRIPE_WEBHOOK_SECRET", "--secret"] {
+        assert!(text(&sent.stderr).contains(hint), "the hint names {hint}:\n{all}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_list_every_documented_series_at_start() {
+    let server = Server::start(&[], &[]);
+    let body = reqwest::get(server.url("/metrics")).await.unwrap().text().await.unwrap();
+    let samples: Vec<&str> = body.lines().filter(|l| !l.starts_with('#')).collect();
+    let has = |needle: &str| samples.iter().any(|l| l.starts_with(needle));
+    for series in [
+        "billing_webhook_events_total{",
+        r#"billing_webhook_verification_failures_total{reason="no_matching_signature"} 0"#,
+        r#"billing_webhook_verification_failures_total{reason="timestamp_outside_tolerance"} 0"#,
+        "billing_webhook_parse_failures_total 0",
+        "billing_webhook_processing_seconds_count 0",
+        "billing_webhook_delivery_lag_seconds_count 0",
+        "billing_commit_conflicts_total 0",
+        "billing_jobs_total{",
+        "billing_unapplied_pickup_errors_total 0",
+        "billing_jobs_pending 0",
+        "billing_jobs_running 0",
+        "billing_jobs_dead 0",
+        "billing_provisioner_request_seconds_count{",
+        "billing_provisioner_errors_total{",
+        "billing_http_requests_total{",
+        "billing_http_request_seconds_count{",
+        r#"billing_retention_pruned_rows_total{kind="payloads"} 0"#,
+        "billing_retention_errors_total 0",
+        r#"billing_stripe_catch_up_events_total{outcome="applied"} 0"#,
+        "billing_stripe_cursor_lag_seconds 0",
+        r#"billing_stripe_drift_total{field="tier"} 0"#,
+        "billing_stripe_api_requests_total{",
+        "billing_stripe_api_request_seconds_count{",
+        r#"billing_stripe_sync_errors_total{task="catch_up",kind="api"} 0"#,
+    ] {
+        assert!(has(series), "{series} at start:\n{body}");
+    }
+    let lint = lint_metrics(&body);
+    assert!(lint.is_empty(), "{lint:#?}\n{body}");
+}
+
+#[test]
+fn a_checkout_is_logged_without_empty_fields() {
+    let server = Server::start(&[], &[("LOG_FORMAT", "json")]);
+    let sent = server.send(&["checkout.session.completed"]);
+    assert!(sent.status.success(), "{}", text(&sent.stderr));
+    server.wait_for_log("webhook accepted");
+    let line = server.log().lines().find(|l| l.contains("webhook accepted")).unwrap().to_owned();
+    let entry: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(entry["span"]["event_type"], "checkout.session.completed", "{line}");
+    let fields = entry.as_object().unwrap().iter().chain(entry["span"].as_object().unwrap());
+    let empty: Vec<&String> = fields.filter(|(_, v)| *v == "").map(|(k, _)| k).collect();
+    assert!(empty.is_empty(), "empty fields {empty:?}: {line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_internal_api_answers_by_stripe_customer_and_by_reference_on_postgres() {
+    let db = TestDb::create().await.unwrap();
+    support::migrate(db.url());
+    let secret = ("STRIPE_WEBHOOK_SECRET", "whsec_0123456789abcdef");
+    let key = "api-key-0123456789abcdef";
+    let server = Server::start(
+        &[],
+        &[
+            ("DATABASE_URL", db.url()),
+            secret,
+            ("BILLING_API_KEY", key),
+            ("STRIPE_PRICE_STARTER", "price_1PgafmB7WZ01zgkW6dKueIc5"),
+        ],
+    );
+    for sample in ["checkout.session.completed", "customer.subscription.created"] {
+        let sent = output(&["send", sample, "--url", &server.url("/webhooks/stripe")], &[secret]);
+        assert!(sent.status.success(), "{}", text(&sent.stderr));
+    }
+    let client = reqwest::Client::new();
+    let get = |path: &str| client.get(server.url(path)).bearer_auth(key).send();
+    let by_customer = get("/v1/entitlements?customer=cus_QXg1o8vcGmoR32").await.unwrap();
+    assert_eq!(by_customer.status(), 200);
+    let by_customer: serde_json::Value = by_customer.json().await.unwrap();
+    assert_eq!(by_customer["tier"], "starter", "{by_customer}");
+    let account = by_customer["account_id"].as_str().unwrap().to_owned();
+    let by_id: serde_json::Value =
+        get(&format!("/v1/accounts/{account}/entitlements")).await.unwrap().json().await.unwrap();
+    assert_eq!(by_id["subscription_id"], by_customer["subscription_id"]);
+
+    let used = client
+        .post(server.url("/v1/usage"))
+        .bearer_auth(key)
+        .json(&serde_json::json!({"reference": "user_123", "metric": "messages", "count": 3}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(used.status(), 200);
+    assert_eq!(used.json::<serde_json::Value>().await.unwrap()["used"], 3);
+    let by_reference: serde_json::Value =
+        get("/v1/entitlements?reference=user_123").await.unwrap().json().await.unwrap();
+    assert_eq!(by_reference["account_id"], account.as_str());
+    assert_eq!(by_reference["usage_today"]["messages"], 3, "{by_reference}");
+
+    let unknown = get("/v1/entitlements?reference=user_nobody").await.unwrap();
+    assert_eq!(unknown.status(), 404);
+    assert_eq!(unknown.text().await.unwrap(), r#"{"error":"no account with reference \"user_nobody\""}"#);
     drop(server);
     db.drop_db().await.unwrap();
 }

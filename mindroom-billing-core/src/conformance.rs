@@ -79,6 +79,7 @@ where
     usage_idempotency_key_counts_once(fresh().await).await;
     grace_and_unapplied_queries(fresh().await).await;
     accounts_and_listing(fresh().await).await;
+    accounts_are_found_by_reference(fresh().await).await;
     record_and_load_returns_the_aggregate(fresh().await).await;
     record_and_commit_is_one_atomic_step(fresh().await).await;
     leases_renew_and_skipped_jobs_keep_their_reason(fresh().await).await;
@@ -533,6 +534,43 @@ pub async fn accounts_and_listing(store: Arc<dyn Store>) {
     assert_eq!(subs, ["sub_1", "sub_2"]);
     assert!(store.load_account("cus_none").await.unwrap().is_none());
     store.ping().await.unwrap();
+}
+
+/// Accounts are found by their platform reference: exactly, ordered by customer, bounded; a new
+/// reference replaces the old one.
+pub async fn accounts_are_found_by_reference(store: Arc<dyn Store>) {
+    let patch = |customer: &str, reference: Option<&str>| {
+        let mut c = commit_for(None, None, vec![]);
+        c.account = Some(AccountPatch {
+            stripe_customer_id: customer.into(),
+            email: None,
+            reference: reference.map(Into::into),
+            observed_at: t0(),
+        });
+        c
+    };
+    for (customer, reference) in
+        [("cus_b", Some("user_2")), ("cus_a", Some("user_2")), ("cus_c", Some("user_1")), ("cus_d", None)]
+    {
+        store.commit(&patch(customer, reference)).await.unwrap();
+    }
+    let customers =
+        |accounts: Vec<crate::model::Account>| accounts.into_iter().map(|a| a.stripe_customer_id).collect::<Vec<_>>();
+    assert_eq!(customers(store.accounts_by_reference("user_1", 10).await.unwrap()), ["cus_c"]);
+    assert_eq!(customers(store.accounts_by_reference("user_2", 10).await.unwrap()), ["cus_a", "cus_b"]);
+    assert_eq!(customers(store.accounts_by_reference("user_2", 1).await.unwrap()), ["cus_a"]);
+    let found = store.accounts_by_reference("user_1", 10).await.unwrap();
+    assert_eq!(found[0].id, crate::model::account_id_for_customer("cus_c"));
+    assert_eq!(found[0].reference.as_deref(), Some("user_1"));
+    for nobody in ["user_3", "USER_1", "user_", ""] {
+        assert!(store.accounts_by_reference(nobody, 10).await.unwrap().is_empty(), "{nobody:?}");
+    }
+    // A patch without a reference keeps it; a new one replaces it.
+    store.commit(&patch("cus_c", None)).await.unwrap();
+    assert_eq!(customers(store.accounts_by_reference("user_1", 10).await.unwrap()), ["cus_c"]);
+    store.commit(&patch("cus_c", Some("user_9"))).await.unwrap();
+    assert!(store.accounts_by_reference("user_1", 10).await.unwrap().is_empty());
+    assert_eq!(customers(store.accounts_by_reference("user_9", 10).await.unwrap()), ["cus_c"]);
 }
 
 /// Retention prunes done events and done jobs past their cut-offs, in batches, and nothing else: a

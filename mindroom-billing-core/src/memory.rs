@@ -542,6 +542,11 @@ impl Store for MemoryStore {
         Ok(self.lock()?.accounts.get(stripe_customer_id).cloned())
     }
 
+    async fn accounts_by_reference(&self, reference: &str, limit: u32) -> Result<Vec<Account>, StoreError> {
+        let inner = self.lock()?;
+        Ok(take(inner.accounts.values().filter(|a| a.reference.as_deref() == Some(reference)).cloned(), limit))
+    }
+
     async fn load_instance(&self, subscription_id: &str) -> Result<Option<InstanceRecord>, StoreError> {
         Ok(self.lock()?.instances.get(subscription_id).cloned())
     }

@@ -156,6 +156,10 @@ pub trait Store: Send + Sync + 'static {
     /// An account by its Stripe customer id.
     async fn load_account(&self, stripe_customer_id: &str) -> Result<Option<Account>, StoreError>;
 
+    /// The accounts whose platform reference ([`Account::reference`], the Checkout
+    /// `client_reference_id`) is exactly `reference`, ordered by Stripe customer id, at most `limit`.
+    async fn accounts_by_reference(&self, reference: &str, limit: u32) -> Result<Vec<Account>, StoreError>;
+
     /// The instance record of a subscription.
     async fn load_instance(&self, subscription_id: &str) -> Result<Option<InstanceRecord>, StoreError>;
 

@@ -80,6 +80,9 @@ impl<H: StoreHooks> Store for HookedStore<H> {
     async fn load_account(&self, customer: &str) -> Result<Option<Account>, StoreError> {
         self.inner.load_account(customer).await
     }
+    async fn accounts_by_reference(&self, reference: &str, limit: u32) -> Result<Vec<Account>, StoreError> {
+        self.inner.accounts_by_reference(reference, limit).await
+    }
     async fn load_instance(&self, id: &str) -> Result<Option<InstanceRecord>, StoreError> {
         self.inner.load_instance(id).await
     }

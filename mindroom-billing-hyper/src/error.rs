@@ -19,6 +19,10 @@ pub enum ApiError {
     Unauthorized,
     /// 404: no such route.
     NotFound,
+    /// 404 with the given message: the route exists, the account it names does not.
+    UnknownAccount(String),
+    /// 409 with the given message: the request names more than one account.
+    Ambiguous(String),
     /// 405 with the allowed method.
     MethodNotAllowed(&'static str),
     /// 408: the request body did not arrive in time.
@@ -45,7 +49,8 @@ impl ApiError {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::NotFound | Self::UnknownAccount(_) => StatusCode::NOT_FOUND,
+            Self::Ambiguous(_) => StatusCode::CONFLICT,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -57,7 +62,7 @@ impl ApiError {
     /// The client-facing message.
     pub fn message(&self) -> String {
         match self {
-            Self::BadRequest(m) => m.clone(),
+            Self::BadRequest(m) | Self::UnknownAccount(m) | Self::Ambiguous(m) => m.clone(),
             Self::Unauthorized => "missing or invalid bearer token".to_owned(),
             Self::NotFound => "not found".to_owned(),
             Self::MethodNotAllowed(allow) => format!("method not allowed (allowed: {allow})"),

@@ -10,8 +10,13 @@
 //! | `GET /health` | 200 `{"status":"healthy","service":"stripe-handler"}` |
 //! | `GET /ready` | 200 when the store answers a ping, else 503 |
 //! | `GET /metrics` | Prometheus text, from the render function given to [`AppState::with_metrics`] (404 without one) |
-//! | `POST /v1/usage` | bearer-authenticated; `{"account_id","metric","count","idempotency_key"?}` → 200 `{"allowed","used","limit","remaining"}`, or 429 with the same body when over the limit; a retry with the same `idempotency_key` counts once and answers the same |
+//! | `POST /v1/usage` | bearer-authenticated; `{"account_id"\|"customer"\|"reference","metric","count","idempotency_key"?}` → 200 `{"allowed","used","limit","remaining"}`, or 429 with the same body when over the limit; a retry with the same `idempotency_key` counts once and answers the same |
 //! | `GET /v1/accounts/{id}/entitlements` | bearer-authenticated; tier, status, entitlement status, limits, grace deadline, usage today, `as_of` (answered from the replica's cache) |
+//! | `GET /v1/entitlements?customer=…` (or `reference=…`, `account_id=…`) | the same answer, for the account named by its Stripe customer or the platform's reference (Checkout `client_reference_id`) |
+//!
+//! The account is named by exactly one of `account_id`, `customer` or `reference` (else 400); a
+//! customer or reference billing has no account for answers 404, a reference carried by more than one
+//! account 409 (ask by customer).
 //!
 //! Wrong methods get 405 with `Allow`, unknown paths 404. Every error body is `{"error":"…"}` and never
 //! carries internals (store errors are logged, not returned).
@@ -41,9 +46,14 @@ pub use error::ApiError;
 pub use routes::handle;
 
 /// Describes the metrics this crate emits (`billing_http_requests_total`, `billing_http_request_seconds`)
-/// to the installed `metrics` recorder, so `/metrics` carries their `# HELP` text. Call it once after
-/// installing the recorder; without a recorder it does nothing.
+/// to the installed `metrics` recorder, so `/metrics` carries their `# HELP` text, and registers them
+/// at zero for every route (status `200`), so a scrape right after start lists them. Call it once
+/// after installing the recorder; without a recorder it does nothing.
 pub fn describe_metrics() {
+    for route in routes::ROUTE_LABELS {
+        metrics::counter!("billing_http_requests_total", "route" => route, "status" => "200").absolute(0);
+        drop(metrics::histogram!("billing_http_request_seconds", "route" => route));
+    }
     use metrics::{Unit, describe_counter, describe_histogram};
     describe_counter!(
         "billing_http_requests_total",

@@ -9,7 +9,7 @@ use http::header::{AUTHORIZATION, CONTENT_LENGTH};
 use http::{Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use mindroom_billing_core::service::error_chain;
+use mindroom_billing_core::service::{AccountLookupError, AccountName, error_chain};
 use mindroom_billing_core::{Disposition, Metric, ReceiveError, StoreError};
 use serde::Deserialize;
 use tokio::time::{Instant as TokioInstant, timeout_at};
@@ -33,8 +33,21 @@ enum Route {
     Metrics,
     Usage,
     Entitlements(String),
+    /// `GET /v1/entitlements?customer=…` (or `reference=…`, `account_id=…`).
+    EntitlementsOf,
     Unmatched,
 }
+
+/// The route labels of the answered routes.
+pub(crate) const ROUTE_LABELS: [&str; 7] = [
+    "/webhooks/stripe",
+    "/health",
+    "/ready",
+    "/metrics",
+    "/v1/usage",
+    "/v1/accounts/{id}/entitlements",
+    "/v1/entitlements",
+];
 
 impl Route {
     fn of(path: &str) -> Self {
@@ -44,6 +57,7 @@ impl Route {
             "/ready" => Self::Ready,
             "/metrics" => Self::Metrics,
             "/v1/usage" => Self::Usage,
+            "/v1/entitlements" => Self::EntitlementsOf,
             _ => match path.strip_prefix("/v1/accounts/").and_then(|rest| rest.strip_suffix("/entitlements")) {
                 Some(id) if !id.is_empty() && !id.contains('/') => Self::Entitlements(id.to_owned()),
                 _ => Self::Unmatched,
@@ -60,6 +74,7 @@ impl Route {
             Self::Metrics => "/metrics",
             Self::Usage => "/v1/usage",
             Self::Entitlements(_) => "/v1/accounts/{id}/entitlements",
+            Self::EntitlementsOf => "/v1/entitlements",
             Self::Unmatched => "unmatched",
         }
     }
@@ -68,7 +83,7 @@ impl Route {
     fn method(&self) -> Option<&'static str> {
         match self {
             Self::Webhook | Self::Usage => Some("POST"),
-            Self::Health | Self::Ready | Self::Metrics | Self::Entitlements(_) => Some("GET"),
+            Self::Health | Self::Ready | Self::Metrics | Self::Entitlements(_) | Self::EntitlementsOf => Some("GET"),
             Self::Unmatched => None,
         }
     }
@@ -111,6 +126,7 @@ fn status_label(status: StatusCode) -> &'static str {
         400 => "400",
         401 => "401",
         404 => "404",
+        409 => "409",
         405 => "405",
         408 => "408",
         413 => "413",
@@ -149,7 +165,14 @@ where
         }
         Route::Entitlements(id) => {
             authorize(state, &req)?;
-            entitlements(state, &id, deadline).await
+            let account_id =
+                Uuid::parse_str(&id).map_err(|_| ApiError::BadRequest("account id is not a UUID".to_owned()))?;
+            entitlements(state, Named::Id(account_id), deadline).await
+        }
+        Route::EntitlementsOf => {
+            authorize(state, &req)?;
+            let named = Named::from_query(req.uri().query().unwrap_or(""))?;
+            entitlements(state, named, deadline).await
         }
         Route::Unmatched => Err(ApiError::NotFound),
     }
@@ -214,16 +237,12 @@ where
     span.record("event_type", receipt.event_type.as_str());
     match &receipt.disposition {
         Disposition::Failed(reason) => {
-            warn!(subscription_id = receipt.subscription_id.as_deref().unwrap_or(""), %reason,
+            warn!(subscription_id = receipt.subscription_id.as_deref(), %reason,
                 "webhook recorded as failed; an admin alert is queued and it can be replayed");
         }
         // A redelivery carries no news: keep it out of the info log.
         Disposition::Duplicate => debug!("webhook accepted: duplicate"),
-        d => info!(
-            subscription_id = receipt.subscription_id.as_deref().unwrap_or(""),
-            disposition = d.label(),
-            "webhook accepted"
-        ),
+        d => info!(subscription_id = receipt.subscription_id.as_deref(), disposition = d.label(), "webhook accepted"),
     }
     Ok(raw(StatusCode::OK, "application/json", Bytes::from_static(RECEIVED)))
 }
@@ -291,9 +310,89 @@ fn authorize<B>(state: &AppState, req: &Request<B>) -> Result<(), ApiError> {
     }
 }
 
+/// An account as a request names it (see [`AccountName`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Named {
+    Id(Uuid),
+    Customer(String),
+    Reference(String),
+}
+
+const NAME_EXACTLY_ONE: &str = "name the account with exactly one of account_id, customer or reference";
+
+impl Named {
+    /// Exactly one of the three names (an empty string counts as none).
+    fn exactly_one(
+        account_id: Option<Uuid>,
+        customer: Option<String>,
+        reference: Option<String>,
+    ) -> Result<Self, ApiError> {
+        let given = |s: Option<String>| s.filter(|s| !s.is_empty());
+        match (account_id, given(customer), given(reference)) {
+            (Some(id), None, None) => Ok(Self::Id(id)),
+            (None, Some(customer), None) => Ok(Self::Customer(customer)),
+            (None, None, Some(reference)) => Ok(Self::Reference(reference)),
+            _ => Err(ApiError::BadRequest(NAME_EXACTLY_ONE.to_owned())),
+        }
+    }
+
+    /// From a query string: `account_id=…`, `customer=…` or `reference=…` (percent-decoded).
+    fn from_query(query: &str) -> Result<Self, ApiError> {
+        let (mut account_id, mut customer, mut reference) = (None, None, None);
+        let mut seen = 0;
+        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+            seen += 1;
+            match key.as_ref() {
+                "account_id" if value.is_empty() => {}
+                "account_id" => {
+                    account_id = Some(
+                        Uuid::parse_str(&value)
+                            .map_err(|_| ApiError::BadRequest("account id is not a UUID".to_owned()))?,
+                    );
+                }
+                "customer" => customer = Some(value.into_owned()),
+                "reference" => reference = Some(value.into_owned()),
+                other => {
+                    return Err(ApiError::BadRequest(format!(
+                        "unknown query parameter {other:?} (account_id, customer or reference)"
+                    )));
+                }
+            }
+        }
+        if seen > 1 {
+            return Err(ApiError::BadRequest(NAME_EXACTLY_ONE.to_owned()));
+        }
+        Self::exactly_one(account_id, customer, reference)
+    }
+
+    fn as_name(&self) -> AccountName<'_> {
+        match self {
+            Self::Id(id) => AccountName::Id(*id),
+            Self::Customer(customer) => AccountName::Customer(customer),
+            Self::Reference(reference) => AccountName::Reference(reference),
+        }
+    }
+}
+
+/// The account id `named` stands for, before `deadline`.
+async fn resolve(state: &AppState, named: &Named, deadline: TokioInstant) -> Result<Uuid, ApiError> {
+    match timeout_at(deadline, state.billing().resolve_account(named.as_name())).await {
+        Err(_) => Err(ApiError::Unavailable("timed out; retry later")),
+        Ok(Ok(account_id)) => Ok(account_id),
+        Ok(Err(AccountLookupError::Store(e))) => Err(store_error(&e)),
+        Ok(Err(e @ AccountLookupError::Ambiguous(_))) => Err(ApiError::Ambiguous(e.to_string())),
+        Ok(Err(e)) => Err(ApiError::UnknownAccount(e.to_string())),
+    }
+}
+
 #[derive(Debug, Deserialize)]
 struct UsageRequest {
-    account_id: Uuid,
+    #[serde(default)]
+    account_id: Option<Uuid>,
+    #[serde(default)]
+    customer: Option<String>,
+    #[serde(default)]
+    reference: Option<String>,
     metric: Metric,
     /// Read as any JSON value so that an out-of-range number gets an answer naming the field.
     count: serde_json::Value,
@@ -331,18 +430,23 @@ where
     let request: UsageRequest =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid usage request: {e}")))?;
     let (count, key) = (request.count()?, request.idempotency_key()?);
-    let report =
-        match timeout_at(deadline, state.billing().consume_usage(request.account_id, request.metric, count, key)).await
-        {
-            Err(_) => return Err(ApiError::Unavailable("timed out; retry later")),
-            Ok(result) => result.map_err(|e| store_error(&e))?,
-        };
+    let named = Named::exactly_one(request.account_id, request.customer.clone(), request.reference.clone())?;
+    let account_id = resolve(state, &named, deadline).await?;
+    let report = match timeout_at(deadline, state.billing().consume_usage(account_id, request.metric, count, key)).await
+    {
+        Err(_) => return Err(ApiError::Unavailable("timed out; retry later")),
+        Ok(result) => result.map_err(|e| store_error(&e))?,
+    };
     let status = if report.allowed { StatusCode::OK } else { StatusCode::TOO_MANY_REQUESTS };
     Ok(json(status, &report))
 }
 
-async fn entitlements(state: &AppState, id: &str, deadline: TokioInstant) -> Result<Response<ResponseBody>, ApiError> {
-    let account_id = Uuid::parse_str(id).map_err(|_| ApiError::BadRequest("account id is not a UUID".to_owned()))?;
+async fn entitlements(
+    state: &AppState,
+    named: Named,
+    deadline: TokioInstant,
+) -> Result<Response<ResponseBody>, ApiError> {
+    let account_id = resolve(state, &named, deadline).await?;
     match timeout_at(deadline, state.billing().entitlements(account_id)).await {
         Err(_) => Err(ApiError::Unavailable("timed out; retry later")),
         Ok(result) => Ok(json(StatusCode::OK, &result.map_err(|e| store_error(&e))?)),
@@ -361,5 +465,23 @@ mod tests {
         assert_eq!(Route::of("/v1/accounts/a/b/entitlements"), Route::Unmatched);
         assert_eq!(Route::of("/webhooks/stripe/"), Route::Unmatched);
         assert_eq!(Route::of("/"), Route::Unmatched);
+        assert_eq!(Route::of("/v1/entitlements"), Route::EntitlementsOf);
+        for label in ROUTE_LABELS {
+            let path = label.replace("{id}", "x");
+            assert_eq!(Route::of(&path).label(), label);
+        }
+    }
+
+    #[test]
+    fn a_query_names_exactly_one_account() {
+        let id = Uuid::from_u128(7);
+        assert_eq!(Named::from_query("customer=cus_1"), Ok(Named::Customer("cus_1".into())));
+        assert_eq!(Named::from_query("reference=user%20a%2Fb"), Ok(Named::Reference("user a/b".into())));
+        assert_eq!(Named::from_query(&format!("account_id={id}")), Ok(Named::Id(id)));
+        for query in ["", "customer=", "customer=a&reference=b", "customer=a&customer=b"] {
+            assert_eq!(Named::from_query(query), Err(ApiError::BadRequest(NAME_EXACTLY_ONE.into())), "{query}");
+        }
+        assert!(matches!(Named::from_query("account_id=x"), Err(ApiError::BadRequest(m)) if m.contains("UUID")));
+        assert!(matches!(Named::from_query("user=1"), Err(ApiError::BadRequest(m)) if m.contains("\"user\"")));
     }
 }

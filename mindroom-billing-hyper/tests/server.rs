@@ -756,3 +756,81 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     shutdown.await.unwrap();
     assert_eq!(store.list_events(&EventFilter { status: None, limit: 10 }).await.unwrap().len(), 1);
 }
+
+/// A checkout of another customer carrying the same platform reference.
+fn checkout_of(customer: &str, event_id: &str) -> Vec<u8> {
+    let mut event: Value = serde_json::from_slice(&fixture("2026-07-29.dahlia", "checkout.session.completed")).unwrap();
+    event["id"] = json!(event_id);
+    event["data"]["object"]["customer"] = json!(customer);
+    serde_json::to_vec(&event).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entitlements_and_usage_by_stripe_customer_and_by_reference() {
+    let h = Harness::start().await;
+    for event_type in ["checkout.session.completed", "customer.subscription.created"] {
+        assert_eq!(h.deliver(fixture("2026-07-29.dahlia", event_type)).await.0, 200, "{event_type}");
+    }
+    let account = mindroom_billing_core::account_id_for_customer(CUSTOMER);
+    let (status, by_id) = h.get(&format!("/v1/accounts/{account}/entitlements"), Some(API_KEY)).await;
+    assert_eq!(status, 200, "{by_id}");
+    assert_eq!(serde_json::from_str::<Value>(&by_id).unwrap()["tier"], "starter", "{by_id}");
+    for query in [format!("customer={CUSTOMER}"), "reference=user_123".to_owned(), format!("account_id={account}")] {
+        let (status, body) = h.get(&format!("/v1/entitlements?{query}"), Some(API_KEY)).await;
+        assert_eq!((status, body.as_str()), (200, by_id.as_str()), "{query}: the same answer as by id");
+    }
+
+    // Usage by customer and by reference counts on the same account.
+    let post = |body: Value| h.client.post(h.url("/v1/usage")).bearer_auth(API_KEY).json(&body).send();
+    let report: Value =
+        post(json!({"customer": CUSTOMER, "metric": "messages", "count": 5})).await.unwrap().json().await.unwrap();
+    assert_eq!(report, json!({"allowed": true, "used": 5, "limit": 1000, "remaining": 995}));
+    let response = post(json!({"reference": "user_123", "metric": "messages", "count": 2})).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.json::<Value>().await.unwrap()["used"], 7);
+    let (_, body) = h.get(&format!("/v1/accounts/{account}/entitlements"), Some(API_KEY)).await;
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["usage_today"]["messages"], 7, "{body}");
+
+    // Unknown names: 404, nothing counted.
+    let unknown = [
+        ("/v1/entitlements?customer=cus_nobody", r#"{"error":"no account with customer \"cus_nobody\""}"#),
+        ("/v1/entitlements?reference=user_nobody", r#"{"error":"no account with reference \"user_nobody\""}"#),
+    ];
+    for (path, answer) in unknown {
+        assert_eq!(h.get(path, Some(API_KEY)).await, (404, answer.to_owned()), "{path}");
+    }
+    let response = post(json!({"reference": "user_nobody", "metric": "messages", "count": 1})).await.unwrap();
+    assert_eq!(response.status(), 404);
+    assert_eq!(response.text().await.unwrap(), r#"{"error":"no account with reference \"user_nobody\""}"#);
+
+    // Not exactly one name: 400 with a message saying what to send.
+    let one = r#"{"error":"name the account with exactly one of account_id, customer or reference"}"#;
+    for path in ["/v1/entitlements", "/v1/entitlements?customer=cus_1&reference=user_123", "/v1/entitlements?customer="]
+    {
+        assert_eq!(h.get(path, Some(API_KEY)).await, (400, one.to_owned()), "{path}");
+    }
+    let (status, body) = h.get("/v1/entitlements?user=user_123", Some(API_KEY)).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("unknown query parameter \\\"user\\\""), "{body}");
+    for body in [
+        json!({"metric": "messages", "count": 1}),
+        json!({"account_id": account, "customer": CUSTOMER, "metric": "messages", "count": 1}),
+        json!({"customer": "", "metric": "messages", "count": 1}),
+    ] {
+        let response = post(body.clone()).await.unwrap();
+        assert_eq!(response.status(), 400, "{body}");
+        assert_eq!(response.text().await.unwrap(), one, "{body}");
+    }
+
+    // The same bearer token as the other internal routes.
+    assert_eq!(h.get("/v1/entitlements?reference=user_123", None).await.0, 401);
+    assert_eq!(h.get("/v1/entitlements?reference=user_123", Some("wrong")).await.0, 401);
+
+    // A reference two customers carry is ambiguous: ask by customer.
+    assert_eq!(h.deliver(checkout_of("cus_second", "evt_checkout_second")).await.0, 200);
+    let (status, body) = h.get("/v1/entitlements?reference=user_123", Some(API_KEY)).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body, r#"{"error":"reference \"user_123\" names more than one account; ask by customer"}"#, "{body}");
+    assert_eq!(h.get("/v1/entitlements?customer=cus_second", Some(API_KEY)).await.0, 200);
+    h.shutdown().await;
+}

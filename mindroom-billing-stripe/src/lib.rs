@@ -20,7 +20,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::time::Instant;
-use tracing::{Instrument, debug, debug_span};
+use tracing::{Instrument, debug, debug_span, warn};
 
 /// The Stripe API.
 pub const DEFAULT_BASE_URL: &str = "https://api.stripe.com";
@@ -39,8 +39,13 @@ pub const METRIC_REQUESTS: &str = "billing_stripe_api_requests_total";
 /// The histogram of request latency in seconds (every attempt), labelled `endpoint`.
 pub const METRIC_SECONDS: &str = "billing_stripe_api_request_seconds";
 
-/// Describes the client's metrics (meaning, unit, labels) to the installed `metrics` recorder.
+/// Describes the client's metrics (meaning, unit, labels) to the installed `metrics` recorder, and
+/// registers each endpoint's series at zero (status `200`), so a scrape right after start lists them.
 pub fn describe_metrics() {
+    for endpoint in [Endpoint::Events, Endpoint::Subscriptions, Endpoint::Subscription, Endpoint::Customer] {
+        metrics::counter!(METRIC_REQUESTS, "endpoint" => endpoint.label(), "status" => "200").absolute(0);
+        drop(metrics::histogram!(METRIC_SECONDS, "endpoint" => endpoint.label()));
+    }
     metrics::describe_counter!(
         METRIC_REQUESTS,
         metrics::Unit::Count,
@@ -332,7 +337,11 @@ impl StripeClient {
                 },
                 Err(e) => {
                     let failure = TransportFailure::of(&e);
-                    let reason = format!("{what}: {}", failure.describe(self.config.timeout));
+                    let reason = if failure == TransportFailure::Connect {
+                        format!("{what}: could not connect to {} (STRIPE_API_BASE)", self.base)
+                    } else {
+                        format!("{what}: {}", failure.describe(self.config.timeout))
+                    };
                     if !failure.is_retryable() {
                         return Err(StripeApiError::Invalid(reason));
                     }
@@ -342,7 +351,12 @@ impl StripeClient {
             last = reason;
             if attempt < policy.max_attempts {
                 let delay = policy.delay(attempt, wait, rand::thread_rng().r#gen::<f64>());
-                debug!(endpoint = endpoint.label(), attempt, ?delay, reason = %last, "retrying");
+                warn!(
+                    endpoint = endpoint.label(),
+                    "{last}; attempt {attempt} of {}, next try in {:.1} s",
+                    policy.max_attempts,
+                    delay.as_secs_f64()
+                );
                 tokio::time::sleep(delay).await;
             }
         }

@@ -76,6 +76,11 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../migrations/20261206000000_billing_console.sql"),
     },
     Migration {
+        version: "20261210000000",
+        name: "billing_account_reference",
+        sql: include_str!("../migrations/20261210000000_billing_account_reference.sql"),
+    },
+    Migration {
         version: "20261211000000",
         name: "billing_list_subscriptions",
         sql: include_str!("../migrations/20261211000000_billing_list_subscriptions.sql"),

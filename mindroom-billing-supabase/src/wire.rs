@@ -311,6 +311,15 @@ pub(crate) async fn load_account<R: Rpc + ?Sized>(
     decode_opt(F, rpc.call(F, json!({ "stripe_customer_id": stripe_customer_id })).await?)
 }
 
+pub(crate) async fn accounts_by_reference<R: Rpc + ?Sized>(
+    rpc: &R,
+    reference: &str,
+    limit: u32,
+) -> Result<Vec<Account>, StoreError> {
+    const F: &str = "billing_accounts_by_reference";
+    decode(F, rpc.call(F, json!({ "reference": reference, "limit": limit.to_string() })).await?)
+}
+
 pub(crate) async fn load_instance<R: Rpc + ?Sized>(
     rpc: &R,
     subscription_id: &str,
@@ -546,6 +555,13 @@ macro_rules! impl_store_via_rpc {
                 stripe_customer_id: &str,
             ) -> Result<Option<mindroom_billing_core::Account>, mindroom_billing_core::StoreError> {
                 crate::wire::load_account(self, stripe_customer_id).await
+            }
+            async fn accounts_by_reference(
+                &self,
+                reference: &str,
+                limit: u32,
+            ) -> Result<Vec<mindroom_billing_core::Account>, mindroom_billing_core::StoreError> {
+                crate::wire::accounts_by_reference(self, reference, limit).await
             }
             async fn load_instance(
                 &self,

@@ -122,3 +122,49 @@ async fn over_postgrest_cached_entitlements_live_for_the_time_to_live() {
     eprintln!("over PostgREST (time-to-live {ttl:?}) the upgrade was answered after {took:?}");
     fresh.db.drop_db().await.unwrap();
 }
+
+/// Accounts named by Stripe customer or platform reference resolve on PostgreSQL; a replica keeps a
+/// resolved reference for its time-to-live (the fast path: no store call), and its own commits that
+/// set a reference drop what it kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_named_by_customer_or_reference_resolve_and_stay_cached_for_the_time_to_live() {
+    use mindroom_billing_core::service::{AccountLookupError, AccountName};
+    let fresh = common::fresh().await;
+    let clock = Arc::new(TestClock::new(at(T0 + 10)));
+    let a = common::billing(fresh.store.clone() as Arc<dyn Store>, Arc::clone(&clock), Tier::Professional);
+    let hour = mindroom_billing_core::CacheConfig { ttl: StdDuration::from_secs(3600), ..Default::default() };
+    let b = common::billing_with_cache(
+        common::replica(&fresh.db).await as Arc<dyn Store>,
+        Arc::clone(&clock),
+        Tier::Professional,
+        hour,
+    );
+    for name in ["checkout.session.completed", "customer.subscription.created"] {
+        deliver(&a, &clock, name).await;
+    }
+    let account = mindroom_billing_core::account_id_for_customer(CUS);
+    for replica in [&a, &b] {
+        assert_eq!(replica.resolve_account(AccountName::Customer(CUS)).await.unwrap(), account);
+        assert_eq!(replica.resolve_account(AccountName::Reference("user_123")).await.unwrap(), account);
+        for unknown in [AccountName::Customer("cus_nobody"), AccountName::Reference("user_nobody")] {
+            let e = replica.resolve_account(unknown).await.unwrap_err();
+            assert!(matches!(e, AccountLookupError::Unknown(_)), "{e}");
+        }
+    }
+    assert_eq!(b.entitlements(account).await.unwrap().tier, Tier::Starter);
+
+    // A second customer checks out with the same reference, on replica A.
+    let mut second: serde_json::Value = serde_json::from_slice(&fixture(DAHLIA, "checkout.session.completed")).unwrap();
+    second["id"] = "evt_checkout_second_customer".into();
+    second["data"]["object"]["customer"] = "cus_second".into();
+    let body = serde_json::to_vec(&second).unwrap();
+    a.receive(Some(&signed(&body, clock.now())), &body).await.unwrap();
+    let e = a.resolve_account(AccountName::Reference("user_123")).await.unwrap_err();
+    assert!(matches!(e, AccountLookupError::Ambiguous(_)), "A's own commit dropped what it kept: {e}");
+    assert_eq!(
+        b.resolve_account(AccountName::Reference("user_123")).await.unwrap(),
+        account,
+        "B answers from its cache within the time-to-live"
+    );
+    fresh.db.drop_db().await.unwrap();
+}

@@ -727,6 +727,12 @@ impl Logged {
         let _ = self.child.wait();
     }
 
+    /// Sends SIGTERM (as `docker stop` and Kubernetes do).
+    pub fn terminate(&self) {
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success(), "kill -TERM failed");
+    }
+
     /// Whether the child has exited.
     pub fn exited(&mut self) -> bool {
         self.child.try_wait().unwrap().is_some()

@@ -9,11 +9,16 @@
 //! commits drop their account's entry at once in both modes. Usage counters are always cached for
 //! [`CacheConfig::usage_ttl`]; increments go to the store, and their answer refreshes the counter.
 //!
+//! Accounts named by a calling service by Stripe customer or platform reference are resolved to an
+//! account id once: a customer known to have an account is remembered (an account is never removed
+//! and its id derives from the customer); a reference for the time-to-live (a later Checkout may
+//! give it to another account; this replica's own commits that set a reference drop them at once).
+//!
 //! A read that started before an invalidation of its account never stores its (possibly stale)
 //! result: each invalidation takes a sequence number, and a fill carries the number current when its
 //! read began (a ticket). Entries carry the time the store was read (`as_of` in the answer).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -109,6 +114,10 @@ struct State {
     floor: u64,
     accounts: HashMap<Uuid, Slot>,
     usage: HashMap<Uuid, CachedUsage>,
+    /// Stripe customers known to have an account.
+    customers: HashSet<String>,
+    /// Platform references resolved to one account, and when.
+    references: HashMap<String, (Uuid, Instant)>,
 }
 
 /// A permission to store the result of a read, taken before the read.
@@ -127,7 +136,16 @@ pub(crate) struct EntitlementCache {
 impl EntitlementCache {
     pub(crate) fn new(config: CacheConfig) -> Self {
         let mode = if config.enabled { Mode::Unstarted } else { Mode::Off };
-        let state = State { mode, listening: false, seq: 0, floor: 0, accounts: HashMap::new(), usage: HashMap::new() };
+        let state = State {
+            mode,
+            listening: false,
+            seq: 0,
+            floor: 0,
+            accounts: HashMap::new(),
+            usage: HashMap::new(),
+            customers: HashSet::new(),
+            references: HashMap::new(),
+        };
         Self { config, state: Mutex::new(state), start: OnceLock::new() }
     }
 
@@ -242,6 +260,51 @@ impl EntitlementCache {
         state.usage.insert(account, usage);
     }
 
+    /// Whether `customer` is known to have an account.
+    pub(crate) fn known_customer(&self, customer: &str) -> bool {
+        let state = self.lock();
+        state.mode != Mode::Off && state.customers.contains(customer)
+    }
+
+    /// Remembers that `customer` has an account.
+    pub(crate) fn customer_found(&self, customer: &str) {
+        let mut state = self.lock();
+        if state.mode == Mode::Off {
+            return;
+        }
+        if state.customers.len() >= self.config.capacity {
+            state.customers.clear();
+        }
+        state.customers.insert(customer.to_owned());
+    }
+
+    /// The account `reference` was resolved to within the time-to-live.
+    pub(crate) fn reference(&self, reference: &str) -> Option<Uuid> {
+        let state = self.lock();
+        if state.mode == Mode::Off {
+            return None;
+        }
+        let (account, filled) = state.references.get(reference)?;
+        (filled.elapsed() < self.config.ttl).then_some(*account)
+    }
+
+    /// Remembers the one account `reference` names.
+    pub(crate) fn reference_found(&self, reference: &str, account: Uuid) {
+        let mut state = self.lock();
+        if state.mode == Mode::Off {
+            return;
+        }
+        if state.references.len() >= self.config.capacity && !state.references.contains_key(reference) {
+            state.references.clear();
+        }
+        state.references.insert(reference.to_owned(), (account, Instant::now()));
+    }
+
+    /// Forgets every resolved reference (an account's reference changed).
+    pub(crate) fn forget_references(&self) {
+        self.lock().references.clear();
+    }
+
     /// An increment's answer: the store's counter after it (never lowers what is cached).
     pub(crate) fn counted(&self, account: Uuid, day: NaiveDate, metric: Metric, used: u64) {
         let mut state = self.lock();
@@ -350,6 +413,34 @@ mod tests {
         assert_eq!(off.subscriptions(account).err(), Some(None));
         off.fill_usage(account, at().date_naive(), 1, 2, at());
         assert!(off.usage(account, at().date_naive()).is_none());
+    }
+
+    #[test]
+    fn customers_are_remembered_and_references_expire() {
+        let cache = EntitlementCache::new(CacheConfig { ttl: Duration::ZERO, ..CacheConfig::default() });
+        cache.started(false);
+        assert!(!cache.known_customer("cus_1"));
+        cache.customer_found("cus_1");
+        assert!(cache.known_customer("cus_1"));
+        cache.reference_found("user_1", Uuid::from_u128(1));
+        assert_eq!(cache.reference("user_1"), None, "a zero time-to-live keeps no reference");
+
+        let cache = cache_with_ttl(true);
+        cache.reference_found("user_1", Uuid::from_u128(1));
+        assert_eq!(cache.reference("user_1"), Some(Uuid::from_u128(1)));
+        cache.forget_references();
+        assert_eq!(cache.reference("user_1"), None);
+
+        let off = EntitlementCache::new(CacheConfig::disabled());
+        off.customer_found("cus_1");
+        off.reference_found("user_1", Uuid::from_u128(1));
+        assert!(!off.known_customer("cus_1") && off.reference("user_1").is_none());
+    }
+
+    fn cache_with_ttl(watched: bool) -> EntitlementCache {
+        let cache = EntitlementCache::new(CacheConfig { ttl: Duration::from_secs(3600), ..CacheConfig::default() });
+        cache.started(watched);
+        cache
     }
 
     #[test]

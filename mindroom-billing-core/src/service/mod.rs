@@ -29,7 +29,7 @@ mod worker;
 pub use cache::CacheConfig;
 
 pub use sync::{CATCH_UP_TYPES, CatchUpReport, Drift, DriftField, ReconcileReport, StripeSyncConfig, SyncError};
-pub use usage::{Entitlements, UsageReport, UsageToday};
+pub use usage::{AccountLookupError, AccountName, Entitlements, UsageReport, UsageToday};
 pub use worker::app_name_for;
 
 /// How many times a commit is re-decided after losing a compare-and-swap.
@@ -257,13 +257,18 @@ impl std::fmt::Debug for Billing {
     }
 }
 
-/// An error and its sources, one line.
+/// An error and its sources, one line, each cause said once: a source whose message the line
+/// already says (an error that prints its source in its own message, as many drivers' do) is
+/// skipped.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(src) = cur {
-        s.push_str(": ");
-        s.push_str(&src.to_string());
+        let said = src.to_string();
+        if !said.is_empty() && !s.contains(&said) {
+            s.push_str(": ");
+            s.push_str(&said);
+        }
         cur = src.source();
     }
     s
@@ -545,6 +550,9 @@ impl Billing {
     /// After a commit: remembers the aggregate as stored (its version bumped) and drops the
     /// account's cached entitlements.
     fn committed(&self, commit: &Commit) {
+        if commit.account.as_ref().is_some_and(|patch| patch.reference.is_some()) {
+            self.cache.forget_references();
+        }
         if let Some(subscription) = &commit.subscription {
             self.cache.invalidate(subscription.account_id);
             let stored = SubscriptionState { version: subscription.version + 1, ..subscription.clone() };
@@ -730,5 +738,28 @@ impl Billing {
             }
         });
         while tasks.join_next().await.is_some() {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error that prints its source in its own message too (as `sqlx`'s I/O error does).
+    #[derive(Debug, thiserror::Error)]
+    #[error("error communicating with database: {0}")]
+    struct Echo(#[source] std::io::Error);
+
+    #[test]
+    fn the_error_chain_says_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused (os error 111)");
+        let e = StoreError::Unavailable(Box::new(Echo(io)));
+        assert_eq!(
+            error_chain(&e),
+            "store unavailable: error communicating with database: Connection refused (os error 111)"
+        );
+        let api =
+            SyncError::Api(crate::stripe_api::StripeApiError::Unavailable("GET /v1/events: could not connect".into()));
+        assert_eq!(error_chain(&api), "Stripe API: GET /v1/events: could not connect");
     }
 }

@@ -72,7 +72,7 @@ pub enum SyncError {
     #[error("no Stripe API configured: set STRIPE_SECRET_KEY")]
     NotConfigured,
     /// The Stripe API refused or failed (a 401/403 names `STRIPE_SECRET_KEY`).
-    #[error("Stripe API: {0}")]
+    #[error("Stripe API")]
     Api(#[from] StripeApiError),
     /// The store failed.
     #[error(transparent)]
@@ -437,16 +437,20 @@ impl Billing {
             if now >= next_catch_up {
                 next_catch_up = now + settings.catch_up_interval;
                 if self.lease(CATCH_UP_LEASE, settings.catch_up_interval).await {
-                    if let Err(e) = self.catch_up(None).await {
-                        report_sync_error("catch_up", &e);
+                    match until_stopped(&mut stop, self.catch_up(None)).await {
+                        None => return,
+                        Some(Err(e)) => report_sync_error("catch_up", &e),
+                        Some(Ok(_)) => {}
                     }
                 }
             }
             if now >= next_reconcile {
                 next_reconcile = now + settings.reconcile_interval;
                 if self.lease(RECONCILE_LEASE, settings.reconcile_interval).await {
-                    if let Err(e) = self.reconcile_stripe(None, false).await {
-                        report_sync_error("reconcile", &e);
+                    match until_stopped(&mut stop, self.reconcile_stripe(None, false)).await {
+                        None => return,
+                        Some(Err(e)) => report_sync_error("reconcile", &e),
+                        Some(Ok(_)) => {}
                     }
                 }
             }
@@ -494,6 +498,25 @@ impl Billing {
             self.commit(&commit).await?;
         }
         Ok(email)
+    }
+}
+
+/// Runs `task` unless the stop signal comes first (or has come): the task is then dropped. Each
+/// step of a sync run commits atomically and the cursor never passes an unrecorded event, so a run
+/// cut short at shutdown (Stripe unreachable, retries backing off) loses nothing.
+async fn until_stopped<T>(
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+    task: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    if *stop.borrow() {
+        return None;
+    }
+    tokio::select! {
+        result = task => Some(result),
+        _ = stop.changed() => {
+            info!("Stripe sync stopped mid-run for shutdown");
+            None
+        }
     }
 }
 

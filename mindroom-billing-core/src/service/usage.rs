@@ -7,9 +7,46 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use super::Billing;
-use crate::model::{Entitlement, EntitlementStatus, SubscriptionState, UsageKey};
+use crate::model::{Entitlement, EntitlementStatus, SubscriptionState, UsageKey, account_id_for_customer};
 use crate::ports::{ChangeListener, StoreError};
 use crate::tier::{Limit, Limits, Metric, Tier};
+
+/// How a calling service names an account: billing's account id, the Stripe customer, or the
+/// platform's reference for its user (the Checkout `client_reference_id`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccountName<'a> {
+    /// The account id (answered for as is, also when billing knows nothing of it: free tier).
+    Id(Uuid),
+    /// `cus_…`
+    Customer(&'a str),
+    /// The platform's reference.
+    Reference(&'a str),
+}
+
+impl std::fmt::Display for AccountName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Id(id) => write!(f, "account_id {id}"),
+            Self::Customer(customer) => write!(f, "customer {customer:?}"),
+            Self::Reference(reference) => write!(f, "reference {reference:?}"),
+        }
+    }
+}
+
+/// Why a named account could not be resolved.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AccountLookupError {
+    /// No account has this customer or reference.
+    #[error("no account with {0}")]
+    Unknown(String),
+    /// More than one account carries this reference (one user who checked out as two customers).
+    #[error("{0} names more than one account; ask by customer")]
+    Ambiguous(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
 
 /// The answer to a usage increment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -110,6 +147,36 @@ impl Billing {
             usage_today,
             as_of,
         })
+    }
+
+    /// The account id `name` stands for. A customer known to have an account and a recently
+    /// resolved reference are answered from this replica's cache (see [`crate::CacheConfig`]).
+    pub async fn resolve_account(&self, name: AccountName<'_>) -> Result<Uuid, AccountLookupError> {
+        match name {
+            AccountName::Id(id) => Ok(id),
+            AccountName::Customer(customer) => {
+                if !self.cache.known_customer(customer) {
+                    if self.store.load_account(customer).await?.is_none() {
+                        return Err(AccountLookupError::Unknown(name.to_string()));
+                    }
+                    self.cache.customer_found(customer);
+                }
+                Ok(account_id_for_customer(customer))
+            }
+            AccountName::Reference(reference) => {
+                if let Some(account) = self.cache.reference(reference) {
+                    return Ok(account);
+                }
+                match self.store.accounts_by_reference(reference, 2).await?.as_slice() {
+                    [] => Err(AccountLookupError::Unknown(name.to_string())),
+                    [account] => {
+                        self.cache.reference_found(reference, account.id);
+                        Ok(account.id)
+                    }
+                    _ => Err(AccountLookupError::Ambiguous(name.to_string())),
+                }
+            }
+        }
     }
 
     /// The subscriptions of an account and when they were read: from the cache, or from the store
