@@ -117,10 +117,11 @@ fn every_shell_block_parses() {
 }
 
 #[test]
-fn shell_blocks_run_the_binary_in_a_way_that_works_on_a_fresh_clone() {
+fn runnable_blocks_run_the_binary_in_a_way_that_works_on_a_fresh_clone() {
     let readme = file("README.md");
     assert!(readme.contains("cargo install --path examples"), "the README says how to put the binary on PATH");
-    for block in shell_blocks() {
+    // Skipped blocks are for a production machine, where the binary may well be on PATH (the image's is).
+    for block in shell_blocks().iter().filter(|b| b.skip.is_none()) {
         for line in block.text.lines() {
             let code = line.split(" #").next().unwrap_or("");
             for command in code.split(['&', '|', ';', '(']).map(str::trim) {
