@@ -1,5 +1,5 @@
 //! The ports: the traits adapters implement. Each method documents what must be atomic and what is
-//! idempotent; [`crate::conformance`] (feature `test-util`) checks a store against these contracts.
+//! idempotent; the `conformance` module (feature `test-util`) checks a store against these contracts.
 
 use std::error::Error as StdError;
 use std::sync::Weak;

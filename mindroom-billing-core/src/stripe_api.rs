@@ -127,6 +127,7 @@ pub trait StripeApi: Send + Sync + fmt::Debug {
 /// An in-memory [`StripeApi`] for tests (feature `test-util`): events, subscriptions and customers
 /// that the test adds, listed newest first the way Stripe pages them, and errors it queues.
 #[cfg(feature = "test-util")]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 #[derive(Debug, Default)]
 pub struct FakeStripeApi {
     state: std::sync::Mutex<FakeState>,
