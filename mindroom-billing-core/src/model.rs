@@ -607,6 +607,11 @@ pub enum JobKind {
         subscription_id: Option<String>,
         /// Which e-mail.
         email: EmailKind,
+        /// Set when the fact the e-mail is about was learnt too late to be news (see
+        /// [`Policy::news_horizon`](crate::transition::Policy::news_horizon)): the job is recorded as
+        /// skipped with this reason and nobody is e-mailed. Its key still de-duplicates the e-mail.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        late: Option<String>,
     },
     /// E-mail the operators.
     AdminAlert {
