@@ -84,6 +84,7 @@ where
     record_and_commit_is_one_atomic_step(fresh().await).await;
     leases_renew_and_skipped_jobs_keep_their_reason(fresh().await).await;
     retention_prunes_only_old_done_history(fresh().await).await;
+    retention_keeps_email_keys_for_stripes_retry_horizon(fresh().await).await;
 }
 
 /// `extend_lease` keeps a running job from being taken over and is refused once the lease is lost;
@@ -674,4 +675,52 @@ pub async fn retention_prunes_only_old_done_history(store: Arc<dyn Store>) {
         ("job_recent_done", "done"),
     ];
     assert_eq!(jobs, expected.map(|(k, s)| (k.to_owned(), s)), "only the old done job is pruned");
+}
+
+/// A done e-mail job's key is the only de-duplication of its e-mail (the e-mail provider's lasts a
+/// day): whatever the retention, it is kept until Stripe can no longer deliver or list the fact
+/// again (35 days), while other done jobs go at the retention.
+pub async fn retention_keeps_email_keys_for_stripes_retry_horizon(store: Arc<dyn Store>) {
+    let now = t0();
+    let policy = RetentionPolicy::default().with_retention(Duration::days(1));
+    let email = |key: &str, at: DateTime<Utc>| NewJob {
+        key: key.to_owned(),
+        group: None,
+        kind: JobKind::Email {
+            customer_id: "cus_r".into(),
+            subscription_id: Some("sub_r".into()),
+            email: crate::model::EmailKind::Cancellation,
+            late: None,
+        },
+        run_after: at,
+    };
+    let jobs = [
+        email("email:recent", now - Duration::days(3)),
+        email("email:old", now - Duration::days(40)),
+        job("reconcile:recent", Some("sub_r"), now - Duration::days(3)),
+    ];
+    for new in &jobs {
+        store.enqueue(std::slice::from_ref(new)).await.unwrap();
+        let claimed =
+            store.claim_jobs(&Claim { now: new.run_after, lease: Duration::seconds(30), limit: 1 }).await.unwrap();
+        let finish = JobFinish {
+            job_id: claimed[0].id,
+            attempt: claimed[0].attempts,
+            now: new.run_after,
+            resolution: JobResolution::Done,
+            instance: None,
+            enqueue: vec![],
+        };
+        assert!(store.finish_job(&finish).await.unwrap());
+    }
+    let dry = store.prune(&policy.request(now, true)).await.unwrap();
+    assert_eq!(dry.jobs, 2, "the 3-day-old reconcile job and the 40-day-old e-mail");
+    assert_eq!(store.prune(&policy.request(now, false)).await.unwrap().jobs, 2);
+    let left: Vec<String> =
+        store.list_jobs(&JobFilter { state: None, limit: 10 }).await.unwrap().into_iter().map(|j| j.key).collect();
+    assert_eq!(left, ["email:recent"], "the e-mail key inside 35 days stays");
+    // Stripe delivers the fact again: the e-mail is not queued a second time.
+    store.enqueue(&[email("email:recent", now)]).await.unwrap();
+    let pending = store.list_jobs(&JobFilter { state: Some(JobState::Pending), limit: 10 }).await.unwrap();
+    assert!(pending.is_empty(), "{pending:?}");
 }

@@ -262,7 +262,11 @@ impl Inner {
             .jobs
             .values()
             .filter(|j| {
-                j.state == JobState::Done && j.created_at < request.jobs_before && j.updated_at < request.jobs_before
+                let before = match j.kind {
+                    crate::model::JobKind::Email { .. } => request.jobs_before.min(request.email_jobs_before),
+                    _ => request.jobs_before,
+                };
+                j.state == JobState::Done && j.created_at < before && j.updated_at < before
             })
             .map(|j| j.id)
             .take(limit)

@@ -76,6 +76,11 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../migrations/20261206000000_billing_console.sql"),
     },
     Migration {
+        version: "20261209000000",
+        name: "billing_email_key_retention",
+        sql: include_str!("../migrations/20261209000000_billing_email_key_retention.sql"),
+    },
+    Migration {
         version: "20261210000000",
         name: "billing_account_reference",
         sql: include_str!("../migrations/20261210000000_billing_account_reference.sql"),

@@ -462,6 +462,7 @@ pub(crate) async fn prune<R: Rpc + ?Sized>(rpc: &R, request: &PruneRequest) -> R
         "events_before": request.events_before,
         "payloads_before": request.payloads_before,
         "jobs_before": request.jobs_before,
+        "email_jobs_before": request.email_jobs_before,
         "limit": request.limit.to_string(),
         "dry_run": request.dry_run,
     });
