@@ -15,6 +15,7 @@ use chrono::{DateTime, Duration, TimeZone, Utc};
 use crate::model::{
     AccountPatch, Claim, Commit, CommitResult, EventStatus, Failure, Grace, InstanceRecord, InstanceStatus, JobFinish,
     JobKind, JobResolution, JobState, NewEvent, NewJob, Outcome, PaidInvoice, Recorded, SubscriptionState, UsageKey,
+    UsageRequestKey,
 };
 use crate::ports::{EventFilter, JobFilter, Store, StoreError};
 use crate::retention::{PruneReport, RetentionPolicy};
@@ -444,43 +445,49 @@ pub async fn usage_is_atomic_and_limited(store: Arc<dyn Store>) {
 }
 
 /// A call retried with its idempotency key counts once and answers what the first call answered,
-/// also when the retries run concurrently; the key is per account and UTC day; a refused call
-/// counted nothing, so its retry is decided again.
+/// also when the retries run concurrently and across midnight; the key is per account and metric and
+/// is remembered for 48 hours; a refused call counted nothing, so its retry is decided again.
 pub async fn usage_idempotency_key_counts_once(store: Arc<dyn Store>) {
     let key = UsageKey {
         account_id: crate::model::account_id_for_customer("cus_k"),
         metric: Metric::Messages,
         day: t0().date_naive(),
     };
-    let first = store.consume_usage(key, 4, Limit::Limited(10), Some("req-1")).await.unwrap();
+    let at = |id, hours| Some(UsageRequestKey { key: id, at: t0() + Duration::hours(hours) });
+    let first = store.consume_usage(key, 4, Limit::Limited(10), at("req-1", 0)).await.unwrap();
     assert_eq!((first.allowed, first.used), (true, 4));
     store.consume_usage(key, 1, Limit::Limited(10), None).await.unwrap();
-    let retried = store.consume_usage(key, 4, Limit::Limited(10), Some("req-1")).await.unwrap();
+    let retried = store.consume_usage(key, 4, Limit::Limited(10), at("req-1", 1)).await.unwrap();
     assert_eq!(retried, first, "the first answer, nothing counted");
     assert_eq!(store.usage(key).await.unwrap(), 5);
 
-    let refused = store.consume_usage(key, 6, Limit::Limited(10), Some("req-2")).await.unwrap();
+    let refused = store.consume_usage(key, 6, Limit::Limited(10), at("req-2", 1)).await.unwrap();
     assert_eq!((refused.allowed, refused.used), (false, 5));
-    let decided_again = store.consume_usage(key, 6, Limit::Limited(20), Some("req-2")).await.unwrap();
+    let decided_again = store.consume_usage(key, 6, Limit::Limited(20), at("req-2", 1)).await.unwrap();
     assert_eq!((decided_again.allowed, decided_again.used), (true, 11));
 
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..8 {
         let store = Arc::clone(&store);
-        tasks.spawn(async move { store.consume_usage(key, 2, Limit::Unlimited, Some("req-3")).await.unwrap() });
+        tasks.spawn(async move { store.consume_usage(key, 2, Limit::Unlimited, at("req-3", 2)).await.unwrap() });
     }
     while let Some(r) = tasks.join_next().await {
         assert_eq!((r.unwrap().allowed, store.usage(key).await.unwrap() >= 13), (true, true));
     }
     assert_eq!(store.usage(key).await.unwrap(), 13, "eight concurrent retries counted once");
 
-    let other_day = UsageKey { day: key.day.succ_opt().unwrap(), ..key };
-    assert_eq!(store.consume_usage(other_day, 3, Limit::Unlimited, Some("req-1")).await.unwrap().used, 3);
+    // A retry the next UTC day, within 48 hours, counts nothing (on either day).
+    let next_day = UsageKey { day: key.day.succ_opt().unwrap(), ..key };
+    assert_eq!(store.consume_usage(next_day, 3, Limit::Unlimited, at("req-1", 30)).await.unwrap(), first);
+    assert_eq!((store.usage(key).await.unwrap(), store.usage(next_day).await.unwrap()), (13, 0));
     let other_account = UsageKey { account_id: crate::model::account_id_for_customer("cus_k2"), ..key };
-    assert_eq!(store.consume_usage(other_account, 3, Limit::Unlimited, Some("req-1")).await.unwrap().used, 3);
+    assert_eq!(store.consume_usage(other_account, 3, Limit::Unlimited, at("req-1", 1)).await.unwrap().used, 3);
     let api_calls = UsageKey { metric: Metric::ApiCalls, ..key };
-    let same_key = store.consume_usage(api_calls, 3, Limit::Unlimited, Some("req-1")).await.unwrap();
-    assert_eq!((same_key, store.usage(api_calls).await.unwrap()), (first, 0), "one key per account and day");
+    let same_key = store.consume_usage(api_calls, 3, Limit::Unlimited, at("req-1", 1)).await.unwrap();
+    assert_eq!((same_key.used, store.usage(api_calls).await.unwrap()), (3, 3), "another metric counts on its own");
+    // After 48 hours the key is forgotten: the same key is a new call.
+    let later = UsageKey { day: next_day.day.succ_opt().unwrap(), ..key };
+    assert_eq!(store.consume_usage(later, 2, Limit::Unlimited, at("req-1", 48)).await.unwrap().used, 2);
 }
 
 /// The sweeper's and the pick-up's queries.

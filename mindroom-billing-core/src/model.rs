@@ -828,6 +828,19 @@ pub struct UsageKey {
     pub day: NaiveDate,
 }
 
+/// How long a usage call's idempotency key is remembered: a retry within this time (also across
+/// midnight UTC) counts nothing.
+pub const USAGE_KEY_HOURS: i64 = 48;
+
+/// The idempotency key of a usage call (`POST /v1/usage`) and when the call was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageRequestKey<'a> {
+    /// The caller's key, per account and metric.
+    pub key: &'a str,
+    /// When the call was made: the key is remembered for [`USAGE_KEY_HOURS`] from the first call.
+    pub at: DateTime<Utc>,
+}
+
 /// The result of an atomic conditional increment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageResult {

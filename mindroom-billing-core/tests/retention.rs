@@ -169,3 +169,27 @@ async fn a_retried_failed_invoice_after_a_short_retention_emails_once() {
     deliver(common::invoice_json("evt_r_failed_2", "invoice.payment_failed", T0 + 3 * 86_400, "in_r", sub, true)).await;
     assert_eq!(failures(&outbox), 1, "the customer is told once per invoice: {:?}", outbox.0.lock().unwrap());
 }
+
+#[tokio::test]
+async fn a_usage_call_retried_across_midnight_counts_once() {
+    use mindroom_billing_core::Metric;
+    let store = Arc::new(MemoryStore::new());
+    let clock = Arc::new(TestClock::new(at(1_785_023_999))); // 23:59:59 UTC
+    let billing = Billing::new(
+        Arc::clone(&store) as Arc<dyn Store>,
+        Arc::new(DryRunProvisioner::default()),
+        Arc::new(LogNotifier),
+        BillingConfig::new(Verifier::new([WebhookSecret::new("whsec_usage")])),
+    )
+    .with_clock(Arc::clone(&clock) as Arc<dyn mindroom_billing_core::Clock>);
+    let account = uuid::Uuid::new_v4();
+    billing.consume_usage(account, Metric::Messages, 2, None).await.unwrap();
+    let first = billing.consume_usage(account, Metric::Messages, 5, Some("req-midnight")).await.unwrap();
+    assert_eq!(first.used, 7);
+    // The answer was lost; the client retries two seconds later, on the next UTC day.
+    clock.set(at(1_785_024_001));
+    let retried = billing.consume_usage(account, Metric::Messages, 5, Some("req-midnight")).await.unwrap();
+    assert_eq!(retried.used, 7, "the retry answers the first call");
+    let today = billing.consume_usage(account, Metric::Messages, 0, None).await.unwrap();
+    assert_eq!(today.used, 0, "nothing counted on the new day");
+}
