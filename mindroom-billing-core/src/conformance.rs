@@ -15,6 +15,7 @@ use chrono::{DateTime, Duration, TimeZone, Utc};
 use crate::model::{
     AccountPatch, Claim, Commit, CommitResult, EventStatus, Failure, Grace, InstanceRecord, InstanceStatus, JobFinish,
     JobKind, JobResolution, JobState, NewEvent, NewJob, Outcome, PaidInvoice, Recorded, SubscriptionState, UsageKey,
+    UsageRequestKey,
 };
 use crate::ports::{EventFilter, JobFilter, Store, StoreError};
 use crate::retention::{PruneReport, RetentionPolicy};
@@ -84,6 +85,7 @@ where
     record_and_commit_is_one_atomic_step(fresh().await).await;
     leases_renew_and_skipped_jobs_keep_their_reason(fresh().await).await;
     retention_prunes_only_old_done_history(fresh().await).await;
+    retention_keeps_email_keys_for_stripes_retry_horizon(fresh().await).await;
 }
 
 /// `extend_lease` keeps a running job from being taken over and is refused once the lease is lost;
@@ -443,43 +445,49 @@ pub async fn usage_is_atomic_and_limited(store: Arc<dyn Store>) {
 }
 
 /// A call retried with its idempotency key counts once and answers what the first call answered,
-/// also when the retries run concurrently; the key is per account and UTC day; a refused call
-/// counted nothing, so its retry is decided again.
+/// also when the retries run concurrently and across midnight; the key is per account and metric and
+/// is remembered for 48 hours; a refused call counted nothing, so its retry is decided again.
 pub async fn usage_idempotency_key_counts_once(store: Arc<dyn Store>) {
     let key = UsageKey {
         account_id: crate::model::account_id_for_customer("cus_k"),
         metric: Metric::Messages,
         day: t0().date_naive(),
     };
-    let first = store.consume_usage(key, 4, Limit::Limited(10), Some("req-1")).await.unwrap();
+    let at = |id, hours| Some(UsageRequestKey { key: id, at: t0() + Duration::hours(hours) });
+    let first = store.consume_usage(key, 4, Limit::Limited(10), at("req-1", 0)).await.unwrap();
     assert_eq!((first.allowed, first.used), (true, 4));
     store.consume_usage(key, 1, Limit::Limited(10), None).await.unwrap();
-    let retried = store.consume_usage(key, 4, Limit::Limited(10), Some("req-1")).await.unwrap();
+    let retried = store.consume_usage(key, 4, Limit::Limited(10), at("req-1", 1)).await.unwrap();
     assert_eq!(retried, first, "the first answer, nothing counted");
     assert_eq!(store.usage(key).await.unwrap(), 5);
 
-    let refused = store.consume_usage(key, 6, Limit::Limited(10), Some("req-2")).await.unwrap();
+    let refused = store.consume_usage(key, 6, Limit::Limited(10), at("req-2", 1)).await.unwrap();
     assert_eq!((refused.allowed, refused.used), (false, 5));
-    let decided_again = store.consume_usage(key, 6, Limit::Limited(20), Some("req-2")).await.unwrap();
+    let decided_again = store.consume_usage(key, 6, Limit::Limited(20), at("req-2", 1)).await.unwrap();
     assert_eq!((decided_again.allowed, decided_again.used), (true, 11));
 
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..8 {
         let store = Arc::clone(&store);
-        tasks.spawn(async move { store.consume_usage(key, 2, Limit::Unlimited, Some("req-3")).await.unwrap() });
+        tasks.spawn(async move { store.consume_usage(key, 2, Limit::Unlimited, at("req-3", 2)).await.unwrap() });
     }
     while let Some(r) = tasks.join_next().await {
         assert_eq!((r.unwrap().allowed, store.usage(key).await.unwrap() >= 13), (true, true));
     }
     assert_eq!(store.usage(key).await.unwrap(), 13, "eight concurrent retries counted once");
 
-    let other_day = UsageKey { day: key.day.succ_opt().unwrap(), ..key };
-    assert_eq!(store.consume_usage(other_day, 3, Limit::Unlimited, Some("req-1")).await.unwrap().used, 3);
+    // A retry the next UTC day, within 48 hours, counts nothing (on either day).
+    let next_day = UsageKey { day: key.day.succ_opt().unwrap(), ..key };
+    assert_eq!(store.consume_usage(next_day, 3, Limit::Unlimited, at("req-1", 30)).await.unwrap(), first);
+    assert_eq!((store.usage(key).await.unwrap(), store.usage(next_day).await.unwrap()), (13, 0));
     let other_account = UsageKey { account_id: crate::model::account_id_for_customer("cus_k2"), ..key };
-    assert_eq!(store.consume_usage(other_account, 3, Limit::Unlimited, Some("req-1")).await.unwrap().used, 3);
+    assert_eq!(store.consume_usage(other_account, 3, Limit::Unlimited, at("req-1", 1)).await.unwrap().used, 3);
     let api_calls = UsageKey { metric: Metric::ApiCalls, ..key };
-    let same_key = store.consume_usage(api_calls, 3, Limit::Unlimited, Some("req-1")).await.unwrap();
-    assert_eq!((same_key, store.usage(api_calls).await.unwrap()), (first, 0), "one key per account and day");
+    let same_key = store.consume_usage(api_calls, 3, Limit::Unlimited, at("req-1", 1)).await.unwrap();
+    assert_eq!((same_key.used, store.usage(api_calls).await.unwrap()), (3, 3), "another metric counts on its own");
+    // After 48 hours the key is forgotten: the same key is a new call.
+    let later = UsageKey { day: next_day.day.succ_opt().unwrap(), ..key };
+    assert_eq!(store.consume_usage(later, 2, Limit::Unlimited, at("req-1", 48)).await.unwrap().used, 2);
 }
 
 /// The sweeper's and the pick-up's queries.
@@ -674,4 +682,52 @@ pub async fn retention_prunes_only_old_done_history(store: Arc<dyn Store>) {
         ("job_recent_done", "done"),
     ];
     assert_eq!(jobs, expected.map(|(k, s)| (k.to_owned(), s)), "only the old done job is pruned");
+}
+
+/// A done e-mail job's key is the only de-duplication of its e-mail (the e-mail provider's lasts a
+/// day): whatever the retention, it is kept until Stripe can no longer deliver or list the fact
+/// again (35 days), while other done jobs go at the retention.
+pub async fn retention_keeps_email_keys_for_stripes_retry_horizon(store: Arc<dyn Store>) {
+    let now = t0();
+    let policy = RetentionPolicy::default().with_retention(Duration::days(1));
+    let email = |key: &str, at: DateTime<Utc>| NewJob {
+        key: key.to_owned(),
+        group: None,
+        kind: JobKind::Email {
+            customer_id: "cus_r".into(),
+            subscription_id: Some("sub_r".into()),
+            email: crate::model::EmailKind::Cancellation,
+            late: None,
+        },
+        run_after: at,
+    };
+    let jobs = [
+        email("email:recent", now - Duration::days(3)),
+        email("email:old", now - Duration::days(40)),
+        job("reconcile:recent", Some("sub_r"), now - Duration::days(3)),
+    ];
+    for new in &jobs {
+        store.enqueue(std::slice::from_ref(new)).await.unwrap();
+        let claimed =
+            store.claim_jobs(&Claim { now: new.run_after, lease: Duration::seconds(30), limit: 1 }).await.unwrap();
+        let finish = JobFinish {
+            job_id: claimed[0].id,
+            attempt: claimed[0].attempts,
+            now: new.run_after,
+            resolution: JobResolution::Done,
+            instance: None,
+            enqueue: vec![],
+        };
+        assert!(store.finish_job(&finish).await.unwrap());
+    }
+    let dry = store.prune(&policy.request(now, true)).await.unwrap();
+    assert_eq!(dry.jobs, 2, "the 3-day-old reconcile job and the 40-day-old e-mail");
+    assert_eq!(store.prune(&policy.request(now, false)).await.unwrap().jobs, 2);
+    let left: Vec<String> =
+        store.list_jobs(&JobFilter { state: None, limit: 10 }).await.unwrap().into_iter().map(|j| j.key).collect();
+    assert_eq!(left, ["email:recent"], "the e-mail key inside 35 days stays");
+    // Stripe delivers the fact again: the e-mail is not queued a second time.
+    store.enqueue(&[email("email:recent", now)]).await.unwrap();
+    let pending = store.list_jobs(&JobFilter { state: Some(JobState::Pending), limit: 10 }).await.unwrap();
+    assert!(pending.is_empty(), "{pending:?}");
 }

@@ -273,8 +273,11 @@ pub struct SubscriptionSnapshot {
     pub current_period_end: Option<DateTime<Utc>>,
     /// End of the trial, if any.
     pub trial_end: Option<DateTime<Utc>>,
-    /// When it was canceled, if it was.
+    /// When it was canceled, if it was (with `cancel_at_period_end`: when the cancellation was
+    /// asked for, possibly weeks before it took effect).
     pub canceled_at: Option<DateTime<Utc>>,
+    /// When it ended, if it has.
+    pub ended_at: Option<DateTime<Utc>>,
     /// Whether it cancels at period end.
     pub cancel_at_period_end: bool,
     /// `metadata.email`: the address the platform put on the subscription (Checkout / the seed).
@@ -592,6 +595,7 @@ fn parse_subscription(raw: RawSubscription<'_>) -> Result<SubscriptionSnapshot, 
         current_period_end: opt_timestamp("data.object.current_period_end", period_end)?,
         trial_end: opt_timestamp("data.object.trial_end", raw.trial_end)?,
         canceled_at: opt_timestamp("data.object.canceled_at", raw.canceled_at)?,
+        ended_at: opt_timestamp("data.object.ended_at", raw.ended_at)?,
         cancel_at_period_end: raw.cancel_at_period_end.unwrap_or(false),
         email: raw.metadata.and_then(|m| m.email).map(Cow::into_owned).filter(|e| !e.trim().is_empty()),
     })
@@ -668,6 +672,7 @@ struct RawAnyObject<'a> {
     current_period_end: Option<i64>,
     trial_end: Option<i64>,
     canceled_at: Option<i64>,
+    ended_at: Option<i64>,
     cancel_at_period_end: Option<bool>,
     #[serde(borrow)]
     items: Option<RawList<RawItem<'a>>>,
@@ -703,6 +708,7 @@ impl<'a> RawAnyObject<'a> {
                 current_period_end: self.current_period_end,
                 trial_end: self.trial_end,
                 canceled_at: self.canceled_at,
+                ended_at: self.ended_at,
                 cancel_at_period_end: self.cancel_at_period_end,
                 items: self.items,
                 metadata: self.metadata,
@@ -744,6 +750,7 @@ struct RawSubscription<'a> {
     current_period_end: Option<i64>,
     trial_end: Option<i64>,
     canceled_at: Option<i64>,
+    ended_at: Option<i64>,
     cancel_at_period_end: Option<bool>,
     #[serde(borrow)]
     items: Option<RawList<RawItem<'a>>>,

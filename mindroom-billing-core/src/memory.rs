@@ -121,8 +121,11 @@ struct Inner {
     cursors: BTreeMap<String, SyncCursor>,
     /// Named singleton leases: holder and until when.
     leases: BTreeMap<String, (String, DateTime<Utc>)>,
-    /// Allowed usage calls with an idempotency key: (account, day, key) → their answer.
-    usage_requests: BTreeMap<(uuid::Uuid, chrono::NaiveDate, String), UsageResult>,
+    /// Allowed usage calls with an idempotency key: (account, metric, key) → their answer and when
+    /// the first call was made (remembered for `USAGE_KEY_HOURS`).
+    usage_requests: BTreeMap<(uuid::Uuid, crate::tier::Metric, String), (UsageResult, DateTime<Utc>)>,
+    /// `usage_requests.len()` after the last sweep of expired keys.
+    usage_requests_swept: usize,
     /// Operator actions, oldest first ([`OperatorStore`]).
     audit: Vec<AuditEntry>,
     /// The drift the last reconciliation found, per subscription.
@@ -262,7 +265,11 @@ impl Inner {
             .jobs
             .values()
             .filter(|j| {
-                j.state == JobState::Done && j.created_at < request.jobs_before && j.updated_at < request.jobs_before
+                let before = match j.kind {
+                    crate::model::JobKind::Email { .. } => request.jobs_before.min(request.email_jobs_before),
+                    _ => request.jobs_before,
+                };
+                j.state == JobState::Done && j.created_at < before && j.updated_at < before
             })
             .map(|j| j.id)
             .take(limit)
@@ -679,12 +686,16 @@ impl Store for MemoryStore {
         key: UsageKey,
         count: u64,
         limit: Limit,
-        idempotency_key: Option<&str>,
+        idempotency: Option<crate::model::UsageRequestKey<'_>>,
     ) -> Result<UsageResult, StoreError> {
         let mut inner = self.lock()?;
-        let request = idempotency_key.map(|k| (key.account_id, key.day, k.to_owned()));
-        if let Some(done) = request.as_ref().and_then(|r| inner.usage_requests.get(r)) {
-            return Ok(*done);
+        let remembered = chrono::Duration::hours(crate::model::USAGE_KEY_HOURS);
+        let request = idempotency.map(|r| ((key.account_id, key.metric, r.key.to_owned()), r.at));
+        if let Some((id, at)) = &request {
+            match inner.usage_requests.get(id) {
+                Some((done, first)) if *at < *first + remembered => return Ok(*done),
+                _ => {}
+            }
         }
         let used = inner.usage.entry(key).or_insert(0);
         let next = used.saturating_add(count);
@@ -693,8 +704,13 @@ impl Store for MemoryStore {
         }
         *used = next;
         let result = UsageResult { allowed: true, used: next };
-        if let Some(request) = request {
-            inner.usage_requests.insert(request, result);
+        if let Some((id, at)) = request {
+            inner.usage_requests.insert(id, (result, at));
+            // Expired keys go in a sweep whenever the map has doubled since the last one.
+            if inner.usage_requests.len() > inner.usage_requests_swept.max(512) * 2 {
+                inner.usage_requests.retain(|_, (_, first)| at < *first + remembered);
+                inner.usage_requests_swept = inner.usage_requests.len();
+            }
         }
         Ok(result)
     }

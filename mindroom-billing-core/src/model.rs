@@ -607,6 +607,11 @@ pub enum JobKind {
         subscription_id: Option<String>,
         /// Which e-mail.
         email: EmailKind,
+        /// Set when the fact the e-mail is about was learnt too late to be news (see
+        /// [`Policy::news_horizon`](crate::transition::Policy::news_horizon)): the job is recorded as
+        /// skipped with this reason and nobody is e-mailed. Its key still de-duplicates the e-mail.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        late: Option<String>,
     },
     /// E-mail the operators.
     AdminAlert {
@@ -821,6 +826,19 @@ pub struct UsageKey {
     pub metric: crate::tier::Metric,
     /// UTC day.
     pub day: NaiveDate,
+}
+
+/// How long a usage call's idempotency key is remembered: a retry within this time (also across
+/// midnight UTC) counts nothing.
+pub const USAGE_KEY_HOURS: i64 = 48;
+
+/// The idempotency key of a usage call (`POST /v1/usage`) and when the call was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageRequestKey<'a> {
+    /// The caller's key, per account and metric.
+    pub key: &'a str,
+    /// When the call was made: the key is remembered for [`USAGE_KEY_HOURS`] from the first call.
+    pub at: DateTime<Utc>,
 }
 
 /// The result of an atomic conditional increment.

@@ -117,6 +117,8 @@ pub async fn jobs_of_a_subscription<S: Store + OperatorStore>(store: Arc<S>) {
             customer_id: "cus_j".into(),
             subscription_id: Some("sub_j".into()),
             email: EmailKind::Welcome,
+
+            late: None,
         },
         run_after: t0(),
     };

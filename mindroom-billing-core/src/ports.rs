@@ -11,7 +11,8 @@ use uuid::Uuid;
 
 use crate::model::{
     Account, Claim, Commit, CommitResult, EventStatus, Expected, InstanceRecord, Job, JobCounts, JobFinish, JobState,
-    NewEvent, NewJob, Recorded, RecordedCommit, StoredEvent, SubscriptionState, SyncCursor, UsageKey, UsageResult,
+    NewEvent, NewJob, Recorded, RecordedCommit, StoredEvent, SubscriptionState, SyncCursor, UsageKey, UsageRequestKey,
+    UsageResult,
 };
 use crate::retention::{PruneReport, PruneRequest};
 use crate::tier::{Limit, Limits, Tier};
@@ -207,16 +208,18 @@ pub trait Store: Send + Sync + 'static {
     /// Atomically adds `count` (at most `i64::MAX`) to the counter if the result stays within `limit`;
     /// otherwise leaves it unchanged and answers `allowed: false`.
     ///
-    /// With an `idempotency_key`, an allowed call is remembered per account, UTC day and key (whatever
-    /// the metric), atomically with its increment: a later call with the same account, day and key
-    /// counts nothing and answers the remembered result, also when both run at once. A refused call
-    /// counted nothing and is not remembered, so its retry is decided again.
+    /// With an `idempotency` key, an allowed call is remembered per account, metric and key for
+    /// [`USAGE_KEY_HOURS`](crate::model::USAGE_KEY_HOURS) from its `at`, atomically with its
+    /// increment: a later call with the same account, metric and key within that time (whatever its
+    /// UTC day) counts nothing and answers the remembered result, also when both run at once; after
+    /// it, the key is a new call. A refused call counted nothing and is not remembered, so its retry
+    /// is decided again.
     async fn consume_usage(
         &self,
         key: UsageKey,
         count: u64,
         limit: Limit,
-        idempotency_key: Option<&str>,
+        idempotency: Option<UsageRequestKey<'_>>,
     ) -> Result<UsageResult, StoreError>;
 
     /// Reads a counter (0 if absent).

@@ -17,6 +17,12 @@ use chrono::{DateTime, Duration, Utc};
 /// Days an event id row is kept at least, whatever the retention: Stripe lists events for 30 days.
 pub const REDELIVERY_HORIZON_DAYS: i64 = 30;
 
+/// Days a done customer e-mail job (its key) is kept at least, whatever the retention. The key is the
+/// only de-duplication of an e-mail (the e-mail provider's idempotency lasts a day), and Stripe tells
+/// a fact again for up to 35 days: it retries a failed invoice's payment for weeks, each attempt with a
+/// new event, and lists events for 30 days.
+pub const EMAIL_KEY_HORIZON_DAYS: i64 = 35;
+
 /// How long stored history is kept, and how the worker prunes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetentionPolicy {
@@ -61,7 +67,8 @@ impl RetentionPolicy {
     }
 
     /// The cut-offs at `now`: payloads and jobs older than the retention, event ids older than both
-    /// the retention and [`REDELIVERY_HORIZON_DAYS`].
+    /// the retention and [`REDELIVERY_HORIZON_DAYS`], customer e-mail jobs older than both the
+    /// retention and [`EMAIL_KEY_HORIZON_DAYS`].
     pub fn request(&self, now: DateTime<Utc>, dry_run: bool) -> PruneRequest {
         let retained = now - self.retention;
         let horizon = now - Duration::days(REDELIVERY_HORIZON_DAYS);
@@ -69,6 +76,7 @@ impl RetentionPolicy {
             events_before: retained.min(horizon),
             payloads_before: retained,
             jobs_before: retained,
+            email_jobs_before: retained.min(now - Duration::days(EMAIL_KEY_HORIZON_DAYS)),
             limit: self.batch.max(1),
             dry_run,
         }
@@ -86,6 +94,9 @@ pub struct PruneRequest {
     pub payloads_before: DateTime<Utc>,
     /// Done jobs created and last updated before this are deleted.
     pub jobs_before: DateTime<Utc>,
+    /// Done customer e-mail jobs are deleted only when also created and last updated before this
+    /// (at most [`EMAIL_KEY_HORIZON_DAYS`] ago): their keys de-duplicate the e-mails.
+    pub email_jobs_before: DateTime<Utc>,
     /// At most this many rows of each kind per call.
     pub limit: u32,
     /// Count what would go (all of it, ignoring `limit`) and change nothing.

@@ -26,6 +26,8 @@ pub struct EventsQuery {
     pub types: Vec<String>,
     /// `created[gte]`: only events created at or after this time (whole seconds).
     pub created_gte: Option<DateTime<Utc>>,
+    /// `created[lt]`: only events created before this time (whole seconds).
+    pub created_lt: Option<DateTime<Utc>>,
     /// `starting_after`: the page after (older than) this event id.
     pub starting_after: Option<String>,
     /// `limit`: page size, 1 to 100.
@@ -35,7 +37,7 @@ pub struct EventsQuery {
 impl Default for EventsQuery {
     /// Every type, no bound, the first page of 100.
     fn default() -> Self {
-        Self { types: Vec::new(), created_gte: None, starting_after: None, limit: 100 }
+        Self { types: Vec::new(), created_gte: None, created_lt: None, starting_after: None, limit: 100 }
     }
 }
 
@@ -233,6 +235,7 @@ impl StripeApi for FakeStripeApi {
             .enumerate()
             .filter(|(_, e)| q.types.is_empty() || q.types.contains(&e.event_type))
             .filter(|(_, e)| q.created_gte.is_none_or(|gte| e.created.timestamp() >= gte.timestamp()))
+            .filter(|(_, e)| q.created_lt.is_none_or(|lt| e.created.timestamp() < lt.timestamp()))
             .collect();
         events.sort_by(|(ia, a), (ib, b)| b.created.cmp(&a.created).then(ib.cmp(ia)));
         let limit = usize::try_from(q.limit).unwrap_or(100);

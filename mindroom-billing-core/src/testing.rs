@@ -124,9 +124,9 @@ impl<H: StoreHooks> Store for HookedStore<H> {
         key: UsageKey,
         count: u64,
         limit: Limit,
-        idempotency_key: Option<&str>,
+        idempotency: Option<crate::model::UsageRequestKey<'_>>,
     ) -> Result<UsageResult, StoreError> {
-        self.inner.consume_usage(key, count, limit, idempotency_key).await
+        self.inner.consume_usage(key, count, limit, idempotency).await
     }
     async fn usage(&self, key: UsageKey) -> Result<u64, StoreError> {
         self.inner.usage(key).await

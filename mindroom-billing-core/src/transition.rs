@@ -38,6 +38,30 @@ impl Policy {
         self.grace_period = grace_period;
         self
     }
+
+    /// How old a cancellation, failed payment or trial end may be when billing learns of it and
+    /// still be news worth an e-mail: the grace period, and never less than the 3 days Stripe retries
+    /// a webhook delivery. Past the grace period a payment-failed e-mail's deadline is over and the
+    /// customer has lived with the fact already; a fact that old reaches billing only from a snapshot
+    /// (reconciliation, the first start with a Stripe key) or a long catch-up, never from a timely
+    /// webhook, which the 3-day floor keeps news even with a grace period shorter than Stripe's retries.
+    pub fn news_horizon(&self) -> Duration {
+        self.grace_period.max(Duration::days(3))
+    }
+
+    /// Why an e-mail about `what` that happened at `fact_at` is not sent when billing learns of it at
+    /// `now`; `None` when it is news.
+    fn late(&self, what: &str, fact_at: DateTime<Utc>, now: DateTime<Utc>) -> Option<String> {
+        let horizon = self.news_horizon();
+        (now - fact_at > horizon).then(|| {
+            format!(
+                "not news: the {what} of {} was learnt {} days later, past the {}-day horizon",
+                fact_at.to_rfc3339(),
+                (now - fact_at).num_days(),
+                horizon.num_days()
+            )
+        })
+    }
 }
 
 /// What to write for one event: the outcome, the next aggregate, an account update and the jobs.
@@ -105,7 +129,7 @@ pub fn expire_grace(state: &SubscriptionState, now: DateTime<Utc>) -> Option<Dec
         outcome: Outcome::Applied,
         jobs: vec![
             reconcile_job(sub, &format!("grace:{start}"), now),
-            email_job(state, EmailKind::GraceExpired, format!("email:grace_expired:{sub}:{start}"), now),
+            email_job(state, EmailKind::GraceExpired, format!("email:grace_expired:{sub}:{start}"), None, now),
         ],
         subscription: Some(next),
         account: None,
@@ -172,13 +196,18 @@ fn apply_snapshot(
         });
         if snapshot.status == SubscriptionStatus::Canceled && !was_canceled {
             let key = format!("email:cancellation:{}", snapshot.id);
-            jobs.push(email_job(&next, EmailKind::Cancellation, key, now));
+            // A snapshot is dated when it was fetched: the cancellation happened when it ended (or,
+            // without `ended_at`, when it was canceled).
+            let canceled = snapshot.ended_at.or(snapshot.canceled_at).map_or(created, |t| t.min(created));
+            let late = policy.late("cancellation", canceled, now);
+            jobs.push(email_job(&next, EmailKind::Cancellation, key, late, now));
         }
     }
     if event.event_type == EventType::SubscriptionTrialWillEnd {
         let end = snapshot.trial_end.map_or(0, |t| t.timestamp());
         let key = format!("email:trial_ending:{}:{end}", snapshot.id);
-        jobs.push(email_job(&next, EmailKind::TrialEnding { trial_end: snapshot.trial_end }, key, now));
+        let late = policy.late("trial-ending notice", created, now);
+        jobs.push(email_job(&next, EmailKind::TrialEnding { trial_end: snapshot.trial_end }, key, late, now));
     }
     if let Some(applied) = next.snapshot.as_mut().filter(|s| !s.tier_from_price) {
         applied.tier = next.last_priced.map_or(Tier::Free, |p| p.tier);
@@ -224,7 +253,8 @@ fn apply_invoice(
                     currency: invoice.currency.clone(),
                     hosted_invoice_url: invoice.hosted_invoice_url.clone(),
                 };
-                jobs.push(email_job(&next, email, format!("email:payment_failed:{}", invoice.id), now));
+                let late = policy.late("payment failure", created, now);
+                jobs.push(email_job(&next, email, format!("email:payment_failed:{}", invoice.id), late, now));
             }
             relevant
         }
@@ -353,7 +383,13 @@ fn reconcile_job(subscription_id: &str, cause: &str, now: DateTime<Utc>) -> NewJ
     }
 }
 
-fn email_job(state: &SubscriptionState, email: EmailKind, key: String, now: DateTime<Utc>) -> NewJob {
+fn email_job(
+    state: &SubscriptionState,
+    email: EmailKind,
+    key: String,
+    late: Option<String>,
+    now: DateTime<Utc>,
+) -> NewJob {
     NewJob {
         key,
         group: None,
@@ -361,6 +397,7 @@ fn email_job(state: &SubscriptionState, email: EmailKind, key: String, now: Date
             customer_id: state.customer_id.clone(),
             subscription_id: Some(state.subscription_id.clone()),
             email,
+            late,
         },
         run_after: now,
     }

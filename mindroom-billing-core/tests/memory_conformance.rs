@@ -178,8 +178,14 @@ async fn pruning_a_bounded_store_keeps_its_bounds() {
         deliver(&store, i, Outcome::Applied).await;
     }
     let at = |secs: i64| t0() + Duration::seconds(secs);
-    let request =
-        PruneRequest { events_before: at(3), payloads_before: at(5), jobs_before: at(0), limit: 100, dry_run: false };
+    let request = PruneRequest {
+        events_before: at(3),
+        payloads_before: at(5),
+        jobs_before: at(0),
+        email_jobs_before: at(0),
+        limit: 100,
+        dry_run: false,
+    };
     // 0–2 go whole (0–3 had lost their payload to the bound already); 4 loses its payload.
     assert_eq!(store.prune(&request).await.unwrap(), PruneReport { events: 3, payloads: 1, jobs: 0 });
     let ids: Vec<String> = all_events(&store).await.into_iter().map(|e| e.id).collect();

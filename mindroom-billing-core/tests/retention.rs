@@ -102,3 +102,94 @@ async fn the_worker_prunes_in_the_background_under_its_lease() {
     let other = store.try_lease("retention_prune", "another-replica", now(), now() + Duration::minutes(1)).await;
     assert!(!other.unwrap(), "the worker holds the pruning lease, so no other replica prunes meanwhile");
 }
+
+/// Counts the e-mails sent, by label.
+#[derive(Debug, Default)]
+struct Outbox(std::sync::Mutex<Vec<String>>);
+
+#[async_trait::async_trait]
+impl mindroom_billing_core::Notifier for Outbox {
+    async fn send(
+        &self,
+        notification: &mindroom_billing_core::ports::Notification,
+    ) -> Result<(), mindroom_billing_core::ports::NotifyError> {
+        self.0.lock().unwrap().push(format!("{:?}", notification.message));
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_retried_failed_invoice_after_a_short_retention_emails_once() {
+    use mindroom_billing_core::signature::sign;
+    let secret = "whsec_retention";
+    let store = Arc::new(MemoryStore::new());
+    let outbox = Arc::new(Outbox::default());
+    let clock = Arc::new(TestClock::new(now()));
+    let config = BillingConfig::new(Verifier::new([WebhookSecret::new(secret)]))
+        .with_policy(common::policy())
+        .with_retention(RetentionPolicy::default().with_retention(Duration::days(1)));
+    let billing = Billing::new(
+        Arc::clone(&store) as Arc<dyn Store>,
+        Arc::new(DryRunProvisioner::default()),
+        Arc::clone(&outbox) as Arc<dyn mindroom_billing_core::Notifier>,
+        config,
+    )
+    .with_clock(Arc::clone(&clock) as Arc<dyn mindroom_billing_core::Clock>);
+    let deliver = |raw: String| {
+        let billing = &billing;
+        let clock = &clock;
+        async move {
+            let header = sign(
+                &WebhookSecret::new(secret),
+                raw.as_bytes(),
+                mindroom_billing_core::Clock::now(&**clock).timestamp(),
+            );
+            billing.receive(Some(&header), raw.as_bytes()).await.unwrap();
+            while billing.run_due_jobs(10).await.unwrap() > 0 {}
+        }
+    };
+    let sub = common::SUB;
+    deliver(common::subscription_json(
+        "evt_r_created",
+        "customer.subscription.created",
+        T0,
+        sub,
+        "active",
+        common::PRICE_STARTER,
+        true,
+    ))
+    .await;
+    clock.set(now() + Duration::hours(1));
+    deliver(common::invoice_json("evt_r_failed_1", "invoice.payment_failed", T0 + 3600, "in_r", sub, true)).await;
+    let failures = |outbox: &Outbox| outbox.0.lock().unwrap().iter().filter(|m| m.starts_with("PaymentFailed")).count();
+    assert_eq!(failures(&outbox), 1);
+    // Day 3: retention has pruned what it may; Stripe's next attempt on the same invoice fails too.
+    clock.set(now() + Duration::days(3));
+    billing.prune(false, None).await.unwrap();
+    deliver(common::invoice_json("evt_r_failed_2", "invoice.payment_failed", T0 + 3 * 86_400, "in_r", sub, true)).await;
+    assert_eq!(failures(&outbox), 1, "the customer is told once per invoice: {:?}", outbox.0.lock().unwrap());
+}
+
+#[tokio::test]
+async fn a_usage_call_retried_across_midnight_counts_once() {
+    use mindroom_billing_core::Metric;
+    let store = Arc::new(MemoryStore::new());
+    let clock = Arc::new(TestClock::new(at(1_785_023_999))); // 23:59:59 UTC
+    let billing = Billing::new(
+        Arc::clone(&store) as Arc<dyn Store>,
+        Arc::new(DryRunProvisioner::default()),
+        Arc::new(LogNotifier),
+        BillingConfig::new(Verifier::new([WebhookSecret::new("whsec_usage")])),
+    )
+    .with_clock(Arc::clone(&clock) as Arc<dyn mindroom_billing_core::Clock>);
+    let account = uuid::Uuid::new_v4();
+    billing.consume_usage(account, Metric::Messages, 2, None).await.unwrap();
+    let first = billing.consume_usage(account, Metric::Messages, 5, Some("req-midnight")).await.unwrap();
+    assert_eq!(first.used, 7);
+    // The answer was lost; the client retries two seconds later, on the next UTC day.
+    clock.set(at(1_785_024_001));
+    let retried = billing.consume_usage(account, Metric::Messages, 5, Some("req-midnight")).await.unwrap();
+    assert_eq!(retried.used, 7, "the retry answers the first call");
+    let today = billing.consume_usage(account, Metric::Messages, 0, None).await.unwrap();
+    assert_eq!(today.used, 0, "nothing counted on the new day");
+}

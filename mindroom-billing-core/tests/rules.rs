@@ -391,3 +391,54 @@ fn expire_grace_fires_once_and_never_for_canceled() {
     assert!(!run.state().grace_expiry_handled);
     assert!(expire_grace(run.state(), at(T0 + 47 * DAY)).is_some());
 }
+
+// ---- a late fact is not news -------------------------------------------------------------------
+
+/// The e-mail jobs of a decision: which e-mail, and whether it is skipped as not news.
+fn email_news(d: &Decision) -> Vec<(&'static str, bool)> {
+    d.jobs
+        .iter()
+        .filter_map(|j| match &j.kind {
+            JobKind::Email { email, late, .. } => Some((email.label(), late.is_some())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_fact_older_than_the_news_horizon_is_recorded_but_emails_nobody() {
+    let live = || {
+        let mut run = Run::default();
+        run.apply(&updated(0, T0, "active", STARTER));
+        run
+    };
+    // A payment failure learnt 8 days later (past the 7-day grace) is not news; 2 days later it is.
+    let failed = inv_ev(1, "invoice.payment_failed", T0 + DAY, "in_late");
+    assert_eq!(email_news(live().apply_at(&failed, at(T0 + 9 * DAY))), [("payment_failed", true)]);
+    assert_eq!(email_news(live().apply_at(&failed, at(T0 + 3 * DAY))), [("payment_failed", false)]);
+    let reason = match &live().apply_at(&failed, at(T0 + 9 * DAY)).jobs.last().unwrap().kind {
+        JobKind::Email { late: Some(reason), .. } => reason.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert!(reason.contains("payment failure") && reason.contains("7-day horizon"), "{reason}");
+
+    // A deletion webhook of a subscription canceled at period end: `canceled_at` is when the customer
+    // asked (a month before), `ended_at` now: news.
+    let deleted = r#"{"id":"evt_end","object":"event","api_version":"2026-07-29.dahlia","created":CREATED,"data":{"object":{"id":"sub_rules","object":"subscription","customer":"CUS","status":"canceled","cancel_at_period_end":true,"canceled_at":ASKED,"ended_at":CREATED,"trial_end":null,"items":{"object":"list","data":[{"id":"si_1","object":"subscription_item","price":{"id":"PRICE","object":"price"},"quantity":1,"current_period_end":CREATED}]},"metadata":{}}},"livemode":false,"type":"customer.subscription.deleted"}"#
+        .replace("CREATED", &(T0 + 40 * DAY).to_string())
+        .replace("ASKED", &(T0 + 10 * DAY).to_string())
+        .replace("CUS", CUS)
+        .replace("PRICE", STARTER);
+    assert_eq!(email_news(live().apply(&ev(&deleted))), [("cancellation", false)]);
+    // The same subscription seen by a reconcile a year later (a snapshot dated at the fetch): not news.
+    let mut snapshot = ev(&deleted);
+    snapshot.created = at(T0 + 400 * DAY);
+    assert_eq!(email_news(live().apply(&snapshot)), [("cancellation", true)]);
+
+    // With a grace period shorter than Stripe's 3 days of webhook retries, a retried webhook is news.
+    let short = policy().with_grace_period(Duration::days(1));
+    assert_eq!(short.news_horizon(), Duration::days(3));
+    let state = live().state().clone();
+    let d = decide(&short, Some(&state), &failed, at(T0 + 3 * DAY));
+    assert_eq!(email_news(&d), [("payment_failed", false)]);
+}

@@ -834,3 +834,30 @@ async fn entitlements_and_usage_by_stripe_customer_and_by_reference() {
     assert_eq!(h.get("/v1/entitlements?customer=cus_second", Some(API_KEY)).await.0, 200);
     h.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_usage_key_reused_for_another_metric_is_decided_on_that_metric() {
+    let h = Harness::start().await;
+    let account = uuid::Uuid::new_v4();
+    let post = |body: Value| h.client.post(h.url("/v1/usage")).bearer_auth(API_KEY).json(&body).send();
+    let messages: Value =
+        post(json!({"account_id": account, "metric": "messages", "count": 30, "idempotency_key": "batch-1"}))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert_eq!(messages["used"], 30);
+    // The free tier has no API access: the call is decided on the api_calls counter (refused), not
+    // answered with the messages call's result.
+    let response =
+        post(json!({"account_id": account, "metric": "api_calls", "count": 2, "idempotency_key": "batch-1"}))
+            .await
+            .unwrap();
+    assert_eq!(response.status(), 429);
+    let api_calls: Value = response.json().await.unwrap();
+    assert_eq!(api_calls, json!({"allowed": false, "used": 0, "limit": 0, "remaining": 0}), "the key is per metric");
+    let (_, body) = h.get(&format!("/v1/accounts/{account}/entitlements"), Some(API_KEY)).await;
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["usage_today"]["messages"], 30);
+    h.shutdown().await;
+}

@@ -511,6 +511,9 @@ impl StripeApi for StripeClient {
         if let Some(gte) = q.created_gte {
             query.push(("created[gte]", gte.timestamp().to_string()));
         }
+        if let Some(lt) = q.created_lt {
+            query.push(("created[lt]", lt.timestamp().to_string()));
+        }
         if let Some(after) = &q.starting_after {
             check_id(after)?;
             query.push(("starting_after", after.clone()));

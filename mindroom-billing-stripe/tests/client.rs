@@ -67,9 +67,11 @@ async fn events_are_paged_newest_first_with_types_and_created_filters() {
     let query = EventsQuery {
         types: vec!["customer.subscription.updated".into(), "invoice.paid".into()],
         created_gte: Some(DateTime::from_timestamp(T0 + 10, 0).unwrap()),
+        created_lt: None,
         starting_after: None,
         limit: 100,
     };
+    let window = EventsQuery { created_lt: DateTime::from_timestamp(T0 + 20, 0), ..query.clone() };
     let (events, pages) = all_events(&c, query).await;
     let expected: Vec<String> = (10..230).rev().filter(|i| i % 10 != 3).map(|i| format!("evt_{i:04}")).collect();
     assert_eq!(events.iter().map(|e| e.id.clone()).collect::<Vec<_>>(), expected);
@@ -91,6 +93,14 @@ async fn events_are_paged_newest_first_with_types_and_created_filters() {
         assert!(q.contains(&("limit".into(), "100".into())), "{q:?}");
     }
     assert!(requests[1].path.contains(&format!("starting_after={}", expected[99])), "{}", requests[1].path);
+
+    // A time window: `created[lt]` bounds it above.
+    let (events, _) = all_events(&c, window).await;
+    let expected: Vec<String> = (10..20).rev().filter(|i| i % 10 != 3).map(|i| format!("evt_{i:04}")).collect();
+    assert_eq!(events.iter().map(|e| e.id.clone()).collect::<Vec<_>>(), expected);
+    let url = reqwest::Url::parse(&format!("http://x{}", stub.requests()[2].path)).unwrap();
+    let q: Vec<(String, String)> = url.query_pairs().into_owned().collect();
+    assert!(q.contains(&("created[lt]".into(), (T0 + 20).to_string())), "{q:?}");
 }
 
 #[tokio::test]

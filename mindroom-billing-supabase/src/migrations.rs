@@ -76,6 +76,16 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../migrations/20261206000000_billing_console.sql"),
     },
     Migration {
+        version: "20261209000000",
+        name: "billing_email_key_retention",
+        sql: include_str!("../migrations/20261209000000_billing_email_key_retention.sql"),
+    },
+    Migration {
+        version: "20261209000100",
+        name: "billing_usage_key_scope",
+        sql: include_str!("../migrations/20261209000100_billing_usage_key_scope.sql"),
+    },
+    Migration {
         version: "20261210000000",
         name: "billing_account_reference",
         sql: include_str!("../migrations/20261210000000_billing_account_reference.sql"),

@@ -431,13 +431,14 @@ pub(crate) async fn consume_usage<R: Rpc + ?Sized>(
     key: UsageKey,
     count: u64,
     limit: Limit,
-    idempotency_key: Option<&str>,
+    idempotency: Option<mindroom_billing_core::UsageRequestKey<'_>>,
 ) -> Result<UsageResult, StoreError> {
     const F: &str = "billing_consume_usage";
     let mut p = usage_key_json(key);
     p["count"] = Value::String(to_i64(F, count)?.to_string());
     p["limit"] = Value::String(limit.to_wire().to_string());
-    p["idempotency_key"] = json!(idempotency_key);
+    p["idempotency_key"] = json!(idempotency.map(|r| r.key));
+    p["at"] = json!(idempotency.map(|r| r.at));
     let out = rpc.call(F, p).await?;
     let allowed = out["allowed"].as_bool().ok_or_else(|| decode_err(F, format!("bad result {out}")))?;
     Ok(UsageResult { allowed, used: u64_field(F, &out, "used")? })
@@ -462,6 +463,7 @@ pub(crate) async fn prune<R: Rpc + ?Sized>(rpc: &R, request: &PruneRequest) -> R
         "events_before": request.events_before,
         "payloads_before": request.payloads_before,
         "jobs_before": request.jobs_before,
+        "email_jobs_before": request.email_jobs_before,
         "limit": request.limit.to_string(),
         "dry_run": request.dry_run,
     });
@@ -631,9 +633,9 @@ macro_rules! impl_store_via_rpc {
                 key: mindroom_billing_core::UsageKey,
                 count: u64,
                 limit: mindroom_billing_core::Limit,
-                idempotency_key: Option<&str>,
+                idempotency: Option<mindroom_billing_core::UsageRequestKey<'_>>,
             ) -> Result<mindroom_billing_core::UsageResult, mindroom_billing_core::StoreError> {
-                crate::wire::consume_usage(self, key, count, limit, idempotency_key).await
+                crate::wire::consume_usage(self, key, count, limit, idempotency).await
             }
             async fn usage(
                 &self,

@@ -76,9 +76,9 @@ insert into public.billing_usage (account_id, metric, day, count)
 select md5('cus_scale_' || i)::uuid, 'messages', (now() at time zone 'UTC')::date, 1 + i % 50
 from generate_series(1, :accounts, 3) i;
 
-\echo '== usage idempotency keys (today and yesterday, one in ten accounts)'
-insert into public.billing_usage_requests (account_id, day, key, metric, count, used)
-select md5('cus_scale_' || i)::uuid, (now() at time zone 'UTC')::date - d, 'req-' || i || '-' || d, 'messages', 1, 1
+\echo '== usage idempotency keys (made today and yesterday, one in ten accounts)'
+insert into public.billing_usage_keys (account_id, metric, key, requested_at, count, used)
+select md5('cus_scale_' || i)::uuid, 'messages', 'req-' || i || '-' || d, now() - make_interval(days => d), 1, 1
 from generate_series(1, :accounts, 10) i cross join generate_series(0, 1) d;
 
 \echo '== events: drop the indexes, load, build them again (as the migrations define them)'

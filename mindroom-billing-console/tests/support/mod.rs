@@ -181,6 +181,8 @@ async fn dead_job(store: &Arc<MemoryStore>, billing: &Billing) -> i64 {
             customer_id: CUS.into(),
             subscription_id: Some(SUB.into()),
             email: mindroom_billing_core::EmailKind::Welcome,
+
+            late: None,
         },
         run_after: t0(),
     };

@@ -51,6 +51,9 @@ pub struct StripeSyncConfig {
     /// Each catch-up lists again from this long before it started (events may show in the list a
     /// little after their `created`); relisted events are duplicates.
     pub relist_margin: chrono::Duration,
+    /// At most this many listed events are held before they are applied (a longer backlog is listed
+    /// and applied in time windows, oldest first); only the events of a single second may exceed it.
+    pub catch_up_chunk: usize,
 }
 
 impl Default for StripeSyncConfig {
@@ -60,6 +63,7 @@ impl Default for StripeSyncConfig {
             reconcile_interval: Duration::from_secs(86_400),
             event_retention: chrono::Duration::days(30),
             relist_margin: chrono::Duration::minutes(5),
+            catch_up_chunk: 1_000,
         }
     }
 }
@@ -198,11 +202,65 @@ impl Billing {
                 ..CatchUpReport::default()
             });
         };
-        // Stripe lists newest first: read every page, then apply oldest first.
+        // The cursor never passes the run's start minus the relist margin: Stripe's list is
+        // eventually consistent, so an event may show in it a little after newer ones already have.
+        let ceiling = started - settings.relist_margin;
+        let mut report = CatchUpReport::default();
+        // Stripe lists newest first; events are applied oldest first, one time window at a time, each
+        // window holding at most `catch_up_chunk` events (a window that lists more is halved), so a
+        // 30-day backlog is never held in memory at once.
+        let mut low = from;
+        let mut span = started - from + chrono::Duration::seconds(1);
+        loop {
+            let last = low + span > started;
+            let high = (!last).then_some(low + span);
+            let Some(mut listed) = self.list_window(api, low, high, settings.catch_up_chunk).await? else {
+                span = (span / 2).max(chrono::Duration::seconds(1));
+                continue;
+            };
+            listed.reverse();
+            listed.sort_by_key(|e| e.created);
+            report.listed += listed.len();
+            if let Err((at, e)) = self.apply_listed(&listed, &mut report).await {
+                // Everything created before the earliest failure is recorded (each lane runs in
+                // `created` order and stops at its failure).
+                self.save_catch_up_cursor(at.max(low).min(ceiling)).await?;
+                return Err(e.into());
+            }
+            match high {
+                Some(high) => {
+                    // Everything before `high` is recorded.
+                    self.save_catch_up_cursor(high.min(ceiling)).await?;
+                    low = high;
+                    span = span * 2;
+                }
+                None => break,
+            }
+        }
+        // Everything listed is recorded: the next run starts a little before this one did.
+        let cursor = ceiling;
+        self.save_catch_up_cursor(cursor).await?;
+        report.cursor = Some(cursor);
+        if report.applied > 0 {
+            info!(listed = report.listed, applied = report.applied, duplicates = report.duplicates, "caught up");
+        }
+        Ok(report)
+    }
+
+    /// Lists the events created in `[low, high)` (no upper bound without `high`), newest first;
+    /// `None` when there are more than `limit` of them and the window spans more than a second.
+    async fn list_window(
+        &self,
+        api: &dyn StripeApi,
+        low: DateTime<Utc>,
+        high: Option<DateTime<Utc>>,
+        limit: usize,
+    ) -> Result<Option<Vec<ApiEvent>>, SyncError> {
         let mut listed = Vec::new();
         let mut query = EventsQuery {
             types: CATCH_UP_TYPES.iter().map(|t| (*t).to_owned()).collect(),
-            created_gte: Some(from),
+            created_gte: Some(low),
+            created_lt: high,
             starting_after: None,
             limit: 100,
         };
@@ -211,15 +269,26 @@ impl Billing {
             query.starting_after = page.data.last().map(|e| e.id.clone());
             listed.extend(page.data);
             if !page.has_more || query.starting_after.is_none() {
-                break;
+                return Ok(Some(listed));
+            }
+            // A single second cannot be split: it is held whole, however many events it has.
+            let splittable = high.is_none_or(|h| h - low > chrono::Duration::seconds(1));
+            if listed.len() > limit && splittable {
+                return Ok(None);
             }
         }
-        listed.reverse();
-        listed.sort_by_key(|e| e.created);
-        let mut report = CatchUpReport { listed: listed.len(), ..CatchUpReport::default() };
+    }
+
+    /// Applies events sorted by `created`, in lanes; on a failure, the `created` of the earliest
+    /// event that is not recorded, and the error.
+    async fn apply_listed(
+        &self,
+        listed: &[ApiEvent],
+        report: &mut CatchUpReport,
+    ) -> Result<(), (DateTime<Utc>, StoreError)> {
         // Lanes: the events of one subscription (or customer) in order, different ones at once, so a
         // long backlog is not one commit round trip per event end to end.
-        let lanes = lanes(&listed);
+        let lanes = lanes(listed);
         let next = AtomicUsize::new(0);
         let (applied, duplicates, other) = (AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0));
         let first_failure: std::sync::Mutex<Option<(DateTime<Utc>, StoreError)>> = std::sync::Mutex::new(None);
@@ -243,24 +312,13 @@ impl Billing {
             }
         };
         tokio::join!(lane_worker(), lane_worker(), lane_worker(), lane_worker());
-        report.applied = applied.into_inner();
-        report.duplicates = duplicates.into_inner();
-        report.other = other.into_inner();
-        if let Some((at, e)) = first_failure.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
-            // The cursor never passes an event that is not recorded: everything created before the
-            // earliest failure is (each lane runs in `created` order and stops at its failure).
-            self.save_catch_up_cursor(at.max(from)).await?;
-            return Err(e.into());
+        report.applied += applied.into_inner();
+        report.duplicates += duplicates.into_inner();
+        report.other += other.into_inner();
+        match first_failure.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
+            Some(failure) => Err(failure),
+            None => Ok(()),
         }
-        let mut cursor = listed.last().map_or(from, |e| e.created.max(from));
-        // Everything listed is recorded: the next run starts a little before this one did.
-        cursor = cursor.max(started - settings.relist_margin);
-        self.save_catch_up_cursor(cursor).await?;
-        report.cursor = Some(cursor);
-        if report.applied > 0 {
-            info!(listed = report.listed, applied = report.applied, duplicates = report.duplicates, "caught up");
-        }
-        Ok(report)
     }
 
     /// Records and applies one listed event (an unreadable one is stored as failed).
@@ -302,16 +360,18 @@ impl Billing {
             let mut report = ReconcileReport { dry_run, ..ReconcileReport::default() };
             match subscription {
                 Some(id) => {
+                    let fetched = snapshot_time(self.clock.now());
                     if let Some(object) = api.get_subscription(id).await? {
-                        self.reconcile_object(&object, dry_run, &mut report).await?;
+                        self.reconcile_object(&object, fetched, dry_run, &mut report).await?;
                     }
                 }
                 None => {
                     let mut after: Option<String> = None;
                     loop {
+                        let fetched = snapshot_time(self.clock.now());
                         let page = api.list_subscriptions(after.as_deref()).await?;
                         for object in &page.data {
-                            self.reconcile_object(object, dry_run, &mut report).await?;
+                            self.reconcile_object(object, fetched, dry_run, &mut report).await?;
                         }
                         after = page.data.last().map(|o| o.id.clone());
                         if !page.has_more || after.is_none() {
@@ -337,15 +397,16 @@ impl Billing {
         .await
     }
 
+    /// `fetched_at`: the snapshot's date, from [`snapshot_time`] of when the request was sent.
     async fn reconcile_object(
         &self,
         object: &RawObject,
+        fetched_at: DateTime<Utc>,
         dry_run: bool,
         report: &mut ReconcileReport,
     ) -> Result<(), SyncError> {
         report.checked += 1;
         report.subscriptions.push(object.id.clone());
-        let fetched_at = self.clock.now();
         let (snapshot, latest) = match event::parse_subscription_object(&object.raw) {
             Ok(parsed) => parsed,
             Err(e) => {
@@ -448,8 +509,19 @@ impl Billing {
                 next_reconcile = now + settings.reconcile_interval;
                 if self.lease(RECONCILE_LEASE, settings.reconcile_interval).await {
                     match until_stopped(&mut stop, self.reconcile_stripe(None, false)).await {
-                        None => return,
-                        Some(Err(e)) => report_sync_error("reconcile", &e),
+                        None => {
+                            // Stopped mid-run (a deploy): the next process may reconcile at once.
+                            self.release_lease(RECONCILE_LEASE).await;
+                            return;
+                        }
+                        Some(Err(e)) => {
+                            report_sync_error("reconcile", &e);
+                            // A transient error must not skip a day: the lease is given back (another
+                            // replica, or the next process, may reconcile at once) and this one tries
+                            // again at the next catch-up tick.
+                            self.release_lease(RECONCILE_LEASE).await;
+                            next_reconcile = now + settings.catch_up_interval.min(settings.reconcile_interval);
+                        }
                         Some(Ok(_)) => {}
                     }
                 }
@@ -475,8 +547,17 @@ impl Billing {
         }
     }
 
+    /// Gives the lease `name` back (held until now), so any replica may take it at once.
+    async fn release_lease(&self, name: &str) {
+        let now = self.clock.now();
+        if let Err(e) = self.store.try_lease(name, &self.holder, now, now).await {
+            warn!(lease = name, error = %error_chain(&e), "cannot give the lease back; it expires by itself");
+        }
+    }
+
     /// The customer's address from `GET /v1/customers/{id}`, recorded on the account (once per job).
     pub(crate) async fn fetch_customer_email(&self, customer_id: &str) -> Result<Option<String>, SyncError> {
+        let fetched = snapshot_time(self.clock.now());
         let Some(object) = self.stripe_api()?.get_customer(customer_id).await? else { return Ok(None) };
         let email = event::parse_customer_object(&object.raw).ok().and_then(|c| c.email);
         if let Some(email) = &email {
@@ -485,7 +566,8 @@ impl Billing {
                 stripe_customer_id: customer_id.to_owned(),
                 email: Some(email.clone()),
                 reference: None,
-                observed_at: now,
+                // A `customer.updated` of the second the request was sent (or later) wins.
+                observed_at: fetched,
             };
             let commit = Commit {
                 now,
@@ -559,6 +641,18 @@ fn lanes(events: &[ApiEvent]) -> Vec<Vec<Listed<'_>>> {
         lanes[lane].push(Listed { api, parsed });
     }
     lanes
+}
+
+/// The date of a snapshot whose request was sent at `sent`: just before that second began.
+///
+/// Stripe dates events in whole seconds, and an event of the second the request was sent in may
+/// have happened after the object was read: any webhook created in that second or later is newer
+/// than the snapshot (it applies, the snapshot never overwrites it), while everything the object
+/// already shows (created in an earlier second) is older. The time is taken when the request is
+/// sent, not when the answer is processed (which may be seconds later).
+pub(crate) fn snapshot_time(sent: DateTime<Utc>) -> DateTime<Utc> {
+    let second = DateTime::from_timestamp(sent.timestamp(), 0).unwrap_or(sent);
+    second - chrono::Duration::microseconds(1)
 }
 
 /// The payment fact a subscription's latest invoice gives: paid, or a failed attempt.

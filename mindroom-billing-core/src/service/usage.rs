@@ -110,7 +110,8 @@ pub struct UsageToday {
 impl Billing {
     /// Counts `count` units (at most `i64::MAX`) of `metric` for the account today, if its tier
     /// allows it (atomically). With an `idempotency_key`, a retry of an allowed call (same account,
-    /// UTC day and key) counts nothing and answers the same `used` (see [`crate::Store::consume_usage`]).
+    /// metric and key, within 48 hours, also on the next UTC day) counts nothing and answers the same
+    /// `used` (see [`crate::Store::consume_usage`]).
     pub async fn consume_usage(
         &self,
         account_id: Uuid,
@@ -123,7 +124,8 @@ impl Billing {
         let limits = best_subscription(&subscriptions, now).map_or_else(|| Tier::Free.limits(), |(e, _)| e.limits);
         let limit = metric.limit_in(&limits);
         let key = UsageKey { account_id, metric, day: now.date_naive() };
-        let result = self.store.consume_usage(key, count, limit, idempotency_key).await?;
+        let idempotency = idempotency_key.map(|key| crate::model::UsageRequestKey { key, at: now });
+        let result = self.store.consume_usage(key, count, limit, idempotency).await?;
         self.cache.counted(account_id, key.day, metric, result.used);
         Ok(UsageReport { allowed: result.allowed, used: result.used, limit, remaining: limit.remaining(result.used) })
     }

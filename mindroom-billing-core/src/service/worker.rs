@@ -158,7 +158,9 @@ impl Billing {
         async {
             let result = match &job.kind {
                 JobKind::Reconcile { subscription_id } => self.reconcile(job, subscription_id).await,
-                JobKind::Email { customer_id, subscription_id, email } => {
+                // A fact learnt too late to be news: recorded, and nobody is e-mailed.
+                JobKind::Email { late: Some(reason), .. } => Ok(JobOutput::skipped(reason.clone())),
+                JobKind::Email { customer_id, subscription_id, email, late: None } => {
                     self.send_email(job, customer_id, subscription_id.as_deref(), email).await
                 }
                 JobKind::AdminAlert { subject, detail } => self.send_alert(job, subject, detail).await,
@@ -363,6 +365,7 @@ impl Billing {
                         customer_id: state.customer_id.clone(),
                         subscription_id: Some(subscription_id.to_owned()),
                         email: EmailKind::Welcome,
+                        late: None,
                     },
                     run_after: now,
                 };
