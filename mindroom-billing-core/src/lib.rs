@@ -14,7 +14,7 @@ pub mod transition;
 
 pub use event::{Event, EventObject, EventType, ParseError, SubscriptionStatus, parse, parse_str};
 pub use model::*;
-pub use operator::{AuditEntry, DriftRecord, OperatorStore};
+pub use operator::{AuditEntry, DriftRecord, Operator, OperatorRole, OperatorSession, OperatorStore, SessionCutoff};
 pub use ports::{ChangeListener, Clock, Notifier, Provisioner, Store, StoreError, SystemClock};
 pub use retention::{PruneReport, PruneRequest, RetentionPolicy};
 pub use signature::{SignatureError, Verifier, WebhookSecret};
