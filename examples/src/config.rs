@@ -118,6 +118,8 @@ pub(crate) struct ConsoleSettings {
     pub(crate) session_key: Option<SecretString>,
     /// Mark the session cookie `Secure` (the console is reached over HTTPS).
     pub(crate) secure_cookie: bool,
+    /// The public origin browsers reach it at (`BILLING_CONSOLE_ORIGIN`, default `http://` + addr).
+    pub(crate) origin: String,
 }
 
 impl fmt::Debug for ConsoleSettings {
@@ -127,6 +129,7 @@ impl fmt::Debug for ConsoleSettings {
             .field("readonly", &self.readonly_password_hash.is_some())
             .field("session_key", &self.session_key.as_ref().map(|_| "[set]"))
             .field("secure_cookie", &self.secure_cookie)
+            .field("origin", &self.origin)
             .finish_non_exhaustive()
     }
 }
@@ -145,6 +148,8 @@ impl ConsoleSettings {
         };
         let mut config = ConsoleConfig::new(self.password_hash.expose_secret(), key)
             .map_err(err("BILLING_CONSOLE_PASSWORD_HASH"))?
+            .with_origin(&self.origin)
+            .map_err(err("BILLING_CONSOLE_ORIGIN"))?
             .with_secure_cookie(self.secure_cookie);
         if let Some(hash) = &self.readonly_password_hash {
             config = config
@@ -209,6 +214,7 @@ fn console_from_env(public_port: u16) -> Result<Option<ConsoleSettings>, ConfigE
         readonly_password_hash: var("BILLING_CONSOLE_READONLY_PASSWORD_HASH").map(SecretString::from),
         session_key: secret("BILLING_CONSOLE_SESSION_KEY")?,
         secure_cookie,
+        origin: var("BILLING_CONSOLE_ORIGIN").unwrap_or_else(|| format!("http://{addr}")),
     };
     settings.console_config()?; // validates the hashes and the key now, at start-up
     Ok(Some(settings))

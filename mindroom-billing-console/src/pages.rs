@@ -8,10 +8,12 @@ use mindroom_billing_core::{
     Account, AuditEntry, DriftRecord, InstanceRecord, Job, JobCounts, JobKind, JobState, StoredEvent, SubscriptionState,
 };
 
-use crate::auth::Role;
+use crate::Role;
 
-/// What every logged-in page needs: the role (to disable actions) and the CSRF token for forms.
+/// What every logged-in page needs: the operator, its role (to disable actions) and the CSRF token
+/// for forms.
 pub(crate) struct Ctx {
+    pub(crate) operator: String,
     pub(crate) role: Role,
     pub(crate) csrf: String,
 }
@@ -38,6 +40,15 @@ pub(crate) fn seg(s: &str) -> String {
 fn search_link(q: &str) -> String {
     let encoded: String = form_urlencoded::byte_serialize(q.as_bytes()).collect();
     format!("/search?q={encoded}")
+}
+
+/// `s` cut to at most `max` characters (an ellipsis marks the cut): long values from Stripe (a
+/// 100 KB e-mail) must not blow a page up.
+pub(crate) fn shorten(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
 }
 
 fn time(t: DateTime<Utc>) -> String {
@@ -75,7 +86,7 @@ fn layout(title: &str, ctx: Option<&Ctx>, content: &Markup) -> Markup {
                         }
                         form.logout method="post" action="/logout" {
                             input type="hidden" name="csrf" value=(ctx.csrf);
-                            span.role { (ctx.role.as_str()) }
+                            span.role { (ctx.operator) " (" (ctx.role.as_str()) ")" }
                             button type="submit" { "Log out" }
                         }
                     }
@@ -96,7 +107,8 @@ pub(crate) fn login(error: Option<&str>) -> Markup {
         &html! {
             @if let Some(error) = error { p.error { (error) } }
             form.login method="post" action="/login" {
-                label { "Password " input type="password" name="password" autocomplete="current-password" required autofocus; }
+                label { "Name " input type="text" name="name" autocomplete="username" required autofocus; }
+                label { "Password " input type="password" name="password" autocomplete="current-password" required; }
                 button type="submit" { "Log in" }
             }
         },

@@ -8,8 +8,8 @@ use chrono::Duration;
 use mindroom_billing_core::ports::JobFilter;
 use mindroom_billing_core::{EventStatus, JobState, OperatorStore, Store};
 use support::{
-    ADMIN_PASSWORD, APPLIED_EVENT, CUS, Client, EVIL_EMAIL, EVIL_METADATA, FAILED_EVENT, Options, READONLY_PASSWORD,
-    SUB, session_cookie, start,
+    ADMIN_PASSWORD, ALICE, ALICE_PASSWORD, APPLIED_EVENT, BOB, BOB_PASSWORD, CUS, Client, EVIL_EMAIL, EVIL_METADATA,
+    FAILED_EVENT, Options, READONLY_PASSWORD, SUB, session_cookie, start,
 };
 
 const PAGES: &[&str] = &[
@@ -47,40 +47,36 @@ async fn every_page_and_action_requires_a_login() {
 }
 
 #[tokio::test]
-async fn a_wrong_password_an_expired_and_a_forged_cookie_are_refused() {
+async fn a_wrong_password_an_idle_an_old_and_a_forged_cookie_are_refused() {
     let h = start(Options::default()).await;
     let anonymous = Client::new(h.addr);
-    let wrong = anonymous.post_form("/login", &[("password", "admin: guess")]).await;
+    let wrong = anonymous.post_form("/login", &[("name", "admin"), ("password", "admin: guess")]).await;
     assert_eq!(wrong.status(), 401);
     assert!(session_cookie(&wrong).is_none(), "no cookie for a wrong password");
-    assert!(wrong.text().await.unwrap().contains("Wrong password"));
+    assert!(wrong.text().await.unwrap().contains("Wrong name or password"));
     assert_eq!(anonymous.post_form("/login", &[]).await.status(), 401, "no password");
+    let crossed = anonymous.post_form("/login", &[("name", ALICE), ("password", ADMIN_PASSWORD)]).await;
+    assert_eq!(crossed.status(), 401, "another operator's password");
 
-    let response = anonymous.post_form("/login", &[("password", ADMIN_PASSWORD)]).await;
+    let response = anonymous.post_form("/login", &[("name", "admin"), ("password", ADMIN_PASSWORD)]).await;
     assert_eq!(response.status(), 303);
     let set = response.headers()["set-cookie"].to_str().unwrap().to_owned();
-    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age=28800"] {
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/"] {
         assert!(set.contains(attribute), "{attribute} in {set}");
     }
-    assert!(!set.contains("Secure"), "not Secure unless configured behind TLS");
+    assert!(!set.contains("Secure"), "not Secure on an http origin");
     let cookie = session_cookie(&response).unwrap();
+    let value = cookie.split_once('=').unwrap().1.to_owned();
+    assert!(value.len() == 64 && value.bytes().all(|b| b.is_ascii_hexdigit()), "only a random id: {value}");
     let mut admin = Client::new(h.addr);
     admin.cookie = Some(cookie.clone());
     assert_eq!(admin.get("/").await.status(), 200);
 
-    // Forged: another role, another expiry, another key, garbage.
-    let value = cookie.split_once('=').unwrap().1.to_owned();
-    let (body, mac) = value.rsplit_once('.').unwrap();
-    let mut parts: Vec<String> = body.split('.').map(str::to_owned).collect();
-    parts[1] = (parts[1].parse::<i64>().unwrap() + 86_400).to_string();
-    let later = format!("{}.{mac}", parts.join("."));
-    let readonly_mac = format!("{}.{mac}", body.replacen("admin", "readonly", 1));
-    let other_key = {
-        let mut c = Client::login(h.addr, ADMIN_PASSWORD).await;
-        c.cookie.take().unwrap()
-    };
-    assert_ne!(other_key, cookie, "every login gets its own session");
-    for forged in [later, readonly_mac, format!("{body}.{}", "0".repeat(64)), "admin.9999999999.00.00".to_owned()] {
+    // Forged: another id, the old signed format with a far expiry, garbage.
+    let other = Client::login(h.addr, ADMIN_PASSWORD).await.cookie.unwrap();
+    assert_ne!(other, cookie, "every login gets its own session");
+    let ten_years = format!("admin.{}.00.{}", 1_785_000_000 + 10 * 365 * 86_400, "0".repeat(64));
+    for forged in [format!("{}0", &value[..63]), ten_years, "x".to_owned(), String::new()] {
         let mut client = Client::new(h.addr);
         client.cookie = Some(format!("mrb_console={forged}"));
         let response = client.get("/customers/cus_Evil1").await;
@@ -88,42 +84,225 @@ async fn a_wrong_password_an_expired_and_a_forged_cookie_are_refused() {
         assert_eq!(response.headers()["location"], "/login");
     }
 
-    // A replica with the same key accepts the cookie; a deployment with another key does not.
-    let same = start(Options::default()).await;
-    let mut replica = Client::new(same.addr);
-    replica.cookie = Some(cookie.clone());
-    assert_eq!(replica.get("/").await.status(), 200, "same configured key: accepted");
-    let other = start(Options { key: Some("another deployment's key, 32+ bytes"), ..Options::default() }).await;
-    let mut foreign = Client::new(other.addr);
+    // Another deployment (another store) does not know the session.
+    let foreign_deployment = start(Options::default()).await;
+    let mut foreign = Client::new(foreign_deployment.addr);
     foreign.cookie = Some(cookie.clone());
-    assert_eq!(foreign.get("/").await.status(), 303, "another key: refused");
+    assert_eq!(foreign.get("/").await.status(), 303, "not in that store: refused");
 
-    // Expired: eight hours later.
-    h.clock.advance(Duration::hours(8));
-    let expired = admin.get("/").await;
-    assert_eq!(expired.status(), 303);
-    assert_eq!(expired.headers()["location"], "/login");
-}
+    // Idle: 29 minutes between requests are fine, 31 are not.
+    h.clock.advance(Duration::minutes(29));
+    assert_eq!(admin.get("/").await.status(), 200);
+    h.clock.advance(Duration::minutes(31));
+    let idle = admin.get("/").await;
+    assert_eq!(idle.status(), 303, "idle for 31 minutes");
+    assert_eq!(idle.headers()["location"], "/login");
+    h.clock.advance(Duration::minutes(-31));
+    assert_eq!(admin.get("/").await.status(), 303, "an ended session stays ended");
 
-#[tokio::test]
-async fn the_cookie_is_secure_when_configured_behind_tls() {
-    let h = start(Options { secure_cookie: true, ..Options::default() }).await;
-    let response = Client::new(h.addr).post_form("/login", &[("password", ADMIN_PASSWORD)]).await;
-    assert!(response.headers()["set-cookie"].to_str().unwrap().contains("; Secure"));
-}
-
-#[tokio::test]
-async fn login_attempts_are_rate_limited() {
-    let h = start(Options { login_attempts_per_minute: Some(3), ..Options::default() }).await;
-    let client = Client::new(h.addr);
-    for _ in 0..3 {
-        assert_eq!(client.post_form("/login", &[("password", "wrong")]).await.status(), 401);
+    // Old: a session kept busy ends eight hours after its login, whatever the cookie says.
+    let busy = Client::login(h.addr, ADMIN_PASSWORD).await;
+    for _ in 0..16 {
+        h.clock.advance(Duration::minutes(29));
+        assert_eq!(busy.get("/").await.status(), 200);
     }
-    let limited = client.post_form("/login", &[("password", ADMIN_PASSWORD)]).await;
-    assert_eq!(limited.status(), 429, "even the right password waits");
+    h.clock.advance(Duration::minutes(20));
+    assert_eq!(busy.get("/").await.status(), 303, "eight hours and four minutes after its login");
+}
+
+#[tokio::test]
+async fn the_cookie_is_host_prefixed_and_secure_when_the_origin_is_https() {
+    let h = start(Options { origin: Some("https://console.example".into()), ..Options::default() }).await;
+    let response = Client::new(h.addr)
+        .http
+        .post(format!("http://{}/login", h.addr))
+        .header("host", "console.example")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("name=admin&password={}", urlencoding(ADMIN_PASSWORD)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 303);
+    let set = response.headers()["set-cookie"].to_str().unwrap();
+    assert!(set.starts_with("__Host-mrb_console="), "{set}");
+    assert!(set.contains("; Secure") && set.contains("Path=/") && !set.contains("Domain"), "{set}");
+    let secure = start(Options { secure_cookie: true, ..Options::default() }).await;
+    let response =
+        Client::new(secure.addr).post_form("/login", &[("name", "admin"), ("password", ADMIN_PASSWORD)]).await;
+    assert!(response.headers()["set-cookie"].to_str().unwrap().contains("; Secure"), "forced Secure");
+}
+
+/// A flood of wrong passwords from six addresses slows those addresses and the operator they
+/// guess, but never the right password from an address that has not failed.
+#[tokio::test]
+async fn a_flood_of_wrong_passwords_does_not_lock_the_right_password_out() {
+    let h = start(Options::default()).await;
+    let attackers: Vec<Client> =
+        (2..8u8).map(|i| Client::from_address(h.addr, std::net::IpAddr::from([127, 0, 0, i]))).collect();
+    let mut throttled = 0;
+    for round in 0..10 {
+        for attacker in &attackers {
+            let password = format!("guess {round}");
+            let status = attacker.post_form("/login", &[("name", "admin"), ("password", &password)]).await.status();
+            assert!(status == 401 || status == 429, "{status}");
+            throttled += usize::from(status == 429);
+        }
+    }
+    assert!(throttled > 0, "the guessers are slowed");
+    let admin = Client::from_address(h.addr, std::net::IpAddr::from([127, 0, 0, 9]));
+    let response = admin.post_form("/login", &[("name", "admin"), ("password", ADMIN_PASSWORD)]).await;
+    assert_eq!(response.status(), 303, "the right password from another address passes at once");
+    let guesser = &attackers[0];
+    let response = guesser.post_form("/login", &[("name", "admin"), ("password", ADMIN_PASSWORD)]).await;
+    assert_eq!(response.status(), 429, "an address that guessed admin waits, even with the right password");
+    assert!(response.headers().contains_key("retry-after"));
+    let response = guesser.post_form("/login", &[("name", ALICE), ("password", ALICE_PASSWORD)]).await;
+    assert_eq!(response.status(), 303, "alice from there is not held by admin's delay (the address failed twice)");
+
+    // Every refusal is audited, with the name that was tried and the address.
+    let audit = h.store.list_audit(None, 200).await.unwrap();
+    let refused = audit.iter().filter(|a| a.action == "login" && !a.ok).count();
+    assert_eq!(refused, 61, "60 guesses and the guesser's throttled right password");
+    assert!(audit.iter().any(|a| a.actor == "admin from 127.0.0.2" && a.result.starts_with("throttled")));
+    assert!(audit.iter().any(|a| a.actor == "admin from 127.0.0.9" && a.ok && a.result == "logged in"));
+}
+
+/// From one address: a few free tries, then delays that grow; the right password passes once the
+/// delay is over.
+#[tokio::test]
+async fn one_address_gets_growing_delays_and_then_gets_in() {
+    let h = start(Options::default()).await;
+    let client = Client::new(h.addr);
+    let mut waits = Vec::new();
+    for i in 0..10 {
+        let response = client.post_form("/login", &[("name", "admin"), ("password", &format!("guess {i}"))]).await;
+        if response.status() == 429 {
+            waits.push(response.headers()["retry-after"].to_str().unwrap().parse::<i64>().unwrap());
+            h.clock.advance(Duration::seconds(*waits.last().unwrap()));
+            let again = client.post_form("/login", &[("name", "admin"), ("password", &format!("guess {i}"))]).await;
+            assert_eq!(again.status(), 401, "after the wait the attempt is checked");
+        } else {
+            assert_eq!(response.status(), 401);
+        }
+    }
+    assert!(waits.len() >= 4, "{waits:?}");
+    assert!(waits.windows(2).all(|w| w[1] > w[0]), "growing: {waits:?}");
+    let limited = client.post_form("/login", &[("name", "admin"), ("password", ADMIN_PASSWORD)]).await;
+    assert_eq!(limited.status(), 429, "even the right password waits on this address");
     assert!(session_cookie(&limited).is_none());
-    h.clock.advance(Duration::seconds(61));
-    assert_eq!(client.post_form("/login", &[("password", ADMIN_PASSWORD)]).await.status(), 303);
+    let wait = limited.headers()["retry-after"].to_str().unwrap().parse::<i64>().unwrap();
+    h.clock.advance(Duration::seconds(wait));
+    assert_eq!(client.post_form("/login", &[("name", "admin"), ("password", ADMIN_PASSWORD)]).await.status(), 303);
+}
+
+#[tokio::test]
+async fn a_cookie_replayed_after_logout_or_a_password_change_or_a_removal_is_refused() {
+    let h = start(Options::default()).await;
+    let alice = Client::login_as(h.addr, ALICE, ALICE_PASSWORD).await;
+    let token = alice.csrf().await;
+    let logout = alice.post_form("/logout", &[("csrf", &token)]).await;
+    assert_eq!(logout.status(), 303);
+    assert!(logout.headers()["set-cookie"].to_str().unwrap().contains("Max-Age=0"));
+    assert_eq!(alice.get("/").await.status(), 303, "the old cookie reads nothing");
+    let retry = format!("/jobs/{}/retry", h.dead_job);
+    assert_eq!(alice.post_form(&retry, &[("csrf", &token), ("confirm", "yes")]).await.status(), 401);
+    assert_eq!(
+        h.store.jobs_for_subscription(SUB, 10).await.unwrap().iter().find(|j| j.id == h.dead_job).unwrap().state,
+        JobState::Dead
+    );
+
+    let alice = Client::login_as(h.addr, ALICE, ALICE_PASSWORD).await;
+    let other = Client::login_as(h.addr, ALICE, ALICE_PASSWORD).await;
+    let bob = Client::login_as(h.addr, BOB, BOB_PASSWORD).await;
+    let new_hash = mindroom_billing_console::hash_password("alice: a new password").unwrap();
+    assert!(h.store.set_operator_password(ALICE, &new_hash, h.billing.now()).await.unwrap());
+    assert_eq!(alice.get("/").await.status(), 303, "ended by the password change");
+    assert_eq!(other.get("/").await.status(), 303, "every session of alice");
+    assert_eq!(bob.get("/").await.status(), 200, "bob's session lives on");
+    let old = Client::new(h.addr).post_form("/login", &[("name", ALICE), ("password", ALICE_PASSWORD)]).await;
+    assert_eq!(old.status(), 401, "the old password is refused");
+    Client::login_as(h.addr, ALICE, "alice: a new password").await;
+
+    assert!(h.store.remove_operator(BOB, h.billing.now()).await.unwrap());
+    assert_eq!(bob.get("/").await.status(), 303, "ended by the removal");
+    let gone = Client::new(h.addr).post_form("/login", &[("name", BOB), ("password", BOB_PASSWORD)]).await;
+    assert_eq!(gone.status(), 401);
+}
+
+#[tokio::test]
+async fn audit_rows_name_the_operator_and_refusals_are_audited() {
+    let h = start(Options::default()).await;
+    let alice = Client::login_as(h.addr, ALICE, ALICE_PASSWORD).await;
+    let bob = Client::login_as(h.addr, BOB, BOB_PASSWORD).await;
+    let token = alice.csrf().await;
+    let retry = format!("/jobs/{}/retry", h.dead_job);
+    assert_eq!(alice.post_form(&retry, &[("csrf", "forged"), ("confirm", "yes")]).await.status(), 403);
+    let bob_token = bob.csrf().await;
+    assert_eq!(bob.post_form(&retry, &[("csrf", &bob_token), ("confirm", "yes")]).await.status(), 403);
+    let done = alice.post_form(&retry, &[("csrf", &token), ("confirm", "yes")]).await;
+    assert_eq!(done.status(), 303);
+    let audit = h.store.list_audit(None, 10).await.unwrap();
+    let rows: Vec<(&str, &str, bool, &str)> =
+        audit.iter().map(|a| (a.actor.as_str(), a.action.as_str(), a.ok, a.result.as_str())).collect();
+    assert_eq!(
+        rows,
+        [
+            ("alice from 127.0.0.1", "retry_job", true, "re-queued: pending, due now"),
+            ("bob from 127.0.0.1", "retry_job", false, "refused: bob is read-only"),
+            ("alice from 127.0.0.1", "retry_job", false, "refused: no valid CSRF token"),
+            ("bob from 127.0.0.1", "login", true, "logged in"),
+            ("alice from 127.0.0.1", "login", true, "logged in"),
+        ]
+    );
+    assert_eq!(audit[0].customer_id.as_deref(), Some(CUS));
+    let page = alice.page("/audit").await;
+    assert!(page.contains("alice from 127.0.0.1") && page.contains("refused: bob is read-only"));
+}
+
+/// DNS rebinding and forged origins: only the configured origin, scheme included.
+#[tokio::test]
+async fn other_hosts_and_origins_are_refused() {
+    let h = start(Options::default()).await;
+    let admin = Client::login(h.addr, ADMIN_PASSWORD).await;
+    let port = h.addr.port();
+    let with_host = |host: String| {
+        admin
+            .http
+            .get(format!("{}/", admin.base))
+            .header("cookie", admin.cookie.as_deref().unwrap())
+            .header("host", host)
+    };
+    for host in [format!("evil.test:{port}"), format!("localhost:{port}"), "127.0.0.1".to_owned()] {
+        let response = with_host(host.clone()).send().await.unwrap();
+        assert_eq!(response.status(), 421, "Host {host}");
+        assert!(!response.text().await.unwrap().contains(CUS));
+    }
+    assert_eq!(with_host(format!("127.0.0.1:{port}")).send().await.unwrap().status(), 200);
+    let token = admin.csrf().await;
+    let post = |origin: String, host: String| {
+        admin
+            .http
+            .post(format!("{}/jobs/{}/retry", admin.base, h.dead_job))
+            .header("cookie", admin.cookie.as_deref().unwrap())
+            .header("origin", origin)
+            .header("host", host)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("csrf={token}&confirm=yes"))
+    };
+    let evil = format!("evil.test:{port}");
+    let own = format!("127.0.0.1:{port}");
+    for (origin, host) in [
+        (format!("http://{evil}"), evil.clone()),
+        (format!("https://{own}"), own.clone()),
+        (format!("http://{evil}"), own.clone()),
+        ("null".to_owned(), own.clone()),
+    ] {
+        let response = post(origin.clone(), host.clone()).send().await.unwrap();
+        assert!(matches!(response.status().as_u16(), 403 | 421), "Origin {origin} Host {host}: {}", response.status());
+    }
+    let job = h.store.jobs_for_subscription(SUB, 10).await.unwrap().into_iter().find(|j| j.id == h.dead_job).unwrap();
+    assert_eq!(job.state, JobState::Dead, "nothing acted");
+    assert_eq!(post(format!("http://{own}"), own).send().await.unwrap().status(), 303, "its own origin acts");
 }
 
 #[tokio::test]
@@ -145,7 +324,9 @@ async fn a_post_without_or_with_a_wrong_csrf_token_is_refused() {
     assert_eq!(h.store.load_event(FAILED_EVENT).await.unwrap().unwrap().status, EventStatus::Failed);
     let dead = h.store.list_jobs(&JobFilter { state: Some(JobState::Dead), limit: 5 }).await.unwrap();
     assert_eq!(dead.len(), 1, "the job is still dead");
-    assert!(h.store.list_audit(None, 10).await.unwrap().is_empty(), "nothing acted, nothing audited");
+    let audit = h.store.list_audit(None, 10).await.unwrap();
+    assert!(audit.iter().all(|a| !a.ok || a.action == "login"), "nothing acted");
+    assert!(audit.iter().any(|a| a.result == "refused: no valid CSRF token"), "the refusals are audited");
 
     let token = admin.csrf().await;
     for origin in ["http://evil.example", "null"] {
@@ -182,6 +363,8 @@ async fn a_post_without_or_with_a_wrong_csrf_token_is_refused() {
         .await
         .unwrap();
     assert_eq!(login.status(), 403, "no login CSRF");
+    let admin = Client::login(h.addr, ADMIN_PASSWORD).await;
+    let token = admin.csrf().await;
     let unconfirmed = admin.post_form(replay, &[("csrf", &token)]).await;
     assert_eq!(unconfirmed.status(), 400, "the confirmation box is required");
     assert_eq!(h.store.load_event(FAILED_EVENT).await.unwrap().unwrap().status, EventStatus::Failed);
@@ -282,26 +465,30 @@ async fn replay_and_retry_change_what_they_should_and_leave_audit_rows() {
     let token = admin.csrf().await;
 
     let replayed = admin.post_form("/events/evt_failed_1/replay", &[("csrf", &token), ("confirm", "yes")]).await;
-    assert_eq!(replayed.status(), 200);
-    let text = replayed.text().await.unwrap();
+    assert_eq!(replayed.status(), 303, "POST/redirect/GET");
+    let location = replayed.headers()["location"].to_str().unwrap().to_owned();
+    let text = admin.page(&location).await;
     assert!(text.contains("disposition applied; the event is applied now"), "{text}");
+    assert_eq!(admin.page(&location).await, text, "a refresh shows the result again");
+    assert_eq!(h.store.list_audit(Some(CUS), 10).await.unwrap().len(), 1, "and does not act again");
     assert_eq!(h.store.load_event(FAILED_EVENT).await.unwrap().unwrap().status, EventStatus::Applied);
-    let again = admin.post_form("/events/evt_failed_1/replay", &[("csrf", &token), ("confirm", "yes")]).await;
-    assert!(again.text().await.unwrap().contains("disposition duplicate"), "a done event is not applied twice");
+    let again = admin.act("/events/evt_failed_1/replay", &token).await;
+    assert!(again.contains("disposition duplicate"), "a done event is not applied twice");
 
     let retry = format!("/jobs/{}/retry", h.dead_job);
-    let retried = admin.post_form(&retry, &[("csrf", &token), ("confirm", "yes")]).await;
-    assert_eq!(retried.status(), 200);
+    let retried = admin.act(&retry, &token).await;
+    assert!(retried.contains("re-queued"), "{retried}");
     let jobs = h.store.jobs_for_subscription(SUB, 10).await.unwrap();
     let job = jobs.iter().find(|j| j.id == h.dead_job).unwrap();
     assert_eq!((job.state, job.run_after), (JobState::Pending, h.billing.now()));
-    let twice = admin.post_form(&retry, &[("csrf", &token), ("confirm", "yes")]).await;
-    assert_eq!(twice.status(), 409, "a job that is not dead is not retried");
+    let twice = admin.act(&retry, &token).await;
+    assert!(
+        twice.contains(r#"class="failed""#) && twice.contains("the job is not dead"),
+        "a job that is not dead is not retried"
+    );
 
-    let reconcile =
-        admin.post_form(&format!("/subscriptions/{SUB}/reconcile"), &[("csrf", &token), ("confirm", "yes")]).await;
-    assert_eq!(reconcile.status(), 409);
-    assert!(reconcile.text().await.unwrap().contains("the Stripe API is not configured"));
+    let reconcile = admin.act(&format!("/subscriptions/{SUB}/reconcile"), &token).await;
+    assert!(reconcile.contains("the Stripe API is not configured") && reconcile.contains(r#"class="failed""#));
 
     let audit = h.store.list_audit(Some(CUS), 10).await.unwrap();
     let rows: Vec<(&str, &str, bool)> = audit.iter().map(|a| (a.action.as_str(), a.target.as_str(), a.ok)).collect();
@@ -340,7 +527,9 @@ async fn a_read_only_user_sees_the_pages_and_gets_403_on_every_action() {
         assert_eq!(response.status(), 403, "POST {path}");
     }
     assert_eq!(h.store.load_event(FAILED_EVENT).await.unwrap().unwrap().status, EventStatus::Failed);
-    assert!(h.store.list_audit(None, 10).await.unwrap().is_empty());
+    let audit = h.store.list_audit(None, 10).await.unwrap();
+    let refusals: Vec<&str> = audit.iter().filter(|a| a.action != "login").map(|a| a.result.as_str()).collect();
+    assert_eq!(refusals, ["refused: readonly is read-only"; 3], "every refusal is audited");
     let logout = readonly.post_form("/logout", &[("csrf", &token)]).await;
     assert_eq!(logout.status(), 303);
     assert!(logout.headers()["set-cookie"].to_str().unwrap().contains("Max-Age=0"));
@@ -356,9 +545,8 @@ async fn reconcile_now_records_the_drift_it_fixed_and_clears_it_once_in_sync() {
     assert!(page.contains("Reconcile with Stripe now") && !page.contains("Reconcile now is off"));
     let token = admin.csrf().await;
     let reconcile = format!("/subscriptions/{SUB}/reconcile");
-    let fixed = admin.post_form(&reconcile, &[("csrf", &token), ("confirm", "yes")]).await;
-    assert_eq!(fixed.status(), 200);
-    assert!(fixed.text().await.unwrap().contains("drift fixed: status, grace"));
+    let fixed = admin.act(&reconcile, &token).await;
+    assert!(fixed.contains("drift fixed: status, grace"));
     let drift = h.store.list_drift(Some(SUB), 10).await.unwrap();
     let fields: Vec<(&str, &str)> = drift.iter().map(|d| (d.field.as_str(), d.before.as_str())).collect();
     assert_eq!(fields, [("grace", "-"), ("status", "active")], "past_due opens a grace period");
@@ -366,8 +554,8 @@ async fn reconcile_now_records_the_drift_it_fixed_and_clears_it_once_in_sync() {
     assert!(admin.page("/drift").await.contains("past_due"));
     assert!(admin.page("/customers/cus_Evil1").await.contains("past_due"));
 
-    let again = admin.post_form(&reconcile, &[("csrf", &token), ("confirm", "yes")]).await;
-    assert!(again.text().await.unwrap().contains("in sync with Stripe"));
+    let again = admin.act(&reconcile, &token).await;
+    assert!(again.contains("in sync with Stripe"));
     assert!(h.store.list_drift(None, 10).await.unwrap().is_empty(), "the last reconciliation found none");
     let audit = h.store.list_audit(Some(CUS), 10).await.unwrap();
     assert_eq!(
@@ -393,6 +581,7 @@ async fn in_a_browser_an_operator_finds_the_customer_and_replays_the_failed_even
 
     c.goto(&format!("{base}/customers/cus_Evil1")).await.unwrap();
     assert!(c.current_url().await.unwrap().as_str().ends_with("/login"), "the browser is sent to log in");
+    c.find(Locator::Css("input[name=name]")).await.unwrap().send_keys("admin").await.unwrap();
     c.find(Locator::Css("input[name=password]")).await.unwrap().send_keys(ADMIN_PASSWORD).await.unwrap();
     c.find(Locator::Css("form.login button")).await.unwrap().click().await.unwrap();
     let search = c.wait().for_element(Locator::Css("form.search-big input[name=q]")).await.unwrap();

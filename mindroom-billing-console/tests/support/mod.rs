@@ -13,6 +13,7 @@ use mindroom_billing_core::{
     AccountPatch, Billing, BillingConfig, Claim, Clock, Commit, EventSource, JobFinish, JobKind, JobResolution,
     MemoryStore, NewEvent, NewJob, Outcome, Policy, PriceCatalog, Store, Tier, Verifier, WebhookSecret,
 };
+use mindroom_billing_core::{Operator, OperatorRole, OperatorStore};
 use tokio::sync::oneshot;
 
 pub mod browser;
@@ -28,9 +29,17 @@ pub const EVIL_METADATA: &str = r#"<img src=x onerror=alert(2)>"#;
 pub const FAILED_EVENT: &str = "evt_failed_1";
 pub const APPLIED_EVENT: &str = "evt_applied_1";
 
-/// Hashing is slow on purpose: once per test binary.
-pub static HASHES: LazyLock<(String, String)> =
-    LazyLock::new(|| (hash_password(ADMIN_PASSWORD).unwrap(), hash_password(READONLY_PASSWORD).unwrap()));
+/// A named admin operator kept in the store.
+pub const ALICE: &str = "alice";
+pub const ALICE_PASSWORD: &str = "alice: purple monkey dishwasher";
+/// A named read-only operator kept in the store.
+pub const BOB: &str = "bob";
+pub const BOB_PASSWORD: &str = "bob: the quick brown fox";
+
+/// Hashing is slow on purpose: once per test binary (the two bootstrap hashes, then alice's and bob's).
+pub static HASHES: LazyLock<[String; 4]> = LazyLock::new(|| {
+    [ADMIN_PASSWORD, READONLY_PASSWORD, ALICE_PASSWORD, BOB_PASSWORD].map(|p| hash_password(p).unwrap())
+});
 
 pub fn t0() -> DateTime<Utc> {
     Utc.timestamp_opt(1_785_000_000, 0).unwrap()
@@ -82,10 +91,11 @@ impl Drop for Harness {
 #[derive(Default)]
 pub struct Options {
     pub secure_cookie: bool,
-    pub login_attempts_per_minute: Option<u32>,
     pub key: Option<&'static str>,
     /// A fake Stripe API (reconciliation on, drift recorded in the store).
     pub stripe: Option<Arc<FakeStripeApi>>,
+    /// The console's public origin (default: `http://` and the bound address).
+    pub origin: Option<String>,
 }
 
 /// Seeds the store (an applied event, a failed one whose price is known now, an account with a
@@ -105,18 +115,22 @@ pub async fn start(options: Options) -> Harness {
     seed(&store, &billing).await;
     let dead_job = dead_job(&store, &billing).await;
 
-    let (admin, readonly) = &*HASHES;
-    let mut config = ConsoleConfig::new(admin, SessionKey::from_secret(options.key.unwrap_or(KEY)).unwrap())
+    let [admin, readonly, alice, bob] = &*HASHES;
+    for (name, role, hash) in [(ALICE, OperatorRole::Admin, alice), (BOB, OperatorRole::ReadOnly, bob)] {
+        let operator = Operator { name: name.into(), role, password_hash: hash.clone(), created_at: t0() };
+        assert!(store.add_operator(&operator).await.unwrap());
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let origin = options.origin.clone().unwrap_or_else(|| format!("http://{addr}"));
+    let config = ConsoleConfig::new(admin, SessionKey::from_secret(options.key.unwrap_or(KEY)).unwrap())
         .unwrap()
         .with_readonly_password_hash(readonly)
         .unwrap()
+        .with_origin(&origin)
+        .unwrap()
         .with_secure_cookie(options.secure_cookie);
-    if let Some(n) = options.login_attempts_per_minute {
-        config = config.with_login_attempts_per_minute(n);
-    }
     let console = Arc::new(Console::new(billing.clone(), store.clone(), config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel();
     tokio::spawn(mindroom_billing_console::serve(listener, console, async {
         let _ = stopped.await;
@@ -209,14 +223,30 @@ pub struct Client {
 
 impl Client {
     pub fn new(addr: SocketAddr) -> Self {
-        let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+        Self::from_address(addr, std::net::IpAddr::from([127, 0, 0, 1]))
+    }
+
+    /// A client whose connections come from `local` (any 127.0.0.0/8 address on Linux).
+    pub fn from_address(addr: SocketAddr, local: std::net::IpAddr) -> Self {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .local_address(local)
+            .build()
+            .unwrap();
         Self { http, base: format!("http://{addr}"), cookie: None }
     }
 
+    /// Logs in with a bootstrap password (`admin` or `readonly`, from the configured hashes).
     pub async fn login(addr: SocketAddr, password: &str) -> Self {
+        let name = if password == READONLY_PASSWORD { "readonly" } else { "admin" };
+        Self::login_as(addr, name, password).await
+    }
+
+    /// Logs in as the operator `name`.
+    pub async fn login_as(addr: SocketAddr, name: &str, password: &str) -> Self {
         let mut client = Self::new(addr);
-        let response = client.post_form("/login", &[("password", password)]).await;
-        assert_eq!(response.status(), 303, "login with the right password");
+        let response = client.post_form("/login", &[("name", name), ("password", password)]).await;
+        assert_eq!(response.status(), 303, "login of {name} with the right password");
         client.cookie = Some(session_cookie(&response).expect("a session cookie"));
         client
     }
@@ -240,6 +270,16 @@ impl Client {
             request = request.header("cookie", cookie);
         }
         request.send().await.unwrap()
+    }
+
+    /// Acts (a confirmed `POST` with the session's token): the answer must be a redirect to the
+    /// result (POST/redirect/GET); returns the result page's text.
+    pub async fn act(&self, path: &str, token: &str) -> String {
+        let response = self.post_form(path, &[("csrf", token), ("confirm", "yes")]).await;
+        assert_eq!(response.status(), 303, "POST {path} answers with a redirect");
+        let location = response.headers()["location"].to_str().unwrap().to_owned();
+        assert!(location.starts_with("/result?"), "{location}");
+        self.page(&location).await
     }
 
     /// The page's text (asserting 200).
