@@ -504,6 +504,40 @@ fn the_console_needs_a_password_hash_and_its_own_port() {
     assert_config_error(&["serve"], &plain, &dir, "BILLING_CONSOLE_PASSWORD_HASH");
     let no_port = [("BILLING_CONSOLE_ADDR", "127.0.0.1"), ("BILLING_CONSOLE_PASSWORD_HASH", hash.as_str())];
     assert_config_error(&["serve"], &no_port, &dir, "BILLING_CONSOLE_ADDR");
+    for origin in ["ftp://console.example", "console.example", "https://console.example/path"] {
+        let bad = [
+            ("BILLING_CONSOLE_ADDR", "127.0.0.1:3999"),
+            ("BILLING_CONSOLE_PASSWORD_HASH", hash.as_str()),
+            ("BILLING_CONSOLE_ORIGIN", origin),
+        ];
+        assert_config_error(&["serve"], &bad, &dir, "BILLING_CONSOLE_ORIGIN");
+    }
+}
+
+#[test]
+fn a_console_reachable_from_the_network_without_https_is_warned_about() {
+    let hash = console_hash("a console password");
+    let open = format!("0.0.0.0:{}", free_port());
+    let env = [("BILLING_CONSOLE_ADDR", open.as_str()), ("BILLING_CONSOLE_PASSWORD_HASH", hash.as_str())];
+    let server = Server::start(&["--host", "127.0.0.1"], &env);
+    server.wait_for_log("console listening");
+    assert!(server.log().contains("without https"), "{}", server.log());
+    drop(server);
+    let behind_tls = [
+        ("BILLING_CONSOLE_ADDR", open.as_str()),
+        ("BILLING_CONSOLE_PASSWORD_HASH", hash.as_str()),
+        ("BILLING_CONSOLE_ORIGIN", "https://console.example"),
+    ];
+    let server = Server::start(&["--host", "127.0.0.1"], &behind_tls);
+    server.wait_for_log("console listening");
+    assert!(!server.log().contains("without https"), "{}", server.log());
+    let local = format!("127.0.0.1:{}", free_port());
+    let server = Server::start(
+        &[],
+        &[("BILLING_CONSOLE_ADDR", local.as_str()), ("BILLING_CONSOLE_PASSWORD_HASH", hash.as_str())],
+    );
+    server.wait_for_log("console listening");
+    assert!(!server.log().contains("without https"), "loopback: {}", server.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
