@@ -3,9 +3,13 @@
 
 use chrono::{DateTime, Utc};
 use maud::{DOCTYPE, Markup, html};
+use mindroom_billing_core::event::InvoiceFact;
+use mindroom_billing_core::explain::{explain, instance_writer, job_label, money};
+use mindroom_billing_core::operator::event_customer;
 use mindroom_billing_core::service::Entitlements;
 use mindroom_billing_core::{
-    Account, AuditEntry, DriftRecord, InstanceRecord, Job, JobCounts, JobKind, JobState, StoredEvent, SubscriptionState,
+    Account, AuditEntry, DriftRecord, EventObject, InstanceRecord, Job, JobCounts, JobKind, JobState, StoredEvent,
+    SubscriptionState,
 };
 
 use crate::Role;
@@ -44,6 +48,9 @@ fn search_link(q: &str) -> String {
 
 /// `s` cut to at most `max` characters (an ellipsis marks the cut): long values from Stripe (a
 /// 100 KB e-mail) must not blow a page up.
+/// How many characters of a long value a page shows.
+pub(crate) const LONG: usize = 200;
+
 pub(crate) fn shorten(s: &str, max: usize) -> String {
     match s.char_indices().nth(max) {
         Some((i, _)) => format!("{}…", &s[..i]),
@@ -181,8 +188,18 @@ pub(crate) struct CustomerView {
     pub(crate) subscriptions: Vec<SubscriptionView>,
     pub(crate) events: Vec<StoredEvent>,
     pub(crate) audit: Vec<AuditEntry>,
+    /// The invoices the customer's events carry (for ids and amounts).
+    pub(crate) invoices: Vec<InvoiceFact>,
     pub(crate) stripe: bool,
     pub(crate) now: DateTime<Utc>,
+}
+
+/// The invoice an event carries, if it is an invoice event.
+pub(crate) fn invoice_of(e: &StoredEvent) -> Option<InvoiceFact> {
+    match mindroom_billing_core::parse_str(&e.payload).ok()?.object {
+        EventObject::Invoice(invoice) => Some(invoice),
+        _ => None,
+    }
 }
 
 fn job_subject(job: &Job) -> String {
@@ -203,20 +220,35 @@ fn retry_form(ctx: &Ctx, job: &Job) -> Markup {
     }
 }
 
-fn jobs_table(ctx: &Ctx, jobs: &[Job]) -> Markup {
+/// A job's error as it stands: a done job's last error is history (it succeeded after it), shown
+/// muted as "earlier"; a skipped one says why.
+fn job_error(job: &Job) -> Markup {
+    let error = job.last_error.as_deref().unwrap_or("");
+    html! {
+        @if job.state == JobState::Done && !error.is_empty() {
+            @if error.starts_with("skipped:") { span.note { (shorten(error, LONG)) } }
+            @else { span.earlier { "earlier attempt: " (shorten(error, LONG)) } }
+        } @else {
+            span.error { (shorten(error, LONG)) }
+        }
+    }
+}
+
+fn jobs_table(ctx: &Ctx, sub: &SubscriptionView, now: DateTime<Utc>) -> Markup {
+    let jobs = &sub.jobs;
     html! {
         @if jobs.is_empty() { p.empty { "No jobs." } } @else {
             table.jobs {
-                thead { tr { th { "id" } th { "kind" } th { "state" } th { "attempts" } th { "next run" } th { "last error" } th {} } }
+                thead { tr { th { "id" } th { "operation" } th { "state" } th { "attempts" } th { "next run" } th { "error" } th {} } }
                 tbody {
                     @for job in jobs {
                         tr class=(format!("state-{}", job.state.as_str())) {
                             td { (job.id) }
-                            td { (job_subject(job)) }
+                            td.operation { (job_label(job, &sub.state, sub.instance.as_ref(), jobs, now)) }
                             td { (job.state.as_str()) }
                             td { (job.attempts) }
                             td { (time(job.run_after)) }
-                            td.error { (job.last_error.as_deref().unwrap_or("")) }
+                            td { (job_error(job)) }
                             td { @if job.state == JobState::Dead { (retry_form(ctx, job)) } }
                         }
                     }
@@ -260,21 +292,31 @@ fn audit_table(rows: &[AuditEntry]) -> Markup {
     }
 }
 
-fn events_table(events: &[StoredEvent]) -> Markup {
+fn events_table(events: &[StoredEvent], customers: bool) -> Markup {
     html! {
         @if events.is_empty() { p.empty { "No events." } } @else {
             table.events {
-                thead { tr { th { "event" } th { "type" } th { "created" } th { "received" } th { "source" } th { "disposition" } th { "reason" } th {} } }
+                thead { tr {
+                    th { "event" } th { "type" } th { "invoice" } @if customers { th { "customer" } }
+                    th { "created" } th { "received" } th { "source" } th { "disposition" } th { "reason" } th {}
+                } }
                 tbody {
                     @for e in events {
                         tr class=(format!("status-{}", e.status.as_str())) {
-                            td { a href=(format!("/events/{}", seg(&e.id))) { (e.id) } }
+                            td { a href=(format!("/events/{}", seg(&e.id))) { (shorten(&e.id, 40)) } }
                             td { (e.event_type) }
+                            td.invoice { @if let Some(i) = invoice_of(e) { (shorten(&i.id, 40)) " " (money(i.amount_due, &i.currency)) } }
+                            @if customers {
+                                td { @match event_customer(&e.payload) {
+                                    Some(c) => a href=(format!("/customers/{}", seg(&c))) { (shorten(&c, 40)) },
+                                    None => "—",
+                                } }
+                            }
                             td { (time(e.created)) }
                             td { (time(e.received_at)) }
                             td { (e.source.as_str()) }
                             td.disposition { (e.status.as_str()) }
-                            td.error { (e.reason.as_deref().unwrap_or("")) }
+                            td.error { (shorten(e.reason.as_deref().unwrap_or(""), LONG)) }
                             td { a href=(format!("/events/{}/raw", seg(&e.id))) { "raw" } }
                         }
                     }
@@ -284,8 +326,16 @@ fn events_table(events: &[StoredEvent]) -> Markup {
     }
 }
 
-fn instance_block(instance: Option<&InstanceRecord>, jobs: &[Job]) -> Markup {
-    let last_call = jobs.iter().find(|j| matches!(j.kind, JobKind::Reconcile { .. }) && j.attempts > 0);
+fn instance_block(sub: &SubscriptionView, now: DateTime<Utc>) -> Markup {
+    let (instance, jobs) = (sub.instance.as_ref(), &sub.jobs);
+    // The provisioner was called by the job that wrote the record, or by one still failing; a
+    // reconcile that found nothing to do called nothing.
+    let writer = instance.and_then(|i| instance_writer(i, jobs)).map(|j| j.id);
+    let last_call = jobs
+        .iter()
+        .filter(|j| matches!(j.kind, JobKind::Reconcile { .. }) && j.attempts > 0)
+        .filter(|j| j.state != JobState::Done || Some(j.id) == writer)
+        .max_by_key(|j| (j.updated_at, j.id));
     html! {
         @match instance {
             None => p.empty { "No instance recorded." },
@@ -294,9 +344,10 @@ fn instance_block(instance: Option<&InstanceRecord>, jobs: &[Job]) -> Markup {
                 dt { "status" } dd.status { (i.status.as_str()) }
                 dt { "generation" } dd { (i.generation) }
                 dt { "tier" } dd { (i.tier.map_or("—", |t| t.as_str())) }
-                dt { "frontend" } dd { (i.frontend_url.as_deref().unwrap_or("—")) }
-                dt { "backend" } dd { (i.backend_url.as_deref().unwrap_or("—")) }
+                dt { "frontend" } dd { (shorten(i.frontend_url.as_deref().unwrap_or("—"), LONG)) }
+                dt { "backend" } dd { (shorten(i.backend_url.as_deref().unwrap_or("—"), LONG)) }
                 dt { "updated" } dd { (time(i.updated_at)) }
+                @if let Some(at) = i.deprovisioned_at { dt { "deprovisioned" } dd { (time(at)) } }
             },
         }
         p.last-call {
@@ -304,8 +355,9 @@ fn instance_block(instance: Option<&InstanceRecord>, jobs: &[Job]) -> Markup {
             @match last_call {
                 None => "none yet.",
                 Some(j) => {
-                    "job " (j.id) " (attempt " (j.attempts) "), " (j.state.as_str()) " at " (time(j.updated_at)) ": "
-                    (j.last_error.as_deref().unwrap_or("ok"))
+                    (job_label(j, &sub.state, instance, jobs, now)) ", job " (j.id) " (attempt " (j.attempts) "), "
+                    (j.state.as_str()) " at " (time(j.updated_at)) ": "
+                    @if j.state == JobState::Done { "ok" } @else { span.error { (shorten(j.last_error.as_deref().unwrap_or("—"), LONG)) } }
                 },
             }
         }
@@ -318,11 +370,22 @@ pub(crate) fn customer(ctx: &Ctx, view: &CustomerView) -> Markup {
         &format!("Customer {}", view.customer_id),
         Some(ctx),
         &html! {
+            @if !view.subscriptions.is_empty() {
+                section.why {
+                    h2 { "Why" }
+                    @for sub in &view.subscriptions {
+                        p.why data-subscription=(sub.state.subscription_id) {
+                            strong { (sub.state.subscription_id) ": " }
+                            (explain(&sub.state, sub.instance.as_ref(), &sub.jobs, &view.invoices, view.now))
+                        }
+                    }
+                }
+            }
             section.account {
                 dl {
                     dt { "customer" } dd { (view.customer_id) }
-                    dt { "e-mail" } dd.email { (view.account.as_ref().and_then(|a| a.email.as_deref()).unwrap_or("—")) }
-                    dt { "reference" } dd { (view.account.as_ref().and_then(|a| a.reference.as_deref()).unwrap_or("—")) }
+                    dt { "e-mail" } dd.email { (shorten(view.account.as_ref().and_then(|a| a.email.as_deref()).unwrap_or("—"), LONG)) }
+                    dt { "reference" } dd { (shorten(view.account.as_ref().and_then(|a| a.reference.as_deref()).unwrap_or("—"), LONG)) }
                     dt { "account" } dd { (e.account_id) }
                 }
             }
@@ -346,15 +409,19 @@ pub(crate) fn customer(ctx: &Ctx, view: &CustomerView) -> Markup {
                         dt { "status" } dd { (snapshot.map_or("— (only invoices seen)", |x| x.status.as_str())) }
                         dt { "tier" } dd { (snapshot.map_or("—", |x| x.tier.as_str())) }
                         dt { "price" } dd { (snapshot.map_or("—", |x| x.price_id.as_str())) }
-                        dt { "period end" } dd { (opt_time(snapshot.and_then(|x| x.current_period_end))) }
+                        dt { "period end" }
+                        @match snapshot.and_then(|x| x.current_period_end) {
+                            Some(end) if end < view.now => dd.past { (time(end)) " — in the past: no renewal seen" },
+                            end => dd { (opt_time(end)) },
+                        }
                         dt { "entitlement" } dd { (s.entitlement(view.now).status.as_str()) }
                         dt { "grace deadline" } dd { (opt_time(s.grace.map(|g| g.ends_at))) }
                         dt { "version" } dd { (s.version) }
                     }
                     h3 { "Instance" }
-                    (instance_block(sub.instance.as_ref(), &sub.jobs))
+                    (instance_block(sub, view.now))
                     h3 { "Jobs" }
-                    (jobs_table(ctx, &sub.jobs))
+                    (jobs_table(ctx, sub, view.now))
                     h3 { "Last reconcile drift" }
                     @if sub.drift.is_empty() { p.empty { "None found by the last reconciliation (or none ran)." } } @else { (drift_table(&sub.drift)) }
                     @if view.stripe {
@@ -371,7 +438,7 @@ pub(crate) fn customer(ctx: &Ctx, view: &CustomerView) -> Markup {
             @if view.subscriptions.is_empty() { p.empty { "No subscription known for this customer." } }
             section.timeline {
                 h2 { "Events" }
-                (events_table(&view.events))
+                (events_table(&view.events, false))
             }
             section {
                 h2 { "Operator actions" }
@@ -412,7 +479,7 @@ pub(crate) fn event(ctx: &Ctx, e: &StoredEvent, customer: Option<&str>) -> Marku
 }
 
 pub(crate) fn failed_events(ctx: &Ctx, events: &[StoredEvent]) -> Markup {
-    layout("Failed events", Some(ctx), &events_table(events))
+    layout("Failed events", Some(ctx), &events_table(events, true))
 }
 
 pub(crate) fn dead_jobs(ctx: &Ctx, jobs: &[Job]) -> Markup {

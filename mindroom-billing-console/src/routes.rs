@@ -507,7 +507,10 @@ async fn customer(console: &Console, ctx: &Ctx, customer_id: &str) -> Answer {
     let fail = |e: StoreError| store_failed(ctx, &e);
     let account = store.load_account(customer_id).await.map_err(fail)?;
     let states = ops.subscriptions_for_customer(customer_id).await.map_err(fail)?;
-    let events = ops.events_for_customer(customer_id, PAGE_LIMIT).await.map_err(fail)?;
+    let mut events = ops.events_for_customer(customer_id, PAGE_LIMIT).await.map_err(fail)?;
+    // Stripe's order (when it happened), not delivery order: a late paid July invoice must not
+    // read as newer than the failed August one.
+    events.sort_by(|a, b| b.created.cmp(&a.created).then_with(|| b.received_at.cmp(&a.received_at)));
     if account.is_none() && states.is_empty() && events.is_empty() {
         return Err(refuse(Some(ctx), StatusCode::NOT_FOUND, "No such customer."));
     }
@@ -521,6 +524,7 @@ async fn customer(console: &Console, ctx: &Ctx, customer_id: &str) -> Answer {
         subscriptions.push(SubscriptionView { state, instance, jobs, drift });
     }
     let audit = ops.list_audit(Some(customer_id), PAGE_LIMIT).await.map_err(fail)?;
+    let events_invoices = events.iter().filter_map(pages::invoice_of).collect();
     let view = CustomerView {
         customer_id: customer_id.to_owned(),
         account,
@@ -528,6 +532,7 @@ async fn customer(console: &Console, ctx: &Ctx, customer_id: &str) -> Answer {
         subscriptions,
         events,
         audit,
+        invoices: events_invoices,
         stripe: console.billing.has_stripe_api(),
         now: console.billing.now(),
     };

@@ -76,7 +76,8 @@ async fn a_wrong_password_an_idle_an_old_and_a_forged_cookie_are_refused() {
     let other = Client::login(h.addr, ADMIN_PASSWORD).await.cookie.unwrap();
     assert_ne!(other, cookie, "every login gets its own session");
     let ten_years = format!("admin.{}.00.{}", 1_785_000_000 + 10 * 365 * 86_400, "0".repeat(64));
-    for forged in [format!("{}0", &value[..63]), ten_years, "x".to_owned(), String::new()] {
+    let flipped = format!("{}{}", &value[..63], if value.ends_with('0') { '1' } else { '0' });
+    for forged in [flipped, ten_years, "x".to_owned(), String::new()] {
         let mut client = Client::new(h.addr);
         client.cookie = Some(format!("mrb_console={forged}"));
         let response = client.get("/customers/cus_Evil1").await;
@@ -619,4 +620,85 @@ async fn in_a_browser_an_operator_finds_the_customer_and_replays_the_failed_even
     assert_eq!(h.store.load_event(FAILED_EVENT).await.unwrap().unwrap().status, EventStatus::Applied);
     assert_eq!(h.store.list_audit(Some(CUS), 10).await.unwrap().len(), 1, "one audit row");
     browser.client.clone().close().await.unwrap();
+}
+
+/// The customer page starts with why: for the customer whose grace expired, the invoice, its
+/// amount, the dates and the job that deprovisioned; jobs are named by operation; invoice events
+/// show their invoice and amount.
+#[tokio::test]
+async fn the_customer_page_says_why_and_names_jobs_by_operation() {
+    let h = start(Options::default()).await;
+    let admin = Client::login(h.addr, ADMIN_PASSWORD).await;
+    let page = admin.page(&format!("/customers/{}", support::GRACE_CUS)).await;
+    let jobs = h.store.jobs_for_subscription(support::GRACE_SUB, 20).await.unwrap();
+    let instance = h.store.load_instance(support::GRACE_SUB).await.unwrap().unwrap();
+    let writer = mindroom_billing_core::explain::instance_writer(&instance, &jobs).unwrap();
+    let why = format!(
+        "No instance: invoice {} ($50.00) failed on 15 Jul 2026; the 7-day grace ended on 22 Jul 2026; deprovisioned \
+         on 25 Jul 2026 (job {}).",
+        support::GRACE_INVOICE,
+        writer.id
+    );
+    let why_at = page.find(&why).unwrap_or_else(|| panic!("the why sentence in {page}"));
+    assert!(why_at < page.find("Entitlements now").unwrap(), "at the top");
+    for expected in [
+        "<td class=\"operation\">provision</td>",
+        "<td class=\"operation\">deprovision</td>",
+        "e-mail: welcome",
+        "e-mail: payment failed",
+    ] {
+        assert!(page.contains(expected), "{expected}");
+    }
+    assert!(!page.contains("reconcile instance"), "no job is just 'reconcile instance'");
+    assert!(page.contains(&format!("{} $50.00", support::GRACE_INVOICE)), "the invoice and its amount on its event");
+    let last = &page[page.find("Last provisioner call:").unwrap()..];
+    assert!(
+        last.starts_with("Last provisioner call: deprovision, job"),
+        "the last call names its operation: {}",
+        &last[..300]
+    );
+
+    let other = admin.page("/customers/cus_Evil1").await;
+    assert!(other.contains("Running: active professional subscription; instance mr-console1-"), "{other}");
+}
+
+/// A job that failed and then succeeded shows its old error as history, not as the current state.
+#[tokio::test]
+async fn a_job_done_after_a_retry_does_not_show_its_old_error_as_current() {
+    use mindroom_billing_core::{Claim, JobFinish, JobKind, JobResolution, NewJob};
+    let h = start(Options::default()).await;
+    let now = h.billing.now();
+    let job = NewJob {
+        key: "reconcile:sub_Console1:flaky".into(),
+        group: Some(SUB.into()),
+        kind: JobKind::Reconcile { subscription_id: SUB.into() },
+        run_after: now,
+    };
+    h.store.enqueue(&[job]).await.unwrap();
+    let claim = Claim { now, lease: Duration::seconds(30), limit: 1 };
+    let first = h.store.claim_jobs(&claim).await.unwrap().remove(0);
+    let retry = JobResolution::Retry { run_after: now, error: "provisioner timed out (flaky)".into() };
+    let finish = |job: &mindroom_billing_core::Job, resolution| JobFinish {
+        job_id: job.id,
+        attempt: job.attempts,
+        now,
+        resolution,
+        instance: None,
+        enqueue: vec![],
+    };
+    assert!(h.store.finish_job(&finish(&first, retry)).await.unwrap());
+    let second = h.store.claim_jobs(&claim).await.unwrap().remove(0);
+    // The second attempt updates the instance (it is the provisioner call the page reports).
+    let mut record = h.store.load_instance(SUB).await.unwrap().unwrap();
+    record.updated_at = now;
+    let done = JobFinish { instance: Some(record), ..finish(&second, JobResolution::Done) };
+    assert!(h.store.finish_job(&done).await.unwrap());
+
+    let admin = Client::login(h.addr, ADMIN_PASSWORD).await;
+    let page = admin.page("/customers/cus_Evil1").await;
+    assert!(page.contains("earlier attempt: provisioner timed out (flaky)"), "shown as history");
+    assert!(!page.contains("<span class=\"error\">provisioner timed out"), "not as the current error");
+    let last = &page[page.find("Last provisioner call:").unwrap()..];
+    let last = &last[..last.find("</p>").unwrap()];
+    assert!(last.contains(&format!("job {} (attempt 2), done", second.id)) && last.ends_with(": ok"), "{last}");
 }

@@ -27,6 +27,11 @@ pub const PRICE: &str = "price_pro";
 pub const EVIL_EMAIL: &str = r#""><script>alert(1)</script>"#;
 pub const EVIL_METADATA: &str = r#"<img src=x onerror=alert(2)>"#;
 pub const FAILED_EVENT: &str = "evt_failed_1";
+/// A second customer whose grace expired: its instance was deprovisioned.
+pub const GRACE_CUS: &str = "cus_GraceGone";
+pub const GRACE_SUB: &str = "sub_GraceGone";
+pub const GRACE_EMAIL: &str = "grace.hopper@example.com";
+pub const GRACE_INVOICE: &str = "in_1Pgd9kAugust";
 pub const APPLIED_EVENT: &str = "evt_applied_1";
 
 /// A named admin operator kept in the store.
@@ -113,6 +118,7 @@ pub async fn start(options: Options) -> Harness {
     }
     let billing = Arc::new(billing);
     seed(&store, &billing).await;
+    seed_expired_grace(&store, &billing, &clock).await;
     let dead_job = dead_job(&store, &billing).await;
 
     let [admin, readonly, alice, bob] = &*HASHES;
@@ -147,9 +153,13 @@ pub fn stripe_subscription(status: &str) -> RawObject {
 }
 
 fn new_event<'a>(id: &'a str, payload: &'a str, at: DateTime<Utc>) -> NewEvent<'a> {
+    typed_event(id, "customer.subscription.updated", payload, at)
+}
+
+fn typed_event<'a>(id: &'a str, event_type: &'a str, payload: &'a str, at: DateTime<Utc>) -> NewEvent<'a> {
     NewEvent {
         id,
-        event_type: "customer.subscription.updated",
+        event_type,
         created: at,
         api_version: Some("2023-10-16"),
         livemode: false,
@@ -182,6 +192,44 @@ async fn seed(store: &Arc<MemoryStore>, billing: &Billing) {
         jobs: vec![],
     };
     store.commit(&commit).await.unwrap();
+}
+
+/// GRACE_CUS: a professional subscription since 40 days, its invoice of $50.00 failed 10 days ago,
+/// the 7-day grace expired 3 days ago, and the instance was deprovisioned.
+/// The clock moves a second between steps, as it would.
+async fn seed_expired_grace(store: &Arc<MemoryStore>, billing: &Billing, clock: &TestClock) {
+    let record = |id: &'static str, kind: &'static str, payload: String, at: DateTime<Utc>| async move {
+        store.record_event(&typed_event(id, kind, &payload, at)).await.unwrap();
+        billing.replay(id).await.unwrap();
+        clock.advance(Duration::seconds(1));
+        while billing.run_due_jobs(10).await.unwrap() > 0 {
+            clock.advance(Duration::seconds(1));
+        }
+    };
+    let created = t0() - Duration::days(40);
+    let customer = format!(
+        r#"{{"id":"evt_grace_cus","object":"event","api_version":"2023-10-16","created":{},"data":{{"object":{{"id":"{GRACE_CUS}","object":"customer","email":"{GRACE_EMAIL}","name":"Grace Hopper","metadata":{{}}}}}},"livemode":false,"type":"customer.updated"}}"#,
+        created.timestamp()
+    );
+    record("evt_grace_cus", "customer.updated", customer, created).await;
+    let subscription = subscription_event("evt_grace_sub", created, "")
+        .replace(SUB, GRACE_SUB)
+        .replace(CUS, GRACE_CUS)
+        .replace("customer.subscription.updated", "customer.subscription.created");
+    record("evt_grace_sub", "customer.subscription.created", subscription, created).await;
+    let failed_at = t0() - Duration::days(10);
+    let invoice = format!(
+        r#"{{"id":"evt_grace_inv","object":"event","api_version":"2023-10-16","created":{},"data":{{"object":{{"id":"{GRACE_INVOICE}","object":"invoice","customer":"{GRACE_CUS}","subscription":"{GRACE_SUB}","amount_due":5000,"currency":"usd","status":"open"}}}},"livemode":false,"type":"invoice.payment_failed"}}"#,
+        failed_at.timestamp()
+    );
+    record("evt_grace_inv", "invoice.payment_failed", invoice, failed_at).await;
+    assert_eq!(billing.sweep_grace().await.unwrap(), 1, "the grace has expired");
+    clock.advance(Duration::seconds(1));
+    while billing.run_due_jobs(10).await.unwrap() > 0 {
+        clock.advance(Duration::seconds(1));
+    }
+    let instance = store.load_instance(GRACE_SUB).await.unwrap().expect("provisioned, then deprovisioned");
+    assert_eq!(instance.status, mindroom_billing_core::InstanceStatus::Deprovisioned);
 }
 
 async fn dead_job(store: &Arc<MemoryStore>, billing: &Billing) -> i64 {
