@@ -88,7 +88,7 @@ fn layout(title: &str, ctx: Option<&Ctx>, content: &Markup) -> Markup {
                             a href="/audit" { "Audit" }
                         }
                         form.search method="get" action="/search" {
-                            input type="search" name="q" placeholder="cus_…, sub_…, evt_…, app or e-mail" aria-label="Find";
+                            input type="search" name="q" placeholder="id, app, part of an e-mail" aria-label="Find";
                             button type="submit" { "Find" }
                         }
                         form.logout method="post" action="/logout" {
@@ -126,14 +126,31 @@ pub(crate) fn message(ctx: Option<&Ctx>, title: &str, text: &str) -> Markup {
     layout(title, ctx, &html! { p.error { (text) } p { a href="/" { "Back to the start" } } })
 }
 
-pub(crate) fn dashboard(ctx: &Ctx, counts: &JobCounts, stripe: bool) -> Markup {
+/// A count read with a bound: `200+` when there are more.
+pub(crate) struct Bounded {
+    pub(crate) count: usize,
+    pub(crate) more: bool,
+}
+
+impl std::fmt::Display for Bounded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}{}", self.count, if self.more { "+" } else { "" })
+    }
+}
+
+pub(crate) fn dashboard(ctx: &Ctx, counts: &JobCounts, failed_events: &Bounded, stripe: bool) -> Markup {
     layout(
         "Find a customer",
         Some(ctx),
         &html! {
             form.search-big method="get" action="/search" {
-                input type="search" name="q" placeholder="cus_…, sub_…, evt_…, app name or e-mail" aria-label="Find" autofocus;
+                input type="search" name="q" placeholder="cus_…, sub_…, evt_…, in_…, app name, part of an e-mail or reference" aria-label="Find" autofocus;
                 button type="submit" { "Find" }
+            }
+            h2 { "Needs attention" }
+            dl.attention {
+                dt { "failed events" } dd #failed-count { a href="/events/failed" { (failed_events) } }
+                dt { "dead jobs" } dd #dead-count { a href="/jobs/dead" { (counts.dead) } }
             }
             h2 { "Jobs" }
             dl.counts {
@@ -161,8 +178,8 @@ pub(crate) fn accounts(ctx: &Ctx, q: &str, found: &[Account]) -> Markup {
                         @for a in found {
                             tr {
                                 td { a href=(format!("/customers/{}", seg(&a.stripe_customer_id))) { (a.stripe_customer_id) } }
-                                td { (a.email.as_deref().unwrap_or("—")) }
-                                td { (a.reference.as_deref().unwrap_or("—")) }
+                                td { (shorten(a.email.as_deref().unwrap_or("—"), LONG)) }
+                                td { (shorten(a.reference.as_deref().unwrap_or("—"), LONG)) }
                             }
                         }
                     }
@@ -278,18 +295,35 @@ fn audit_table(rows: &[AuditEntry]) -> Markup {
     html! {
         @if rows.is_empty() { p.empty { "No operator actions yet." } } @else {
             table.audit {
-                thead { tr { th { "when" } th { "who" } th { "what" } th { "on" } th { "result" } } }
+                thead { tr { th { "when" } th { "who" } th { "what" } th { "on" } th { "customer" } th { "result" } } }
                 tbody {
                     @for a in rows {
                         tr class=(if a.ok { "ok" } else { "failed" }) {
-                            td { (time(a.at)) } td { (a.actor) } td { (a.action) } td { (a.target) }
-                            td { (if a.ok { "ok: " } else { "failed: " }) (a.result) }
+                            td { (time(a.at)) } td { (shorten(&a.actor, 80)) } td { (a.action) }
+                            td { (audit_target(a)) }
+                            td { @match &a.customer_id {
+                                Some(c) => a href=(format!("/customers/{}", seg(c))) { (shorten(c, 40)) },
+                                None => "—",
+                            } }
+                            td { (if a.ok { "ok: " } else { "failed: " }) (shorten(&a.result, LONG)) }
                         }
                     }
                 }
             }
         }
     }
+}
+
+/// An audit row's target as a link to what it names.
+fn audit_target(a: &AuditEntry) -> Markup {
+    let target = shorten(&a.target, 60);
+    let href = match a.action.as_str() {
+        "replay" => Some(format!("/events/{}", seg(&a.target))),
+        "reconcile" => Some(search_link(&a.target)),
+        "retry_job" => Some("/jobs/dead".to_owned()),
+        _ => None,
+    };
+    html! { @match href { Some(h) => a href=(h) { (target) }, None => (target) } }
 }
 
 fn events_table(events: &[StoredEvent], customers: bool) -> Markup {
@@ -462,7 +496,7 @@ pub(crate) fn event(ctx: &Ctx, e: &StoredEvent, customer: Option<&str>) -> Marku
                 dt { "source" } dd { (e.source.as_str()) }
                 dt { "deliveries" } dd { (e.deliveries) }
                 dt { "disposition" } dd #disposition class=(format!("status-{}", e.status.as_str())) { (e.status.as_str()) }
-                dt { "reason" } dd.error { (e.reason.as_deref().unwrap_or("—")) }
+                dt { "reason" } dd.error { (shorten(e.reason.as_deref().unwrap_or("—"), LONG)) }
             }
             @if !e.status.is_done() {
                 form.action method="post" action=(format!("/events/{}/replay", seg(&e.id))) {
@@ -498,7 +532,7 @@ pub(crate) fn dead_jobs(ctx: &Ctx, jobs: &[Job]) -> Markup {
                                 td { @match job_about(job) { Some(q) => a href=(search_link(q)) { (q) }, None => "—" } }
                                 td { (job.attempts) }
                                 td { (time(job.updated_at)) }
-                                td.error { (job.last_error.as_deref().unwrap_or("")) }
+                                td.error { (shorten(job.last_error.as_deref().unwrap_or(""), LONG)) }
                                 td { (retry_form(ctx, job)) }
                             }
                         }

@@ -25,6 +25,8 @@ use crate::{Console, ResponseBody, Role};
 const FORM_LIMIT: usize = 16 * 1024;
 /// Rows on a list page.
 const LIST_LIMIT: u32 = 200;
+/// Customers a search lists.
+const SEARCH_LIMIT: u32 = 50;
 /// Rows of each kind on the customer page.
 const PAGE_LIMIT: u32 = 100;
 
@@ -278,7 +280,11 @@ where
     match segments.as_slice() {
         [] => {
             let counts = store.job_counts().await.map_err(fail)?;
-            Ok(page(StatusCode::OK, &pages::dashboard(&ctx, &counts, console.billing.has_stripe_api())))
+            let failed = store.list_events(&EventFilter { status: Some(EventStatus::Failed), limit: LIST_LIMIT + 1 });
+            let failed = failed.await.map_err(fail)?;
+            let bound = usize::try_from(LIST_LIMIT).unwrap_or(usize::MAX);
+            let failed = pages::Bounded { count: failed.len().min(bound), more: failed.len() > bound };
+            Ok(page(StatusCode::OK, &pages::dashboard(&ctx, &counts, &failed, console.billing.has_stripe_api())))
         }
         ["search"] => {
             let q = req.uri().query().and_then(|q| {
@@ -491,10 +497,20 @@ async fn search(console: &Console, ctx: &Ctx, q: String) -> Answer {
                 return Ok(to_customer(&s.customer_id));
             }
         }
-        // Anything else is taken as an e-mail (Stripe does not validate them).
-        let found = ops.accounts_by_email(&q, 20).await.map_err(fail)?;
-        if let [only] = found.as_slice() {
-            return Ok(to_customer(&only.stripe_customer_id));
+        // Anything else: part of an e-mail or a reference, or an invoice id.
+        let ids = ops.search_customers(&q, SEARCH_LIMIT).await.map_err(fail)?;
+        if let [only] = ids.as_slice() {
+            return Ok(to_customer(only));
+        }
+        let mut found = Vec::with_capacity(ids.len());
+        for id in &ids {
+            let account = store.load_account(id).await.map_err(fail)?;
+            found.push(account.unwrap_or_else(|| mindroom_billing_core::Account {
+                id: account_id_for_customer(id),
+                stripe_customer_id: id.clone(),
+                email: None,
+                reference: None,
+            }));
         }
         return Ok(page(StatusCode::OK, &pages::accounts(ctx, &q, &found)));
     }

@@ -418,6 +418,16 @@ async fn search_finds_a_customer_by_every_key() {
         assert_eq!(response.status(), 303, "search {q}");
         assert_eq!(response.headers()["location"], customer.as_str(), "search {q}");
     }
+    let grace = format!("/customers/{}", support::GRACE_CUS);
+    for q in ["grace.hop", "HOPPER%40EXAMPLE", support::GRACE_INVOICE] {
+        let response = admin.get(&format!("/search?q={q}")).await;
+        assert_eq!(response.status(), 303, "search {q}");
+        assert_eq!(response.headers()["location"], grace.as_str(), "search {q}");
+    }
+    let by_reference = admin.get("/search?q=ref%3C%2Fb").await;
+    assert_eq!(by_reference.headers()["location"], customer.as_str(), "part of the reference");
+    let both = admin.page("/search?q=e").await;
+    assert!(both.contains(support::GRACE_EMAIL) && both.contains(CUS), "several: listed");
     let event = admin.get("/search?q=evt_failed_1").await;
     assert_eq!(event.headers()["location"], "/events/evt_failed_1");
     let nothing = admin.page("/search?q=cus_nobody").await;
@@ -452,6 +462,10 @@ async fn the_customer_page_and_the_lists_show_what_is_known() {
     }
     let failed = admin.page("/events/failed").await;
     assert!(failed.contains(FAILED_EVENT) && !failed.contains(APPLIED_EVENT));
+    assert!(failed.contains(r#"<a href="/customers/cus_Evil1">cus_Evil1</a>"#), "the customer column");
+    let front = admin.page("/").await;
+    assert!(front.contains(r#"<dd id="failed-count"><a href="/events/failed">1</a>"#), "{front}");
+    assert!(front.contains(r#"<dd id="dead-count"><a href="/jobs/dead">1</a>"#), "{front}");
     let dead = admin.page("/jobs/dead").await;
     assert!(dead.contains(&format!("Retry job {}", h.dead_job)));
     assert!(admin.page("/grace").await.contains("No subscription is in a grace period"));
@@ -701,4 +715,37 @@ async fn a_job_done_after_a_retry_does_not_show_its_old_error_as_current() {
     let last = &page[page.find("Last provisioner call:").unwrap()..];
     let last = &last[..last.find("</p>").unwrap()];
     assert!(last.contains(&format!("job {} (attempt 2), done", second.id)) && last.ends_with(": ok"), "{last}");
+}
+
+/// Long values are shortened: a 100 KB e-mail does not make the page 100 KB longer.
+#[tokio::test]
+async fn long_values_are_shortened_and_audit_targets_are_links() {
+    use mindroom_billing_core::{AccountPatch, Commit, Outcome};
+    let h = start(Options::default()).await;
+    let huge = format!("{}@example.com", "a".repeat(100_000));
+    let commit = Commit {
+        now: h.billing.now(),
+        event_id: None,
+        outcome: Outcome::Applied,
+        subscription: None,
+        account: Some(AccountPatch {
+            stripe_customer_id: CUS.into(),
+            email: Some(huge.clone()),
+            reference: None,
+            observed_at: h.billing.now() + Duration::days(1),
+        }),
+        jobs: vec![],
+    };
+    h.store.commit(&commit).await.unwrap();
+    assert_eq!(h.store.load_account(CUS).await.unwrap().unwrap().email.as_deref(), Some(huge.as_str()));
+    let admin = Client::login(h.addr, ADMIN_PASSWORD).await;
+    let page = admin.page("/customers/cus_Evil1").await;
+    assert!(page.len() < 60_000, "{} bytes", page.len());
+    assert!(page.contains(&format!("{}…", "a".repeat(200))));
+
+    let token = admin.csrf().await;
+    admin.act("/events/evt_failed_1/replay", &token).await;
+    let audit = admin.page("/audit").await;
+    assert!(audit.contains(r#"<a href="/events/evt_failed_1">evt_failed_1</a>"#), "the target is a link");
+    assert!(audit.contains(r#"<a href="/customers/cus_Evil1">cus_Evil1</a>"#), "and its customer");
 }

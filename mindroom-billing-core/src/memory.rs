@@ -763,6 +763,30 @@ impl OperatorStore for MemoryStore {
         Ok(take(inner.accounts.values().filter(matches).cloned(), limit))
     }
 
+    async fn search_customers(&self, text: &str, limit: u32) -> Result<Vec<String>, StoreError> {
+        if text.is_empty() {
+            return Ok(vec![]);
+        }
+        let inner = self.lock()?;
+        let needle = text.to_lowercase();
+        let contains = |v: Option<&str>| v.is_some_and(|v| v.to_lowercase().contains(&needle));
+        let accounts = inner
+            .accounts
+            .values()
+            .filter(|a| contains(a.email.as_deref()) || contains(a.reference.as_deref()))
+            .map(|a| a.stripe_customer_id.clone());
+        let invoices = inner
+            .subscriptions
+            .values()
+            .filter(|s| {
+                s.failures.iter().any(|f| f.invoice_id.as_deref() == Some(text))
+                    || s.paid_invoices.iter().any(|p| p.invoice_id == text)
+            })
+            .map(|s| s.customer_id.clone());
+        let found: BTreeSet<String> = accounts.chain(invoices).collect();
+        Ok(take(found.into_iter(), limit))
+    }
+
     async fn instance_by_app(&self, app_name: &str) -> Result<Option<InstanceRecord>, StoreError> {
         Ok(self.lock()?.instances.values().find(|i| i.app_name == app_name).cloned())
     }

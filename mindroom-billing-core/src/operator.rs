@@ -196,6 +196,12 @@ pub trait OperatorStore: Send + Sync + 'static {
     /// Accounts whose e-mail equals `email`, ignoring case, at most `limit`.
     async fn accounts_by_email(&self, email: &str, limit: u32) -> Result<Vec<Account>, StoreError>;
 
+    /// Stripe customer ids a support request may mean by `text`, sorted, at most `limit`: those whose
+    /// account e-mail or platform reference contains it (ignoring case; taken literally, `%` and `_`
+    /// are no patterns), and those with a subscription whose failed or paid invoices include the
+    /// invoice id `text`. An empty `text` finds nothing.
+    async fn search_customers(&self, text: &str, limit: u32) -> Result<Vec<String>, StoreError>;
+
     /// The instance record whose app name is `app_name`.
     async fn instance_by_app(&self, app_name: &str) -> Result<Option<InstanceRecord>, StoreError>;
 

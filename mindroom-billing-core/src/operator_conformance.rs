@@ -14,8 +14,8 @@ use chrono::Duration;
 
 use crate::conformance::{job, new_event, t0};
 use crate::model::{
-    AccountPatch, Claim, Commit, EmailKind, Grace, InstanceRecord, InstanceStatus, JobFinish, JobKind, JobResolution,
-    JobState, NewJob, Outcome, SubscriptionState,
+    AccountPatch, Claim, Commit, EmailKind, Failure, Grace, InstanceRecord, InstanceStatus, JobFinish, JobKind,
+    JobResolution, JobState, NewJob, Outcome, PaidInvoice, SubscriptionState,
 };
 use crate::operator::{AuditEntry, DriftRecord, Operator, OperatorRole, OperatorSession, OperatorStore, SessionCutoff};
 use crate::ports::{JobFilter, Store};
@@ -28,6 +28,7 @@ where
     Fut: Future<Output = Arc<S>>,
 {
     finds_by_email_app_and_customer(fresh().await).await;
+    searches_by_part_of_an_email_a_reference_or_an_invoice(fresh().await).await;
     events_of_a_customer_newest_first(fresh().await).await;
     jobs_of_a_subscription(fresh().await).await;
     grace_by_deadline(fresh().await).await;
@@ -349,4 +350,31 @@ pub async fn sessions_end_by_logout_password_removal_and_time<S: Store + Operato
         assert!(store.touch_session("s-boot", &cutoff(minute)).await.unwrap().is_some(), "minute {minute}");
     }
     assert_eq!(store.touch_session("s-boot", &cutoff(481)).await.unwrap(), None, "eight hours old");
+}
+
+/// Search: part of an e-mail or a reference, ignoring case and literally; an invoice id, failed or
+/// paid.
+pub async fn searches_by_part_of_an_email_a_reference_or_an_invoice<S: Store + OperatorStore>(store: Arc<S>) {
+    store.commit(&commit(None, Some(patch("cus_a", "Ann.Lee@Example.com")))).await.unwrap();
+    store.commit(&commit(None, Some(patch("cus_b", "bob_100%@example.org")))).await.unwrap();
+    let with_ref = AccountPatch { reference: Some("user_123".into()), ..patch("cus_c", "carol@example.net") };
+    store.commit(&commit(None, Some(with_ref))).await.unwrap();
+    let mut failed = SubscriptionState::new("sub_f", "cus_f");
+    failed.failures = vec![Failure { at: t0(), invoice_id: Some("in_Failed1".into()) }];
+    failed.paid_invoices = vec![PaidInvoice { invoice_id: "in_Paid1".into(), at: t0() }];
+    store.commit(&commit(Some(failed), None)).await.unwrap();
+    let search = |text: &'static str| {
+        let store = Arc::clone(&store);
+        async move { store.search_customers(text, 10).await.unwrap() }
+    };
+    assert_eq!(search("ann.lee").await, ["cus_a"], "part of an e-mail, ignoring case");
+    assert_eq!(search("EXAMPLE").await, ["cus_a", "cus_b", "cus_c"], "sorted");
+    assert_eq!(search("100%").await, ["cus_b"], "% is a character");
+    assert!(search("b_b").await.is_empty(), "_ is a character");
+    assert_eq!(search("user_12").await, ["cus_c"], "part of the reference");
+    assert_eq!(search("in_Failed1").await, ["cus_f"], "a failed invoice");
+    assert_eq!(search("in_Paid1").await, ["cus_f"], "a paid invoice");
+    assert!(search("in_Paid").await.is_empty(), "invoice ids are whole");
+    assert!(search("").await.is_empty());
+    assert_eq!(store.search_customers("example", 2).await.unwrap(), ["cus_a", "cus_b"], "limited");
 }

@@ -199,4 +199,37 @@ as $$
     select to_jsonb(exists (select 1 from ended))
 $$;
 
+-- search_customers: p = {text, limit} → customer ids, sorted: accounts whose e-mail or reference
+-- contains the text (ignoring case, literally), and subscriptions whose failed or paid invoices
+-- include the invoice id. Both are scans (accounts, subscription aggregates): an operator's search,
+-- not a hot path.
+create or replace function public.billing_search_customers(p jsonb)
+returns jsonb
+language sql
+stable
+security invoker
+set search_path = ''
+as $$
+    with q as (
+        select p ->> 'text' as text,
+               '%' || pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(pg_catalog.lower(p ->> 'text'),
+                   '\', '\\'), '%', '\%'), '_', '\_') || '%' as pattern
+    ),
+    found as (
+        select a.stripe_customer_id as customer
+        from public.accounts a, q
+        where q.text <> '' and a.stripe_customer_id is not null
+          and (pg_catalog.lower(a.email) like q.pattern or pg_catalog.lower(a.client_reference_id) like q.pattern)
+        union
+        select s.customer_id
+        from public.billing_subscription_state s, q
+        where q.text <> ''
+          and (s.state -> 'failures' @> pg_catalog.jsonb_build_array(pg_catalog.jsonb_build_object('invoice_id', q.text))
+               or s.state -> 'paid_invoices'
+                  @> pg_catalog.jsonb_build_array(pg_catalog.jsonb_build_object('invoice_id', q.text)))
+    )
+    select coalesce(jsonb_agg(x.customer order by x.customer), '[]'::jsonb)
+    from (select f.customer from found f order by f.customer limit (p ->> 'limit')::bigint) x
+$$;
+
 select public.billing_restrict_functions();

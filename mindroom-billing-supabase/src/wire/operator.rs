@@ -23,6 +23,15 @@ pub(crate) async fn accounts_by_email<R: Rpc + ?Sized>(
     decode(F, rpc.call(F, json!({ "email": email, "limit": limit.to_string() })).await?)
 }
 
+pub(crate) async fn search_customers<R: Rpc + ?Sized>(
+    rpc: &R,
+    text: &str,
+    limit: u32,
+) -> Result<Vec<String>, StoreError> {
+    const F: &str = "billing_search_customers";
+    decode(F, rpc.call(F, json!({ "text": text, "limit": limit.to_string() })).await?)
+}
+
 pub(crate) async fn instance_by_app<R: Rpc + ?Sized>(
     rpc: &R,
     app_name: &str,
@@ -181,6 +190,13 @@ macro_rules! impl_operator_store_via_rpc {
                 limit: u32,
             ) -> Result<Vec<mindroom_billing_core::Account>, mindroom_billing_core::StoreError> {
                 crate::wire::operator::accounts_by_email(self, email, limit).await
+            }
+            async fn search_customers(
+                &self,
+                text: &str,
+                limit: u32,
+            ) -> Result<Vec<String>, mindroom_billing_core::StoreError> {
+                crate::wire::operator::search_customers(self, text, limit).await
             }
             async fn instance_by_app(
                 &self,
