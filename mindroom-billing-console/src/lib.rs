@@ -1,14 +1,17 @@
 //! The operator console of mindroom-billing: a small server-rendered web UI that answers "why does
 //! customer X have no instance?" on one page.
 //!
-//! - **Find**: one search box for a Stripe customer id, subscription id, event id, app name or e-mail.
-//! - **Customer page**: entitlements now, each subscription, its instance and the last provisioner
-//!   call, the event timeline (with the raw JSON byte for byte), the jobs, the last reconcile drift
-//!   and the audit trail.
+//! - **Find**: one search box for a Stripe customer id, subscription id, event id, invoice id, app
+//!   name, or part of an e-mail or account reference.
+//! - **Customer page**: first one sentence per subscription saying why it is in its state
+//!   ([`mindroom_billing_core::explain()`]); then entitlements now, each subscription, its instance
+//!   and the last provisioner call, the jobs by operation, the event timeline (with invoice ids and
+//!   amounts, and the raw JSON byte for byte), the last reconcile drift and the audit trail.
 //! - **Lists**: failed events, dead jobs, subscriptions in grace by deadline, drift, audit.
 //! - **Actions** (admin role only): replay an event, retry a dead job, reconcile a subscription
 //!   against Stripe now; each a `POST` with the session's CSRF token and a confirmation box, through
-//!   the [`Billing`] orchestrator, and recorded in the audit table.
+//!   the [`Billing`] orchestrator, recorded in the audit table, and answered with a redirect to its
+//!   result.
 //!
 //! It reads through the core's ports only ([`mindroom_billing_core::Store`] via [`Billing`] and
 //! [`OperatorStore`]), so it runs on every store. It depends on no other adapter crate.

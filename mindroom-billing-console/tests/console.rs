@@ -579,10 +579,11 @@ async fn reconcile_now_records_the_drift_it_fixed_and_clears_it_once_in_sync() {
     );
 }
 
-/// In real headless Chromium: log in, find the customer, open the failed event, replay it and see
-/// its disposition change; screenshots of the customer page and the lists.
+/// In real headless Chromium: log in as a named operator, find a customer by part of an e-mail,
+/// read why its instance is gone, open the failed event of another, replay it, retry a dead job,
+/// log out and see the old cookie refused; screenshots of the customer pages and the lists.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn in_a_browser_an_operator_finds_the_customer_and_replays_the_failed_event() {
+async fn in_a_browser_a_named_operator_finds_reads_why_acts_and_logs_out() {
     use fantoccini::Locator;
     let Some(browser) = support::browser::start().await else { return };
     let h = start(Options::default()).await;
@@ -596,28 +597,42 @@ async fn in_a_browser_an_operator_finds_the_customer_and_replays_the_failed_even
 
     c.goto(&format!("{base}/customers/cus_Evil1")).await.unwrap();
     assert!(c.current_url().await.unwrap().as_str().ends_with("/login"), "the browser is sent to log in");
-    c.find(Locator::Css("input[name=name]")).await.unwrap().send_keys("admin").await.unwrap();
-    c.find(Locator::Css("input[name=password]")).await.unwrap().send_keys(ADMIN_PASSWORD).await.unwrap();
+    shoot("login.png").await;
+    c.find(Locator::Css("input[name=name]")).await.unwrap().send_keys(ALICE).await.unwrap();
+    c.find(Locator::Css("input[name=password]")).await.unwrap().send_keys(ALICE_PASSWORD).await.unwrap();
     c.find(Locator::Css("form.login button")).await.unwrap().click().await.unwrap();
     let search = c.wait().for_element(Locator::Css("form.search-big input[name=q]")).await.unwrap();
-    search.send_keys(CUS).await.unwrap();
+    let who = c.find(Locator::Css("header .role")).await.unwrap().text().await.unwrap();
+    assert!(who.contains(ALICE), "the header names the operator: {who}");
+    shoot("front.png").await;
+
+    // Part of an e-mail finds the customer whose grace expired; the page starts with why.
+    search.send_keys("grace.hop").await.unwrap();
     c.find(Locator::Css("form.search-big button")).await.unwrap().click().await.unwrap();
-    c.wait().for_element(Locator::Css("section.timeline")).await.unwrap();
-    assert!(c.current_url().await.unwrap().as_str().ends_with("/customers/cus_Evil1"));
-    let email = c.find(Locator::Css("dd.email")).await.unwrap().text().await.unwrap();
+    let why = c.wait().for_element(Locator::Css("p.why")).await.unwrap().text().await.unwrap();
+    assert!(c.current_url().await.unwrap().as_str().ends_with(&format!("/customers/{}", support::GRACE_CUS)));
+    assert!(
+        why.contains(&format!("No instance: invoice {} ($50.00) failed on 15 Jul 2026", support::GRACE_INVOICE))
+            && why.contains("the 7-day grace ended on 22 Jul 2026; deprovisioned on 25 Jul 2026 (job"),
+        "{why}"
+    );
+    shoot("customer-grace-expired.png").await;
+
+    // The other customer: escaped values, the failed event replayed (POST, then the result page).
+    c.goto(&format!("{base}/customers/cus_Evil1")).await.unwrap();
+    let email = c.wait().for_element(Locator::Css("dd.email")).await.unwrap().text().await.unwrap();
     assert_eq!(email, EVIL_EMAIL, "shown as text; no script ran (an alert would have failed every command)");
     shoot("customer.png").await;
-
-    c.goto(&format!("{base}/events/failed")).await.unwrap();
-    shoot("failed-events.png").await;
-    c.goto(&format!("{base}/jobs/dead")).await.unwrap();
-    shoot("dead-jobs.png").await;
-    c.goto(&format!("{base}/grace")).await.unwrap();
-    shoot("grace.png").await;
-    c.goto(&format!("{base}/drift")).await.unwrap();
-    shoot("drift.png").await;
+    for (path, name) in [
+        ("/events/failed", "failed-events.png"),
+        ("/jobs/dead", "dead-jobs.png"),
+        ("/grace", "grace.png"),
+        ("/drift", "drift.png"),
+    ] {
+        c.goto(&format!("{base}{path}")).await.unwrap();
+        shoot(name).await;
+    }
     c.goto(&format!("{base}/customers/cus_Evil1")).await.unwrap();
-
     c.find(Locator::LinkText(FAILED_EVENT)).await.unwrap().click().await.unwrap();
     let disposition = c.wait().for_element(Locator::Id("disposition")).await.unwrap();
     assert_eq!(disposition.text().await.unwrap(), "failed");
@@ -626,13 +641,38 @@ async fn in_a_browser_an_operator_finds_the_customer_and_replays_the_failed_even
     c.find(Locator::Id("replay")).await.unwrap().click().await.unwrap();
     let result = c.wait().for_element(Locator::Id("result")).await.unwrap();
     assert!(result.text().await.unwrap().contains("disposition applied"));
+    assert!(c.current_url().await.unwrap().as_str().contains("/result?"), "redirected to the result");
+    c.refresh().await.unwrap();
+    c.wait().for_element(Locator::Id("result")).await.unwrap();
     c.find(Locator::Id("back")).await.unwrap().click().await.unwrap();
     let disposition = c.wait().for_element(Locator::Id("disposition")).await.unwrap();
     assert_eq!(disposition.text().await.unwrap(), "applied", "the disposition changed");
+
+    // Retry the dead job from the list.
+    c.goto(&format!("{base}/jobs/dead")).await.unwrap();
+    c.find(Locator::Css("form.action input[name=confirm]")).await.unwrap().click().await.unwrap();
+    c.find(Locator::Css("form.action button")).await.unwrap().click().await.unwrap();
+    let result = c.wait().for_element(Locator::Id("result")).await.unwrap().text().await.unwrap();
+    assert!(result.contains("re-queued"), "{result}");
     c.goto(&format!("{base}/customers/cus_Evil1")).await.unwrap();
-    shoot("customer-after-replay.png").await;
-    assert_eq!(h.store.load_event(FAILED_EVENT).await.unwrap().unwrap().status, EventStatus::Applied);
-    assert_eq!(h.store.list_audit(Some(CUS), 10).await.unwrap().len(), 1, "one audit row");
+    shoot("customer-after-actions.png").await;
+    let audit = h.store.list_audit(Some(CUS), 10).await.unwrap();
+    let rows: Vec<(&str, &str)> = audit.iter().map(|a| (a.actor.as_str(), a.action.as_str())).collect();
+    assert_eq!(
+        rows,
+        [("alice from 127.0.0.1", "retry_job"), ("alice from 127.0.0.1", "replay")],
+        "a refresh acted once"
+    );
+
+    // Log out; the old cookie is refused.
+    let old = c.get_named_cookie(mindroom_billing_console::SESSION_COOKIE).await.unwrap().value().to_owned();
+    c.find(Locator::Css("form.logout button")).await.unwrap().click().await.unwrap();
+    c.wait().for_element(Locator::Css("form.login")).await.unwrap();
+    let mut replayed = Client::new(h.addr);
+    replayed.cookie = Some(format!("{}={old}", mindroom_billing_console::SESSION_COOKIE));
+    let response = replayed.get("/customers/cus_Evil1").await;
+    assert_eq!(response.status(), 303, "the old cookie after logout");
+    assert_eq!(response.headers()["location"], "/login");
     browser.client.clone().close().await.unwrap();
 }
 
