@@ -226,12 +226,14 @@ where
 
     if method == Method::POST {
         let action = action_of(&segments);
+        // The customer the refused action was about, so its page lists the refusal too.
+        let customer_id = target_customer(console, action.0, action.1).await;
         let refused = |result: &str| AuditEntry {
             at: now,
             actor: actor(&session.operator, client),
             action: action.0.to_owned(),
             target: action.1.to_owned(),
-            customer_id: None,
+            customer_id: customer_id.clone(),
             ok: false,
             result: result.to_owned(),
         };
@@ -345,6 +347,27 @@ fn action_of<'a>(segments: &[&'a str]) -> (&'static str, &'a str) {
         ["subscriptions", id, "reconcile"] => ("reconcile", id),
         ["logout"] => ("logout", ""),
         _ => ("unknown", ""),
+    }
+}
+
+/// The customer an action's target concerns: the event's, the subscription's, or the job's (its
+/// e-mail's customer, or its subscription's). `None` when unknown or the store does not answer.
+async fn target_customer(console: &Console, action: &str, target: &str) -> Option<String> {
+    let store = console.billing.store();
+    match action {
+        "replay" => store.load_event(target).await.ok().flatten().and_then(|e| event_customer(&e.payload)),
+        "reconcile" => store.load_subscription(target).await.ok().flatten().map(|s| s.customer_id),
+        "retry_job" => {
+            let job = console.ops.load_job(target.parse().ok()?).await.ok().flatten()?;
+            match &job.kind {
+                mindroom_billing_core::JobKind::Email { customer_id, .. } => Some(customer_id.clone()),
+                _ => {
+                    let sub = pages::job_about(&job)?;
+                    store.load_subscription(sub).await.ok().flatten().map(|s| s.customer_id)
+                }
+            }
+        }
+        _ => None,
     }
 }
 
@@ -639,14 +662,8 @@ async fn retry(console: &Console, ctx: &Ctx, actor: String, id: &str) -> Result<
     let fail = |e: StoreError| store_failed(ctx, &e);
     let now = console.billing.now();
     let retried = console.ops.retry_dead_job(job_id, now).await.map_err(fail)?;
-    let about = retried.as_ref().and_then(pages::job_about).map(str::to_owned);
-    let customer_id = match &retried.as_ref().map(|j| &j.kind) {
-        Some(mindroom_billing_core::JobKind::Email { customer_id, .. }) => Some(customer_id.clone()),
-        _ => match &about {
-            Some(sub) => console.billing.store().load_subscription(sub).await.map_err(fail)?.map(|s| s.customer_id),
-            None => None,
-        },
-    };
+    // Also for a job that is not dead: the refused retry is listed on its customer's page.
+    let customer_id = target_customer(console, "retry_job", id).await;
     let entry = AuditEntry {
         at: now,
         actor,

@@ -512,6 +512,7 @@ async fn replay_and_retry_change_what_they_should_and_leave_audit_rows() {
         rows,
         [
             ("reconcile", SUB, false),
+            ("retry_job", job_id.as_str(), false),
             ("retry_job", job_id.as_str(), true),
             ("replay", FAILED_EVENT, true),
             ("replay", FAILED_EVENT, true),
@@ -520,6 +521,7 @@ async fn replay_and_retry_change_what_they_should_and_leave_audit_rows() {
     assert!(audit.iter().all(|a| a.actor == "admin from 127.0.0.1" && a.at == h.billing.now()));
     let all = h.store.list_audit(None, 10).await.unwrap();
     let refused = all.iter().find(|a| a.action == "retry_job" && !a.ok).expect("the refused retry is audited too");
+    assert_eq!(refused.customer_id.as_deref(), Some(CUS), "on its customer's page too");
     assert_eq!(refused.result, "the job is not dead (already retried, or unknown)");
     let page = admin.page("/customers/cus_Evil1").await;
     assert!(page.contains("re-queued: pending, due now") && page.contains("admin from 127.0.0.1"));

@@ -824,6 +824,10 @@ impl OperatorStore for MemoryStore {
         Ok(newest_first(found, |j| (j.created_at, j.id), limit))
     }
 
+    async fn load_job(&self, job_id: i64) -> Result<Option<Job>, StoreError> {
+        Ok(self.lock()?.jobs.get(&job_id).cloned())
+    }
+
     async fn subscriptions_in_grace(&self, limit: u32) -> Result<Vec<SubscriptionState>, StoreError> {
         let inner = self.lock()?;
         let mut found: Vec<&SubscriptionState> = inner

@@ -218,6 +218,9 @@ pub trait OperatorStore: Send + Sync + 'static {
     /// reconciles and e-mails), and those whose work names no subscription but whose group is it.
     async fn jobs_for_subscription(&self, subscription_id: &str, limit: u32) -> Result<Vec<Job>, StoreError>;
 
+    /// The job `job_id`, in whatever state.
+    async fn load_job(&self, job_id: i64) -> Result<Option<Job>, StoreError>;
+
     /// Subscriptions with a grace period whose expiry is not handled yet, earliest deadline first, at
     /// most `limit`.
     async fn subscriptions_in_grace(&self, limit: u32) -> Result<Vec<SubscriptionState>, StoreError>;

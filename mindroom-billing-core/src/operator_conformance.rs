@@ -217,6 +217,9 @@ pub async fn retry_is_fenced_on_dead<S: Store + OperatorStore>(store: Arc<S>) {
     let retried = store.retry_dead_job(claimed[0].id, later).await.unwrap().expect("a dead job is re-queued");
     assert_eq!((retried.key.as_str(), retried.state, retried.run_after), ("dies", JobState::Pending, later));
     assert_eq!(store.retry_dead_job(claimed[0].id, later).await.unwrap(), None, "once: it is pending now");
+    let loaded = store.load_job(claimed[0].id).await.unwrap().expect("a job is loaded by id");
+    assert_eq!((loaded.key.as_str(), loaded.state), ("dies", JobState::Pending));
+    assert_eq!(store.load_job(9_999_999).await.unwrap(), None);
     let again = store.claim_jobs(&Claim { now: later, lease: Duration::seconds(30), limit: 5 }).await.unwrap();
     assert_eq!(again.iter().map(|j| j.key.as_str()).collect::<Vec<_>>(), ["dies"]);
     assert_eq!(again[0].attempts, 2, "attempts keep counting (the fencing token)");

@@ -199,6 +199,17 @@ as $$
     select to_jsonb(exists (select 1 from ended))
 $$;
 
+-- load_job: p = {job_id} → the job, or null
+create or replace function public.billing_load_job(p jsonb)
+returns jsonb
+language sql
+stable
+security invoker
+set search_path = ''
+as $$
+    select public.billing_job_json(j) from public.billing_jobs j where j.id = (p ->> 'job_id')::bigint
+$$;
+
 -- search_customers: p = {text, limit} → customer ids, sorted: accounts whose e-mail or reference
 -- contains the text (ignoring case, literally), and subscriptions whose failed or paid invoices
 -- include the invoice id. Both are scans (accounts, subscription aggregates): an operator's search,

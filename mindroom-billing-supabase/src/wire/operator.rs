@@ -66,6 +66,11 @@ pub(crate) async fn jobs_for_subscription<R: Rpc + ?Sized>(
     decode(F, rpc.call(F, json!({ "subscription_id": subscription_id, "limit": limit.to_string() })).await?)
 }
 
+pub(crate) async fn load_job<R: Rpc + ?Sized>(rpc: &R, job_id: i64) -> Result<Option<Job>, StoreError> {
+    const F: &str = "billing_load_job";
+    decode_opt(F, rpc.call(F, json!({ "job_id": job_id.to_string() })).await?)
+}
+
 pub(crate) async fn subscriptions_in_grace<R: Rpc + ?Sized>(
     rpc: &R,
     limit: u32,
@@ -223,6 +228,12 @@ macro_rules! impl_operator_store_via_rpc {
                 limit: u32,
             ) -> Result<Vec<mindroom_billing_core::Job>, mindroom_billing_core::StoreError> {
                 crate::wire::operator::jobs_for_subscription(self, subscription_id, limit).await
+            }
+            async fn load_job(
+                &self,
+                job_id: i64,
+            ) -> Result<Option<mindroom_billing_core::Job>, mindroom_billing_core::StoreError> {
+                crate::wire::operator::load_job(self, job_id).await
             }
             async fn subscriptions_in_grace(
                 &self,
