@@ -512,11 +512,30 @@ pub(crate) fn event(ctx: &Ctx, e: &StoredEvent, customer: Option<&str>) -> Marku
     )
 }
 
-pub(crate) fn failed_events(ctx: &Ctx, events: &[StoredEvent]) -> Markup {
-    layout("Failed events", Some(ctx), &events_table(events, true))
+/// Where a list page is, and whether older rows follow.
+pub(crate) struct Pager {
+    pub(crate) path: &'static str,
+    pub(crate) page: u32,
+    pub(crate) more: bool,
 }
 
-pub(crate) fn dead_jobs(ctx: &Ctx, jobs: &[Job]) -> Markup {
+fn pager(pg: &Pager) -> Markup {
+    html! {
+        @if pg.page > 1 || pg.more {
+            nav.pager {
+                @if pg.page > 1 { a rel="prev" href=(format!("{}?page={}", pg.path, pg.page - 1)) { "← newer" } }
+                span { "page " (pg.page) }
+                @if pg.more { a rel="next" href=(format!("{}?page={}", pg.path, pg.page + 1)) { "older →" } }
+            }
+        }
+    }
+}
+
+pub(crate) fn failed_events(ctx: &Ctx, events: &[StoredEvent], pg: &Pager) -> Markup {
+    layout("Failed events", Some(ctx), &html! { (events_table(events, true)) (pager(pg)) })
+}
+
+pub(crate) fn dead_jobs(ctx: &Ctx, jobs: &[Job], pg: &Pager) -> Markup {
     layout(
         "Dead jobs",
         Some(ctx),
@@ -539,6 +558,7 @@ pub(crate) fn dead_jobs(ctx: &Ctx, jobs: &[Job]) -> Markup {
                     }
                 }
             }
+            (pager(pg))
         },
     )
 }
@@ -552,7 +572,7 @@ pub(crate) fn job_about(job: &Job) -> Option<&str> {
     }
 }
 
-pub(crate) fn grace(ctx: &Ctx, subs: &[SubscriptionState], now: DateTime<Utc>) -> Markup {
+pub(crate) fn grace(ctx: &Ctx, subs: &[SubscriptionState], now: DateTime<Utc>, pg: &Pager) -> Markup {
     layout(
         "In grace, by deadline",
         Some(ctx),
@@ -574,23 +594,25 @@ pub(crate) fn grace(ctx: &Ctx, subs: &[SubscriptionState], now: DateTime<Utc>) -
                     }
                 }
             }
+            (pager(pg))
         },
     )
 }
 
-pub(crate) fn drift(ctx: &Ctx, drift: &[DriftRecord], stripe: bool) -> Markup {
+pub(crate) fn drift(ctx: &Ctx, drift: &[DriftRecord], stripe: bool, pg: &Pager) -> Markup {
     layout(
         "Drift found by the last reconciliation",
         Some(ctx),
         &html! {
             @if !stripe { p.note { "The Stripe API is not configured (no STRIPE_SECRET_KEY): no reconciliation runs." } }
             @if drift.is_empty() { p.empty { "No drift." } } @else { (drift_table(drift)) }
+            (pager(pg))
         },
     )
 }
 
-pub(crate) fn audit(ctx: &Ctx, rows: &[AuditEntry]) -> Markup {
-    layout("Operator actions", Some(ctx), &audit_table(rows))
+pub(crate) fn audit(ctx: &Ctx, rows: &[AuditEntry], pg: &Pager) -> Markup {
+    layout("Operator actions", Some(ctx), &html! { (audit_table(rows)) (pager(pg)) })
 }
 
 pub(crate) fn action_result(ctx: &Ctx, title: &str, entry: &AuditEntry, back: &str) -> Markup {

@@ -25,6 +25,8 @@ use crate::{Console, ResponseBody, Role};
 const FORM_LIMIT: usize = 16 * 1024;
 /// Rows on a list page.
 const LIST_LIMIT: u32 = 200;
+/// The deepest list page (50 pages of 200 rows).
+const MAX_PAGES: u32 = 50;
 /// Customers a search lists.
 const SEARCH_LIMIT: u32 = 50;
 /// Rows of each kind on the customer page.
@@ -143,6 +145,30 @@ fn actor(name: &str, client: Option<IpAddr>) -> String {
         Some(ip) => format!("{name} from {ip}"),
         None => name,
     }
+}
+
+/// The `page` query parameter of a list (1, the default, is the newest [`LIST_LIMIT`] rows), at most
+/// [`MAX_PAGES`].
+fn page_number<B>(req: &Request<B>) -> u32 {
+    let query = req.uri().query().unwrap_or("");
+    let page = form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "page").and_then(|(_, v)| v.parse().ok());
+    page.unwrap_or(1).clamp(1, MAX_PAGES)
+}
+
+/// Rows to read for page `n`: every row up to its end and one more (is there a next page?). The
+/// ports list newest first with a limit, so a later page reads the earlier ones again: fine for
+/// the thousands of rows an operator pages through.
+fn rows_for(n: u32) -> u32 {
+    n.saturating_mul(LIST_LIMIT).saturating_add(1)
+}
+
+/// Page `n` of `rows` (read with [`rows_for`]) and its links.
+fn paged<T>(rows: Vec<T>, n: u32, path: &'static str) -> (Vec<T>, pages::Pager) {
+    let per = usize::try_from(LIST_LIMIT).unwrap_or(usize::MAX);
+    let skip = usize::try_from(n - 1).unwrap_or(usize::MAX).saturating_mul(per);
+    let more = rows.len() > skip.saturating_add(per);
+    let rows: Vec<T> = rows.into_iter().skip(skip).take(per).collect();
+    (rows, pages::Pager { path, page: n, more })
 }
 
 fn form_field(form: &[(String, String)], name: &str) -> Option<String> {
@@ -296,8 +322,10 @@ where
         }
         ["customers", id] => customer(console, &ctx, id).await,
         ["events", "failed"] => {
-            let events = store.list_events(&EventFilter { status: Some(EventStatus::Failed), limit: LIST_LIMIT });
-            Ok(page(StatusCode::OK, &pages::failed_events(&ctx, &events.await.map_err(fail)?)))
+            let n = page_number(&req);
+            let filter = EventFilter { status: Some(EventStatus::Failed), limit: rows_for(n) };
+            let (rows, pager) = paged(store.list_events(&filter).await.map_err(fail)?, n, "/events/failed");
+            Ok(page(StatusCode::OK, &pages::failed_events(&ctx, &rows, &pager)))
         }
         ["events", id] => match store.load_event(id).await.map_err(fail)? {
             Some(event) => {
@@ -312,20 +340,25 @@ where
             None => Err(refuse(Some(&ctx), StatusCode::NOT_FOUND, "No such event.")),
         },
         ["jobs", "dead"] => {
-            let jobs = store.list_jobs(&JobFilter { state: Some(JobState::Dead), limit: LIST_LIMIT });
-            Ok(page(StatusCode::OK, &pages::dead_jobs(&ctx, &jobs.await.map_err(fail)?)))
+            let n = page_number(&req);
+            let filter = JobFilter { state: Some(JobState::Dead), limit: rows_for(n) };
+            let (rows, pager) = paged(store.list_jobs(&filter).await.map_err(fail)?, n, "/jobs/dead");
+            Ok(page(StatusCode::OK, &pages::dead_jobs(&ctx, &rows, &pager)))
         }
         ["grace"] => {
-            let subs = ops.subscriptions_in_grace(LIST_LIMIT).await.map_err(fail)?;
-            Ok(page(StatusCode::OK, &pages::grace(&ctx, &subs, now)))
+            let n = page_number(&req);
+            let (rows, pager) = paged(ops.subscriptions_in_grace(rows_for(n)).await.map_err(fail)?, n, "/grace");
+            Ok(page(StatusCode::OK, &pages::grace(&ctx, &rows, now, &pager)))
         }
         ["drift"] => {
-            let drift = ops.list_drift(None, LIST_LIMIT).await.map_err(fail)?;
-            Ok(page(StatusCode::OK, &pages::drift(&ctx, &drift, console.billing.has_stripe_api())))
+            let n = page_number(&req);
+            let (rows, pager) = paged(ops.list_drift(None, rows_for(n)).await.map_err(fail)?, n, "/drift");
+            Ok(page(StatusCode::OK, &pages::drift(&ctx, &rows, console.billing.has_stripe_api(), &pager)))
         }
         ["audit"] => {
-            let rows = ops.list_audit(None, LIST_LIMIT).await.map_err(fail)?;
-            Ok(page(StatusCode::OK, &pages::audit(&ctx, &rows)))
+            let n = page_number(&req);
+            let (rows, pager) = paged(ops.list_audit(None, rows_for(n)).await.map_err(fail)?, n, "/audit");
+            Ok(page(StatusCode::OK, &pages::audit(&ctx, &rows, &pager)))
         }
         ["result"] => action_result(console, &ctx, &session, client, req.uri().query().unwrap_or("")).await,
         _ => Err(refuse(Some(&ctx), StatusCode::NOT_FOUND, "No such page.")),

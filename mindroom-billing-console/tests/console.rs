@@ -791,3 +791,29 @@ async fn long_values_are_shortened_and_audit_targets_are_links() {
     assert!(audit.contains(r#"<a href="/events/evt_failed_1">evt_failed_1</a>"#), "the target is a link");
     assert!(audit.contains(r#"<a href="/customers/cus_Evil1">cus_Evil1</a>"#), "and its customer");
 }
+
+/// Lists page past 200 rows.
+#[tokio::test]
+async fn lists_page_past_two_hundred_rows() {
+    let h = start(Options::default()).await;
+    let admin = Client::login(h.addr, ADMIN_PASSWORD).await; // its login row is the oldest
+    for i in 0..250i64 {
+        let entry = mindroom_billing_core::AuditEntry {
+            at: h.billing.now() + Duration::seconds(i),
+            actor: "seed".into(),
+            action: "replay".into(),
+            target: format!("evt_page_{i:03}"),
+            customer_id: None,
+            ok: true,
+            result: "applied".into(),
+        };
+        h.store.record_audit(&entry).await.unwrap();
+    }
+    let first = admin.page("/audit").await;
+    assert!(first.contains("evt_page_249") && first.contains("evt_page_050") && !first.contains("evt_page_049"));
+    assert!(first.contains(r#"href="/audit?page=2""#) && !first.contains("?page=0"), "a link to the older rows");
+    let second = admin.page("/audit?page=2").await;
+    assert!(second.contains("evt_page_049") && second.contains("evt_page_000") && !second.contains("evt_page_050"));
+    assert!(second.contains(r#"href="/audit?page=1""#) && !second.contains("?page=3"), "the last page");
+    assert!(admin.page("/audit?page=junk").await.contains("evt_page_249"), "a bad page is the first");
+}
