@@ -211,6 +211,18 @@ pub(crate) struct CustomerView {
     pub(crate) now: DateTime<Utc>,
 }
 
+/// The customer's name as the newest customer event (of `events`, newest first) gives it.
+pub(crate) fn customer_name(events: &[StoredEvent]) -> Option<String> {
+    events.iter().find_map(|e| {
+        let value: serde_json::Value = serde_json::from_str(&e.payload).ok()?;
+        let object = value.get("data")?.get("object")?;
+        if object.get("object")?.as_str()? != "customer" {
+            return None;
+        }
+        object.get("name")?.as_str().map(str::to_owned)
+    })
+}
+
 /// The invoice an event carries, if it is an invoice event.
 pub(crate) fn invoice_of(e: &StoredEvent) -> Option<InvoiceFact> {
     match mindroom_billing_core::parse_str(&e.payload).ok()?.object {
@@ -418,6 +430,7 @@ pub(crate) fn customer(ctx: &Ctx, view: &CustomerView) -> Markup {
             section.account {
                 dl {
                     dt { "customer" } dd { (view.customer_id) }
+                    dt { "name" } dd.name { (shorten(customer_name(&view.events).as_deref().unwrap_or("—"), LONG)) }
                     dt { "e-mail" } dd.email { (shorten(view.account.as_ref().and_then(|a| a.email.as_deref()).unwrap_or("—"), LONG)) }
                     dt { "reference" } dd { (shorten(view.account.as_ref().and_then(|a| a.reference.as_deref()).unwrap_or("—"), LONG)) }
                     dt { "account" } dd { (e.account_id) }

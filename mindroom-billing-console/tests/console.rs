@@ -696,6 +696,7 @@ async fn the_customer_page_says_why_and_names_jobs_by_operation() {
         writer.id
     );
     let why_at = page.find(&why).unwrap_or_else(|| panic!("the why sentence in {page}"));
+    assert!(page.contains(r#"<dd class="name">Grace Hopper</dd>"#), "the customer's name");
     assert!(why_at < page.find("Entitlements now").unwrap(), "at the top");
     for expected in [
         "<td class=\"operation\">provision</td>",
