@@ -512,6 +512,12 @@ fn the_console_needs_a_password_hash_and_its_own_port() {
         ];
         assert_config_error(&["serve"], &bad, &dir, "BILLING_CONSOLE_ORIGIN");
     }
+    let proxies = [
+        ("BILLING_CONSOLE_ADDR", "127.0.0.1:3999"),
+        ("BILLING_CONSOLE_PASSWORD_HASH", hash.as_str()),
+        ("BILLING_CONSOLE_TRUSTED_PROXIES", "10.0.0.1, proxy.example"),
+    ];
+    assert_config_error(&["serve"], &proxies, &dir, "BILLING_CONSOLE_TRUSTED_PROXIES");
 }
 
 #[test]

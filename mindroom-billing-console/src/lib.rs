@@ -88,6 +88,7 @@ pub struct ConsoleConfig {
     session_ttl: Duration,
     idle_timeout: Duration,
     throttle: ThrottlePolicy,
+    trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 impl ConsoleConfig {
@@ -105,6 +106,7 @@ impl ConsoleConfig {
             session_ttl: Duration::hours(8),
             idle_timeout: Duration::minutes(30),
             throttle: ThrottlePolicy::default(),
+            trusted_proxies: Vec::new(),
         })
     }
 
@@ -135,6 +137,15 @@ impl ConsoleConfig {
     #[must_use]
     pub fn with_session_ttl(mut self, ttl: Duration) -> Self {
         self.session_ttl = ttl;
+        self
+    }
+
+    /// Proxies whose `X-Forwarded-For` names the client (the last entry, the one the proxy
+    /// appended): the login throttle and the audit then see each client's own address instead of
+    /// the proxy's. Requests from other peers are taken at their word of nothing.
+    #[must_use]
+    pub fn with_trusted_proxies(mut self, proxies: impl IntoIterator<Item = std::net::IpAddr>) -> Self {
+        self.trusted_proxies = proxies.into_iter().collect();
         self
     }
 

@@ -41,6 +41,7 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
+    let client = client_address(console, client, &req);
     let mut response = match route(console, client, req).await {
         Ok(response) | Err(response) => response,
     };
@@ -58,6 +59,18 @@ where
         headers.insert(name, HeaderValue::from_static(value));
     }
     response
+}
+
+/// The client's address: the peer's, or, when the peer is a configured trusted proxy, the address
+/// that proxy appended to `X-Forwarded-For` (the last entry; earlier ones are the client's own
+/// claims and are ignored).
+fn client_address<B>(console: &Console, peer: Option<IpAddr>, req: &Request<B>) -> Option<IpAddr> {
+    let trusted = peer.is_some_and(|p| console.config.trusted_proxies.contains(&p));
+    if !trusted {
+        return peer;
+    }
+    let forwarded = req.headers().get_all("x-forwarded-for").iter().rev().find_map(|v| v.to_str().ok());
+    forwarded.and_then(|v| v.rsplit(',').next()).and_then(|a| a.trim().parse().ok()).or(peer)
 }
 
 type Answer = Result<Response<ResponseBody>, Response<ResponseBody>>;

@@ -818,3 +818,46 @@ async fn lists_page_past_two_hundred_rows() {
     assert!(second.contains(r#"href="/audit?page=1""#) && !second.contains("?page=3"), "the last page");
     assert!(admin.page("/audit?page=junk").await.contains("evt_page_249"), "a bad page is the first");
 }
+
+/// Behind a trusted proxy every client keeps its own address (so a flood through the proxy does not
+/// throttle everyone behind it); from any other peer, `X-Forwarded-For` is ignored.
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_client_is_throttled_on_its_own_address() {
+    let proxy = std::net::IpAddr::from([127, 0, 0, 1]);
+    let h = start(Options { trusted_proxies: vec![proxy], ..Options::default() }).await;
+    let login = |forwarded: &'static str, password: &'static str| {
+        let client = Client::new(h.addr);
+        async move {
+            let body = format!("name=admin&password={}", urlencoding(password));
+            let request = client
+                .http
+                .post(format!("{}/login", client.base))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .header("x-forwarded-for", forwarded)
+                .body(body);
+            request.send().await.unwrap().status().as_u16()
+        }
+    };
+    for _ in 0..8 {
+        login("10.0.0.66, 10.9.9.9", "wrong guess").await;
+    }
+    assert_eq!(login("10.9.9.9", "another guess").await, 429, "the guesser's address waits");
+    assert_eq!(login("10.0.0.7", ADMIN_PASSWORD).await, 303, "another client behind the same proxy does not");
+    let audit = h.store.list_audit(None, 20).await.unwrap();
+    assert_eq!(audit[0].actor, "admin from 10.0.0.7", "the audit names the client, not the proxy");
+    assert!(audit.iter().all(|a| !a.actor.contains("10.0.0.66")), "a client's own claim is ignored");
+
+    let direct = start(Options::default()).await;
+    let spoofed = Client::new(direct.addr)
+        .http
+        .post(format!("http://{}/login", direct.addr))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-forwarded-for", "10.1.2.3")
+        .body("name=admin&password=wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(spoofed.status(), 401);
+    let rows = direct.store.list_audit(None, 5).await.unwrap();
+    assert_eq!(rows[0].actor, "admin from 127.0.0.1", "not a trusted proxy: the header is ignored");
+}

@@ -101,6 +101,8 @@ pub struct Options {
     pub stripe: Option<Arc<FakeStripeApi>>,
     /// The console's public origin (default: `http://` and the bound address).
     pub origin: Option<String>,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 /// Seeds the store (an applied event, a failed one whose price is known now, an account with a
@@ -135,7 +137,8 @@ pub async fn start(options: Options) -> Harness {
         .unwrap()
         .with_origin(&origin)
         .unwrap()
-        .with_secure_cookie(options.secure_cookie);
+        .with_secure_cookie(options.secure_cookie)
+        .with_trusted_proxies(options.trusted_proxies.clone());
     let console = Arc::new(Console::new(billing.clone(), store.clone(), config));
     let (stop, stopped) = oneshot::channel();
     tokio::spawn(mindroom_billing_console::serve(listener, console, async {
