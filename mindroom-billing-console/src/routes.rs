@@ -373,7 +373,7 @@ where
             let (rows, pager) = paged(ops.list_audit(None, rows_for(n)).await.map_err(fail)?, n, "/audit");
             Ok(page(StatusCode::OK, &pages::audit(&ctx, &rows, &pager)))
         }
-        ["result"] => action_result(console, &ctx, &session, client, req.uri().query().unwrap_or("")).await,
+        ["result"] => action_result(console, &ctx, &session, req.uri().query().unwrap_or("")).await,
         _ => Err(refuse(Some(&ctx), StatusCode::NOT_FOUND, "No such page.")),
     }
 }
@@ -638,13 +638,7 @@ async fn audited(console: &Console, ctx: &Ctx, entry: &AuditEntry) -> Answer {
 }
 
 /// The result page of an action: the newest audit row of this operator for that action and target.
-async fn action_result(
-    console: &Console,
-    ctx: &Ctx,
-    session: &OperatorSession,
-    client: Option<IpAddr>,
-    query: &str,
-) -> Answer {
+async fn action_result(console: &Console, ctx: &Ctx, session: &OperatorSession, query: &str) -> Answer {
     let field =
         |name: &str| form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned());
     let (Some(action), Some(target)) = (field("action"), field("target")) else {
@@ -652,8 +646,11 @@ async fn action_result(
     };
     let customer = field("customer");
     let rows = console.ops.list_audit(customer.as_deref(), LIST_LIMIT).await.map_err(|e| store_failed(ctx, &e))?;
-    let me = actor(&session.operator, client);
-    let Some(entry) = rows.into_iter().find(|a| a.action == action && a.target == target && a.actor == me) else {
+    // This operator's row, from whichever address it acted.
+    let me = actor(&session.operator, None);
+    let mine =
+        |a: &AuditEntry| a.actor == me || a.actor.strip_prefix(&me).is_some_and(|rest| rest.starts_with(" from "));
+    let Some(entry) = rows.into_iter().find(|a| a.action == action && a.target == target && mine(a)) else {
         return Err(refuse(Some(ctx), StatusCode::NOT_FOUND, "No such result."));
     };
     let (title, back) = match action.as_str() {
