@@ -778,6 +778,7 @@ impl OperatorStore for MemoryStore {
         let invoices = inner
             .subscriptions
             .values()
+            .filter(|_| text.starts_with("in_"))
             .filter(|s| {
                 s.failures.iter().any(|f| f.invoice_id.as_deref() == Some(text))
                     || s.paid_invoices.iter().any(|p| p.invoice_id == text)

@@ -198,8 +198,8 @@ pub trait OperatorStore: Send + Sync + 'static {
 
     /// Stripe customer ids a support request may mean by `text`, sorted, at most `limit`: those whose
     /// account e-mail or platform reference contains it (ignoring case; taken literally, `%` and `_`
-    /// are no patterns), and those with a subscription whose failed or paid invoices include the
-    /// invoice id `text`. An empty `text` finds nothing.
+    /// are no patterns), and, when `text` is an invoice id (`in_…`), those with a subscription whose
+    /// failed or paid invoices include it. An empty `text` finds nothing.
     async fn search_customers(&self, text: &str, limit: u32) -> Result<Vec<String>, StoreError>;
 
     /// The instance record whose app name is `app_name`.

@@ -211,9 +211,9 @@ as $$
 $$;
 
 -- search_customers: p = {text, limit} → customer ids, sorted: accounts whose e-mail or reference
--- contains the text (ignoring case, literally), and subscriptions whose failed or paid invoices
--- include the invoice id. Both are scans (accounts, subscription aggregates): an operator's search,
--- not a hot path.
+-- contains the text (ignoring case, literally), and, for an invoice id (`in_…`), subscriptions whose
+-- failed or paid invoices include it. Both are scans (accounts, subscription aggregates): an
+-- operator's search, not a hot path.
 create or replace function public.billing_search_customers(p jsonb)
 returns jsonb
 language sql
@@ -234,7 +234,7 @@ as $$
         union
         select s.customer_id
         from public.billing_subscription_state s, q
-        where q.text <> ''
+        where q.text like 'in\_%'
           and (s.state -> 'failures' @> pg_catalog.jsonb_build_array(pg_catalog.jsonb_build_object('invoice_id', q.text))
                or s.state -> 'paid_invoices'
                   @> pg_catalog.jsonb_build_array(pg_catalog.jsonb_build_object('invoice_id', q.text)))
