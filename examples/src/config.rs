@@ -118,6 +118,10 @@ pub(crate) struct ConsoleSettings {
     pub(crate) session_key: Option<SecretString>,
     /// Mark the session cookie `Secure` (the console is reached over HTTPS).
     pub(crate) secure_cookie: bool,
+    /// The public origin browsers reach it at (`BILLING_CONSOLE_ORIGIN`, default `http://` + addr).
+    pub(crate) origin: String,
+    /// Proxies whose `X-Forwarded-For` names the client (`BILLING_CONSOLE_TRUSTED_PROXIES`).
+    pub(crate) trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 impl fmt::Debug for ConsoleSettings {
@@ -127,6 +131,8 @@ impl fmt::Debug for ConsoleSettings {
             .field("readonly", &self.readonly_password_hash.is_some())
             .field("session_key", &self.session_key.as_ref().map(|_| "[set]"))
             .field("secure_cookie", &self.secure_cookie)
+            .field("origin", &self.origin)
+            .field("trusted_proxies", &self.trusted_proxies)
             .finish_non_exhaustive()
     }
 }
@@ -145,7 +151,10 @@ impl ConsoleSettings {
         };
         let mut config = ConsoleConfig::new(self.password_hash.expose_secret(), key)
             .map_err(err("BILLING_CONSOLE_PASSWORD_HASH"))?
-            .with_secure_cookie(self.secure_cookie);
+            .with_origin(&self.origin)
+            .map_err(err("BILLING_CONSOLE_ORIGIN"))?
+            .with_secure_cookie(self.secure_cookie)
+            .with_trusted_proxies(self.trusted_proxies.iter().copied());
         if let Some(hash) = &self.readonly_password_hash {
             config = config
                 .with_readonly_password_hash(hash.expose_secret())
@@ -209,6 +218,19 @@ fn console_from_env(public_port: u16) -> Result<Option<ConsoleSettings>, ConfigE
         readonly_password_hash: var("BILLING_CONSOLE_READONLY_PASSWORD_HASH").map(SecretString::from),
         session_key: secret("BILLING_CONSOLE_SESSION_KEY")?,
         secure_cookie,
+        origin: var("BILLING_CONSOLE_ORIGIN").unwrap_or_else(|| format!("http://{addr}")),
+        trusted_proxies: var("BILLING_CONSOLE_TRUSTED_PROXIES")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.parse().map_err(|e| ConfigError {
+                    var: "BILLING_CONSOLE_TRUSTED_PROXIES",
+                    message: format!("expected IP addresses separated by commas, got {s:?} ({e})"),
+                })
+            })
+            .collect::<Result<_, _>>()?,
     };
     settings.console_config()?; // validates the hashes and the key now, at start-up
     Ok(Some(settings))

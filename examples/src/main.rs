@@ -156,6 +156,26 @@ enum ConsoleCommand {
     /// Read a password (from the terminal without echo, or the first line of a pipe) and print its
     /// argon2id hash for `BILLING_CONSOLE_PASSWORD_HASH` / `BILLING_CONSOLE_READONLY_PASSWORD_HASH`.
     HashPassword,
+    /// Add a named operator to the server's store; the password is read like `hash-password`'s.
+    AddOperator {
+        /// The login name (letters, digits, `.`, `_`, `-`, `@`; at most 64).
+        name: String,
+        /// `admin` (may act) or `read-only`.
+        #[arg(long)]
+        role: String,
+    },
+    /// List the operators in the server's store.
+    ListOperators,
+    /// Remove an operator; its sessions end at once.
+    RemoveOperator {
+        /// The login name.
+        name: String,
+    },
+    /// Set an operator's password (read like `hash-password`'s); its sessions end at once.
+    SetPassword {
+        /// The login name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -302,6 +322,12 @@ pub(crate) fn print_error(e: &anyhow::Error) {
 
 /// `console hash-password`: the password from the terminal (no echo) or the first line of stdin.
 fn hash_password() -> Result<()> {
+    say!("{}", read_password_hash()?);
+    Ok(())
+}
+
+/// A new password from the terminal (no echo, twice) or the first line of stdin, hashed.
+fn read_password_hash() -> Result<String> {
     let password = if std::io::stdin().is_terminal() {
         let first = rpassword::prompt_password("Console password: ").context("reading the password")?;
         let again = rpassword::prompt_password("Again: ").context("reading the password")?;
@@ -317,7 +343,64 @@ fn hash_password() -> Result<()> {
     if password.chars().count() < 12 {
         bail!("use at least 12 characters");
     }
-    say!("{}", mindroom_billing_console::hash_password(&password)?);
+    Ok(mindroom_billing_console::hash_password(&password)?)
+}
+
+/// The `console` operator commands, on the server's store.
+async fn operators(config: &Config, command: ConsoleCommand) -> Result<()> {
+    let ops = wiring::build_store(config, false).await?.ops;
+    let now = chrono::Utc::now();
+    let valid_name = |name: &str| {
+        let ok = !name.is_empty()
+            && name.len() <= 64
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'));
+        if ok { Ok(()) } else { Err(anyhow!("{name:?}: use 1 to 64 letters, digits, '.', '_', '-' or '@'")) }
+    };
+    match command {
+        ConsoleCommand::HashPassword => hash_password()?,
+        ConsoleCommand::AddOperator { name, role } => {
+            valid_name(&name)?;
+            let role = mindroom_billing_core::OperatorRole::parse(&role)
+                .ok_or_else(|| anyhow!("unknown role {role:?} (admin, read-only)"))?;
+            if ops.load_operator(&name).await?.is_some() {
+                bail!("an operator named {name} exists already (set-password changes its password)");
+            }
+            let operator = mindroom_billing_core::Operator {
+                name: name.clone(),
+                role,
+                password_hash: read_password_hash()?,
+                created_at: now,
+            };
+            if !ops.add_operator(&operator).await? {
+                bail!("an operator named {name} exists already");
+            }
+            say!("added {name} ({})", role.as_str());
+        }
+        ConsoleCommand::ListOperators => {
+            let all = ops.list_operators().await?;
+            say!("{:<32}  {:<9}  ADDED", "NAME", "ROLE");
+            for o in &all {
+                say!("{:<32}  {:<9}  {}", o.name, o.role.as_str(), o.created_at.format("%Y-%m-%d %H:%M:%S"));
+            }
+            say!("({} operators)", all.len());
+        }
+        ConsoleCommand::RemoveOperator { name } => {
+            if !ops.remove_operator(&name, now).await? {
+                bail!("no operator named {name}");
+            }
+            say!("removed {name}; its sessions have ended");
+        }
+        ConsoleCommand::SetPassword { name } => {
+            if ops.load_operator(&name).await?.is_none() {
+                bail!("no operator named {name}");
+            }
+            let hash = read_password_hash()?;
+            if !ops.set_operator_password(&name, &hash, now).await? {
+                bail!("no operator named {name}");
+            }
+            say!("password of {name} set; its sessions have ended");
+        }
+    }
     Ok(())
 }
 
@@ -350,6 +433,7 @@ async fn run(command: Command, config: Config) -> Result<()> {
         Command::Serve { host, migrate } => run_serve(config, host, migrate).await,
         Command::Console { command: ConsoleCommand::HashPassword } => hash_password(),
         Command::Cutover { command: CutoverCommand::Compare { .. } } => unreachable!("run by main"),
+        Command::Console { command } => operators(&config, command).await,
         Command::Sign { file, secret, timestamp } => {
             let body = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let secret = signing_secret(&config, secret)?;
@@ -696,7 +780,15 @@ async fn run_serve(config: Config, host: Option<IpAddr>, migrate: bool) -> Resul
                 .with_context(|| format!("binding {} (BILLING_CONSOLE_ADDR)", settings.addr))?;
             let console = mindroom_billing_console::Console::new(Arc::clone(&billing), ops, console_config);
             if settings.session_key.is_none() {
-                info!("no BILLING_CONSOLE_SESSION_KEY: console sessions end when this process restarts");
+                info!("no BILLING_CONSOLE_SESSION_KEY: forms opened before a restart must be reloaded after it");
+            }
+            if !settings.addr.ip().is_loopback() && !settings.origin.starts_with("https://") {
+                warn!(
+                    addr = %settings.addr,
+                    origin = %settings.origin,
+                    "the console listens beyond this machine without https: passwords and session cookies cross \
+                     the network in clear; put it behind a TLS proxy and set BILLING_CONSOLE_ORIGIN=https://…"
+                );
             }
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let task = tokio::spawn(mindroom_billing_console::serve(listener, Arc::new(console), async {

@@ -504,6 +504,46 @@ fn the_console_needs_a_password_hash_and_its_own_port() {
     assert_config_error(&["serve"], &plain, &dir, "BILLING_CONSOLE_PASSWORD_HASH");
     let no_port = [("BILLING_CONSOLE_ADDR", "127.0.0.1"), ("BILLING_CONSOLE_PASSWORD_HASH", hash.as_str())];
     assert_config_error(&["serve"], &no_port, &dir, "BILLING_CONSOLE_ADDR");
+    for origin in ["ftp://console.example", "console.example", "https://console.example/path"] {
+        let bad = [
+            ("BILLING_CONSOLE_ADDR", "127.0.0.1:3999"),
+            ("BILLING_CONSOLE_PASSWORD_HASH", hash.as_str()),
+            ("BILLING_CONSOLE_ORIGIN", origin),
+        ];
+        assert_config_error(&["serve"], &bad, &dir, "BILLING_CONSOLE_ORIGIN");
+    }
+    let proxies = [
+        ("BILLING_CONSOLE_ADDR", "127.0.0.1:3999"),
+        ("BILLING_CONSOLE_PASSWORD_HASH", hash.as_str()),
+        ("BILLING_CONSOLE_TRUSTED_PROXIES", "10.0.0.1, proxy.example"),
+    ];
+    assert_config_error(&["serve"], &proxies, &dir, "BILLING_CONSOLE_TRUSTED_PROXIES");
+}
+
+#[test]
+fn a_console_reachable_from_the_network_without_https_is_warned_about() {
+    let hash = console_hash("a console password");
+    let open = format!("0.0.0.0:{}", free_port());
+    let env = [("BILLING_CONSOLE_ADDR", open.as_str()), ("BILLING_CONSOLE_PASSWORD_HASH", hash.as_str())];
+    let server = Server::start(&["--host", "127.0.0.1"], &env);
+    server.wait_for_log("console listening");
+    assert!(server.log().contains("without https"), "{}", server.log());
+    drop(server);
+    let behind_tls = [
+        ("BILLING_CONSOLE_ADDR", open.as_str()),
+        ("BILLING_CONSOLE_PASSWORD_HASH", hash.as_str()),
+        ("BILLING_CONSOLE_ORIGIN", "https://console.example"),
+    ];
+    let server = Server::start(&["--host", "127.0.0.1"], &behind_tls);
+    server.wait_for_log("console listening");
+    assert!(!server.log().contains("without https"), "{}", server.log());
+    let local = format!("127.0.0.1:{}", free_port());
+    let server = Server::start(
+        &[],
+        &[("BILLING_CONSOLE_ADDR", local.as_str()), ("BILLING_CONSOLE_PASSWORD_HASH", hash.as_str())],
+    );
+    server.wait_for_log("console listening");
+    assert!(!server.log().contains("without https"), "loopback: {}", server.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -535,7 +575,7 @@ async fn the_console_on_postgres_shows_a_failed_event_and_replays_it_with_an_aud
     let login = http
         .post(format!("{base}/login"))
         .header("content-type", "application/x-www-form-urlencoded")
-        .body("password=a+console+password")
+        .body("name=admin&password=a+console+password")
         .send()
         .await
         .unwrap();
@@ -559,8 +599,10 @@ async fn the_console_on_postgres_shows_a_failed_event_and_replays_it_with_an_aud
         .send()
         .await
         .unwrap();
-    assert_eq!(replayed.status(), 200);
-    assert!(replayed.text().await.unwrap().contains("disposition failed"), "still no price configured");
+    assert_eq!(replayed.status(), 303, "POST/redirect/GET");
+    let result = get(replayed.headers()["location"].to_str().unwrap().to_owned()).await;
+    assert!(result.contains("disposition failed"), "still no price configured: {result}");
+    assert!(result.contains(r#"class="failed""#), "a replay that ends failed is shown as a failure");
     let customer = get("/customers/cus_QXg1o8vcGmoR32".into()).await;
     assert!(customer.contains(id) && customer.contains("admin from 127.0.0.1"), "{customer}");
     drop(server);
@@ -808,6 +850,175 @@ async fn the_internal_api_answers_by_stripe_customer_and_by_reference_on_postgre
     let unknown = get("/v1/entitlements?reference=user_nobody").await.unwrap();
     assert_eq!(unknown.status(), 404);
     assert_eq!(unknown.text().await.unwrap(), r#"{"error":"no account with reference \"user_nobody\""}"#);
+    drop(server);
+    db.drop_db().await.unwrap();
+}
+
+/// Runs the binary with `input` on stdin (a piped password).
+fn with_stdin(args: &[&str], env: &[(&str, &str)], input: &str) -> Output {
+    use std::io::Write as _;
+    let mut child = binary(&std::env::temp_dir())
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// A console client from one local address (any of 127.0.0.0/8) that keeps its cookie.
+struct ConsoleClient {
+    http: reqwest::Client,
+    base: String,
+    cookie: Option<String>,
+}
+
+impl ConsoleClient {
+    fn new(addr: &str, from: [u8; 4]) -> Self {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .local_address(std::net::IpAddr::from(from))
+            .build()
+            .unwrap();
+        Self { http, base: format!("http://{addr}"), cookie: None }
+    }
+
+    async fn post(&self, path: &str, body: String, headers: &[(&str, &str)]) -> reqwest::Response {
+        let mut request = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body);
+        if let Some(cookie) = &self.cookie {
+            request = request.header("cookie", cookie);
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send().await.unwrap()
+    }
+
+    async fn login(&mut self, name: &str, password: &str) -> u16 {
+        let body: String = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs([("name", name), ("password", password)])
+            .finish();
+        let response = self.post("/login", body, &[]).await;
+        if let Some(set) = response.headers().get("set-cookie") {
+            self.cookie = Some(set.to_str().unwrap().split(';').next().unwrap().to_owned());
+        }
+        response.status().as_u16()
+    }
+
+    async fn get(&self, path: &str, host: Option<&str>) -> reqwest::Response {
+        let mut request = self.http.get(format!("{}{path}", self.base));
+        if let Some(cookie) = &self.cookie {
+            request = request.header("cookie", cookie);
+        }
+        if let Some(host) = host {
+            request = request.header("host", host);
+        }
+        request.send().await.unwrap()
+    }
+
+    async fn csrf(&self) -> String {
+        let page = self.get("/", None).await.text().await.unwrap();
+        let at = page.find(r#"name="csrf" value=""#).expect("a form") + r#"name="csrf" value=""#.len();
+        page[at..].split('"').next().unwrap().to_owned()
+    }
+}
+
+/// Through the binary on PostgreSQL: a flood of wrong passwords does not lock the admin out;
+/// another Host and another scheme are refused; logging out ends the session; named operators from
+/// the command line log in, are named in the audit, and a password change or their removal ends
+/// their sessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_keeps_named_operators_and_sessions_in_the_store_and_cannot_be_locked() {
+    let db = TestDb::create().await.unwrap();
+    support::migrate(db.url());
+    let hash = console_hash("a console password");
+    let console_addr = format!("127.0.0.1:{}", free_port());
+    let secret = ("STRIPE_WEBHOOK_SECRET", "whsec_0123456789abcdef");
+    let env = [
+        ("DATABASE_URL", db.url()),
+        secret,
+        ("BILLING_CONSOLE_ADDR", console_addr.as_str()),
+        ("BILLING_CONSOLE_PASSWORD_HASH", hash.as_str()),
+    ];
+    let server = Server::start(&[], &env);
+    server.wait_for_log("console listening");
+
+    // Six addresses, ten wrong passwords each; then the admin from a seventh gets in at once.
+    for round in 0..10 {
+        for i in 2..8u8 {
+            let mut guesser = ConsoleClient::new(&console_addr, [127, 0, 0, i]);
+            let status = guesser.login("admin", &format!("guess {round}")).await;
+            assert!(status == 401 || status == 429, "{status}");
+        }
+    }
+    let mut admin = ConsoleClient::new(&console_addr, [127, 0, 0, 9]);
+    assert_eq!(admin.login("admin", "a console password").await, 303, "not locked out: {}", server.log());
+
+    // DNS rebinding: the same cookie on another Host is refused.
+    let port = console_addr.rsplit_once(':').unwrap().1;
+    let rebound = admin.get("/", Some(&format!("evil.test:{port}"))).await;
+    assert_eq!(rebound.status(), 421, "another Host");
+    let token = admin.csrf().await;
+    let https = format!("https://{console_addr}");
+    let crossed = admin.post("/logout", format!("csrf={token}"), &[("origin", https.as_str())]).await;
+    assert_eq!(crossed.status(), 403, "an https Origin against an http console");
+    assert_eq!(admin.get("/", None).await.status(), 200, "still logged in");
+
+    // Logout ends the session: the old cookie reads nothing more.
+    let own = format!("http://{console_addr}");
+    let out = admin.post("/logout", format!("csrf={token}"), &[("origin", own.as_str())]).await;
+    assert_eq!(out.status(), 303);
+    let replayed = admin.get("/", None).await;
+    assert_eq!(replayed.status(), 303, "the cookie after logout");
+    assert_eq!(replayed.headers()["location"], "/login");
+
+    // Named operators from the command line, kept in the store.
+    let db_env = [("DATABASE_URL", db.url())];
+    let added = with_stdin(&["console", "add-operator", "alice", "--role", "admin"], &db_env, "alice's password\n");
+    assert!(added.status.success(), "{}", text(&added.stderr));
+    let reader =
+        with_stdin(&["console", "add-operator", "bob", "--role", "read-only"], &db_env, "bob's long password\n");
+    assert!(reader.status.success(), "{}", text(&reader.stderr));
+    let twice = with_stdin(&["console", "add-operator", "alice", "--role", "admin"], &db_env, "another password\n");
+    assert!(!twice.status.success(), "a name once");
+    let listed = output(&["console", "list-operators"], &db_env);
+    let listed = text(&listed.stdout);
+    assert!(
+        listed.contains("alice") && listed.contains("admin") && listed.contains("bob") && listed.contains("read-only")
+    );
+    assert!(!listed.contains("argon2"), "no hashes printed: {listed}");
+
+    let mut alice = ConsoleClient::new(&console_addr, [127, 0, 0, 1]);
+    assert_eq!(alice.login("alice", "alice's password").await, 303);
+    let mut bob = ConsoleClient::new(&console_addr, [127, 0, 0, 1]);
+    assert_eq!(bob.login("bob", "bob's long password").await, 303);
+    let bob_token = bob.csrf().await;
+    let refused = bob.post("/jobs/1/retry", format!("csrf={bob_token}&confirm=yes"), &[]).await;
+    assert_eq!(refused.status(), 403);
+    let token = alice.csrf().await;
+    let acted = alice.post("/jobs/999/retry", format!("csrf={token}&confirm=yes"), &[]).await;
+    assert_eq!(acted.status(), 303);
+    let audit = alice.get("/audit", None).await.text().await.unwrap();
+    assert!(audit.contains("alice from 127.0.0.1") && audit.contains("retry_job"), "{audit}");
+    assert!(audit.contains("bob from 127.0.0.1") && audit.contains("refused: bob is read-only"), "{audit}");
+    assert!(audit.contains("admin from 127.0.0.2") && audit.contains("wrong name or password"), "{audit}");
+
+    let changed = with_stdin(&["console", "set-password", "alice"], &db_env, "alice's new password\n");
+    assert!(changed.status.success(), "{}", text(&changed.stderr));
+    assert_eq!(alice.get("/", None).await.status(), 303, "the password change ended alice's session");
+    assert_eq!(bob.get("/", None).await.status(), 200, "not bob's");
+    let removed = output(&["console", "remove-operator", "bob"], &db_env);
+    assert!(removed.status.success(), "{}", text(&removed.stderr));
+    assert_eq!(bob.get("/", None).await.status(), 303, "the removal ended bob's session");
+    assert_eq!(alice.login("alice", "alice's password").await, 401, "the old password");
+    assert_eq!(alice.login("alice", "alice's new password").await, 303);
     drop(server);
     db.drop_db().await.unwrap();
 }

@@ -3,15 +3,21 @@
 
 use chrono::{DateTime, Utc};
 use maud::{DOCTYPE, Markup, html};
+use mindroom_billing_core::event::InvoiceFact;
+use mindroom_billing_core::explain::{explain, instance_writer, job_label, money};
+use mindroom_billing_core::operator::event_customer;
 use mindroom_billing_core::service::Entitlements;
 use mindroom_billing_core::{
-    Account, AuditEntry, DriftRecord, InstanceRecord, Job, JobCounts, JobKind, JobState, StoredEvent, SubscriptionState,
+    Account, AuditEntry, DriftRecord, EventObject, InstanceRecord, Job, JobCounts, JobKind, JobState, StoredEvent,
+    SubscriptionState,
 };
 
-use crate::auth::Role;
+use crate::Role;
 
-/// What every logged-in page needs: the role (to disable actions) and the CSRF token for forms.
+/// What every logged-in page needs: the operator, its role (to disable actions) and the CSRF token
+/// for forms.
 pub(crate) struct Ctx {
+    pub(crate) operator: String,
     pub(crate) role: Role,
     pub(crate) csrf: String,
 }
@@ -38,6 +44,18 @@ pub(crate) fn seg(s: &str) -> String {
 fn search_link(q: &str) -> String {
     let encoded: String = form_urlencoded::byte_serialize(q.as_bytes()).collect();
     format!("/search?q={encoded}")
+}
+
+/// `s` cut to at most `max` characters (an ellipsis marks the cut): long values from Stripe (a
+/// 100 KB e-mail) must not blow a page up.
+/// How many characters of a long value a page shows.
+pub(crate) const LONG: usize = 200;
+
+pub(crate) fn shorten(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
 }
 
 fn time(t: DateTime<Utc>) -> String {
@@ -70,12 +88,12 @@ fn layout(title: &str, ctx: Option<&Ctx>, content: &Markup) -> Markup {
                             a href="/audit" { "Audit" }
                         }
                         form.search method="get" action="/search" {
-                            input type="search" name="q" placeholder="cus_…, sub_…, evt_…, app or e-mail" aria-label="Find";
+                            input type="search" name="q" placeholder="id, app, part of an e-mail" aria-label="Find";
                             button type="submit" { "Find" }
                         }
                         form.logout method="post" action="/logout" {
                             input type="hidden" name="csrf" value=(ctx.csrf);
-                            span.role { (ctx.role.as_str()) }
+                            span.role { (ctx.operator) " (" (ctx.role.as_str()) ")" }
                             button type="submit" { "Log out" }
                         }
                     }
@@ -96,7 +114,8 @@ pub(crate) fn login(error: Option<&str>) -> Markup {
         &html! {
             @if let Some(error) = error { p.error { (error) } }
             form.login method="post" action="/login" {
-                label { "Password " input type="password" name="password" autocomplete="current-password" required autofocus; }
+                label { "Name " input type="text" name="name" autocomplete="username" required autofocus; }
+                label { "Password " input type="password" name="password" autocomplete="current-password" required; }
                 button type="submit" { "Log in" }
             }
         },
@@ -107,14 +126,31 @@ pub(crate) fn message(ctx: Option<&Ctx>, title: &str, text: &str) -> Markup {
     layout(title, ctx, &html! { p.error { (text) } p { a href="/" { "Back to the start" } } })
 }
 
-pub(crate) fn dashboard(ctx: &Ctx, counts: &JobCounts, stripe: bool) -> Markup {
+/// A count read with a bound: `200+` when there are more.
+pub(crate) struct Bounded {
+    pub(crate) count: usize,
+    pub(crate) more: bool,
+}
+
+impl std::fmt::Display for Bounded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}{}", self.count, if self.more { "+" } else { "" })
+    }
+}
+
+pub(crate) fn dashboard(ctx: &Ctx, counts: &JobCounts, failed_events: &Bounded, stripe: bool) -> Markup {
     layout(
         "Find a customer",
         Some(ctx),
         &html! {
             form.search-big method="get" action="/search" {
-                input type="search" name="q" placeholder="cus_…, sub_…, evt_…, app name or e-mail" aria-label="Find" autofocus;
+                input type="search" name="q" placeholder="cus_…, sub_…, evt_…, in_…, app name, part of an e-mail or reference" aria-label="Find" autofocus;
                 button type="submit" { "Find" }
+            }
+            h2 { "Needs attention" }
+            dl.attention {
+                dt { "failed events" } dd #failed-count { a href="/events/failed" { (failed_events) } }
+                dt { "dead jobs" } dd #dead-count { a href="/jobs/dead" { (counts.dead) } }
             }
             h2 { "Jobs" }
             dl.counts {
@@ -142,8 +178,8 @@ pub(crate) fn accounts(ctx: &Ctx, q: &str, found: &[Account]) -> Markup {
                         @for a in found {
                             tr {
                                 td { a href=(format!("/customers/{}", seg(&a.stripe_customer_id))) { (a.stripe_customer_id) } }
-                                td { (a.email.as_deref().unwrap_or("—")) }
-                                td { (a.reference.as_deref().unwrap_or("—")) }
+                                td { (shorten(a.email.as_deref().unwrap_or("—"), LONG)) }
+                                td { (shorten(a.reference.as_deref().unwrap_or("—"), LONG)) }
                             }
                         }
                     }
@@ -169,8 +205,30 @@ pub(crate) struct CustomerView {
     pub(crate) subscriptions: Vec<SubscriptionView>,
     pub(crate) events: Vec<StoredEvent>,
     pub(crate) audit: Vec<AuditEntry>,
+    /// The invoices the customer's events carry (for ids and amounts).
+    pub(crate) invoices: Vec<InvoiceFact>,
     pub(crate) stripe: bool,
     pub(crate) now: DateTime<Utc>,
+}
+
+/// The customer's name as the newest customer event (of `events`, newest first) gives it.
+pub(crate) fn customer_name(events: &[StoredEvent]) -> Option<String> {
+    events.iter().find_map(|e| {
+        let value: serde_json::Value = serde_json::from_str(&e.payload).ok()?;
+        let object = value.get("data")?.get("object")?;
+        if object.get("object")?.as_str()? != "customer" {
+            return None;
+        }
+        object.get("name")?.as_str().map(str::to_owned)
+    })
+}
+
+/// The invoice an event carries, if it is an invoice event.
+pub(crate) fn invoice_of(e: &StoredEvent) -> Option<InvoiceFact> {
+    match mindroom_billing_core::parse_str(&e.payload).ok()?.object {
+        EventObject::Invoice(invoice) => Some(invoice),
+        _ => None,
+    }
 }
 
 fn job_subject(job: &Job) -> String {
@@ -191,20 +249,35 @@ fn retry_form(ctx: &Ctx, job: &Job) -> Markup {
     }
 }
 
-fn jobs_table(ctx: &Ctx, jobs: &[Job]) -> Markup {
+/// A job's error as it stands: a done job's last error is history (it succeeded after it), shown
+/// muted as "earlier"; a skipped one says why.
+fn job_error(job: &Job) -> Markup {
+    let error = job.last_error.as_deref().unwrap_or("");
+    html! {
+        @if job.state == JobState::Done && !error.is_empty() {
+            @if error.starts_with("skipped:") { span.note { (shorten(error, LONG)) } }
+            @else { span.earlier { "earlier attempt: " (shorten(error, LONG)) } }
+        } @else {
+            span.error { (shorten(error, LONG)) }
+        }
+    }
+}
+
+fn jobs_table(ctx: &Ctx, sub: &SubscriptionView, now: DateTime<Utc>) -> Markup {
+    let jobs = &sub.jobs;
     html! {
         @if jobs.is_empty() { p.empty { "No jobs." } } @else {
             table.jobs {
-                thead { tr { th { "id" } th { "kind" } th { "state" } th { "attempts" } th { "next run" } th { "last error" } th {} } }
+                thead { tr { th { "id" } th { "operation" } th { "state" } th { "attempts" } th { "next run" } th { "error" } th {} } }
                 tbody {
                     @for job in jobs {
                         tr class=(format!("state-{}", job.state.as_str())) {
                             td { (job.id) }
-                            td { (job_subject(job)) }
+                            td.operation { (job_label(job, &sub.state, sub.instance.as_ref(), jobs, now)) }
                             td { (job.state.as_str()) }
                             td { (job.attempts) }
                             td { (time(job.run_after)) }
-                            td.error { (job.last_error.as_deref().unwrap_or("")) }
+                            td { (job_error(job)) }
                             td { @if job.state == JobState::Dead { (retry_form(ctx, job)) } }
                         }
                     }
@@ -234,12 +307,17 @@ fn audit_table(rows: &[AuditEntry]) -> Markup {
     html! {
         @if rows.is_empty() { p.empty { "No operator actions yet." } } @else {
             table.audit {
-                thead { tr { th { "when" } th { "who" } th { "what" } th { "on" } th { "result" } } }
+                thead { tr { th { "when" } th { "who" } th { "what" } th { "on" } th { "customer" } th { "result" } } }
                 tbody {
                     @for a in rows {
                         tr class=(if a.ok { "ok" } else { "failed" }) {
-                            td { (time(a.at)) } td { (a.actor) } td { (a.action) } td { (a.target) }
-                            td { (if a.ok { "ok: " } else { "failed: " }) (a.result) }
+                            td { (time(a.at)) } td { (shorten(&a.actor, 80)) } td { (a.action) }
+                            td { (audit_target(a)) }
+                            td { @match &a.customer_id {
+                                Some(c) => a href=(format!("/customers/{}", seg(c))) { (shorten(c, 40)) },
+                                None => "—",
+                            } }
+                            td { (if a.ok { "ok: " } else { "failed: " }) (shorten(&a.result, LONG)) }
                         }
                     }
                 }
@@ -248,21 +326,43 @@ fn audit_table(rows: &[AuditEntry]) -> Markup {
     }
 }
 
-fn events_table(events: &[StoredEvent]) -> Markup {
+/// An audit row's target as a link to what it names.
+fn audit_target(a: &AuditEntry) -> Markup {
+    let target = shorten(&a.target, 60);
+    let href = match a.action.as_str() {
+        "replay" => Some(format!("/events/{}", seg(&a.target))),
+        "reconcile" => Some(search_link(&a.target)),
+        "retry_job" => Some("/jobs/dead".to_owned()),
+        _ => None,
+    };
+    html! { @match href { Some(h) => a href=(h) { (target) }, None => (target) } }
+}
+
+fn events_table(events: &[StoredEvent], customers: bool) -> Markup {
     html! {
         @if events.is_empty() { p.empty { "No events." } } @else {
             table.events {
-                thead { tr { th { "event" } th { "type" } th { "created" } th { "received" } th { "source" } th { "disposition" } th { "reason" } th {} } }
+                thead { tr {
+                    th { "event" } th { "type" } th { "invoice" } @if customers { th { "customer" } }
+                    th { "created" } th { "received" } th { "source" } th { "disposition" } th { "reason" } th {}
+                } }
                 tbody {
                     @for e in events {
                         tr class=(format!("status-{}", e.status.as_str())) {
-                            td { a href=(format!("/events/{}", seg(&e.id))) { (e.id) } }
+                            td { a href=(format!("/events/{}", seg(&e.id))) { (shorten(&e.id, 40)) } }
                             td { (e.event_type) }
+                            td.invoice { @if let Some(i) = invoice_of(e) { (shorten(&i.id, 40)) " " (money(i.amount_due, &i.currency)) } }
+                            @if customers {
+                                td { @match event_customer(&e.payload) {
+                                    Some(c) => a href=(format!("/customers/{}", seg(&c))) { (shorten(&c, 40)) },
+                                    None => "—",
+                                } }
+                            }
                             td { (time(e.created)) }
                             td { (time(e.received_at)) }
                             td { (e.source.as_str()) }
                             td.disposition { (e.status.as_str()) }
-                            td.error { (e.reason.as_deref().unwrap_or("")) }
+                            td.error { (shorten(e.reason.as_deref().unwrap_or(""), LONG)) }
                             td { a href=(format!("/events/{}/raw", seg(&e.id))) { "raw" } }
                         }
                     }
@@ -272,8 +372,16 @@ fn events_table(events: &[StoredEvent]) -> Markup {
     }
 }
 
-fn instance_block(instance: Option<&InstanceRecord>, jobs: &[Job]) -> Markup {
-    let last_call = jobs.iter().find(|j| matches!(j.kind, JobKind::Reconcile { .. }) && j.attempts > 0);
+fn instance_block(sub: &SubscriptionView, now: DateTime<Utc>) -> Markup {
+    let (instance, jobs) = (sub.instance.as_ref(), &sub.jobs);
+    // The provisioner was called by the job that wrote the record, or by one still failing; a
+    // reconcile that found nothing to do called nothing.
+    let writer = instance.and_then(|i| instance_writer(i, jobs)).map(|j| j.id);
+    let last_call = jobs
+        .iter()
+        .filter(|j| matches!(j.kind, JobKind::Reconcile { .. }) && j.attempts > 0)
+        .filter(|j| j.state != JobState::Done || Some(j.id) == writer)
+        .max_by_key(|j| (j.updated_at, j.id));
     html! {
         @match instance {
             None => p.empty { "No instance recorded." },
@@ -282,9 +390,10 @@ fn instance_block(instance: Option<&InstanceRecord>, jobs: &[Job]) -> Markup {
                 dt { "status" } dd.status { (i.status.as_str()) }
                 dt { "generation" } dd { (i.generation) }
                 dt { "tier" } dd { (i.tier.map_or("—", |t| t.as_str())) }
-                dt { "frontend" } dd { (i.frontend_url.as_deref().unwrap_or("—")) }
-                dt { "backend" } dd { (i.backend_url.as_deref().unwrap_or("—")) }
+                dt { "frontend" } dd { (shorten(i.frontend_url.as_deref().unwrap_or("—"), LONG)) }
+                dt { "backend" } dd { (shorten(i.backend_url.as_deref().unwrap_or("—"), LONG)) }
                 dt { "updated" } dd { (time(i.updated_at)) }
+                @if let Some(at) = i.deprovisioned_at { dt { "deprovisioned" } dd { (time(at)) } }
             },
         }
         p.last-call {
@@ -292,8 +401,9 @@ fn instance_block(instance: Option<&InstanceRecord>, jobs: &[Job]) -> Markup {
             @match last_call {
                 None => "none yet.",
                 Some(j) => {
-                    "job " (j.id) " (attempt " (j.attempts) "), " (j.state.as_str()) " at " (time(j.updated_at)) ": "
-                    (j.last_error.as_deref().unwrap_or("ok"))
+                    (job_label(j, &sub.state, instance, jobs, now)) ", job " (j.id) " (attempt " (j.attempts) "), "
+                    (j.state.as_str()) " at " (time(j.updated_at)) ": "
+                    @if j.state == JobState::Done { "ok" } @else { span.error { (shorten(j.last_error.as_deref().unwrap_or("—"), LONG)) } }
                 },
             }
         }
@@ -306,11 +416,23 @@ pub(crate) fn customer(ctx: &Ctx, view: &CustomerView) -> Markup {
         &format!("Customer {}", view.customer_id),
         Some(ctx),
         &html! {
+            @if !view.subscriptions.is_empty() {
+                section.why {
+                    h2 { "Why" }
+                    @for sub in &view.subscriptions {
+                        p.why data-subscription=(sub.state.subscription_id) {
+                            strong { (sub.state.subscription_id) ": " }
+                            (explain(&sub.state, sub.instance.as_ref(), &sub.jobs, &view.invoices, view.now))
+                        }
+                    }
+                }
+            }
             section.account {
                 dl {
                     dt { "customer" } dd { (view.customer_id) }
-                    dt { "e-mail" } dd.email { (view.account.as_ref().and_then(|a| a.email.as_deref()).unwrap_or("—")) }
-                    dt { "reference" } dd { (view.account.as_ref().and_then(|a| a.reference.as_deref()).unwrap_or("—")) }
+                    dt { "name" } dd.name { (shorten(customer_name(&view.events).as_deref().unwrap_or("—"), LONG)) }
+                    dt { "e-mail" } dd.email { (shorten(view.account.as_ref().and_then(|a| a.email.as_deref()).unwrap_or("—"), LONG)) }
+                    dt { "reference" } dd { (shorten(view.account.as_ref().and_then(|a| a.reference.as_deref()).unwrap_or("—"), LONG)) }
                     dt { "account" } dd { (e.account_id) }
                 }
             }
@@ -334,15 +456,19 @@ pub(crate) fn customer(ctx: &Ctx, view: &CustomerView) -> Markup {
                         dt { "status" } dd { (snapshot.map_or("— (only invoices seen)", |x| x.status.as_str())) }
                         dt { "tier" } dd { (snapshot.map_or("—", |x| x.tier.as_str())) }
                         dt { "price" } dd { (snapshot.map_or("—", |x| x.price_id.as_str())) }
-                        dt { "period end" } dd { (opt_time(snapshot.and_then(|x| x.current_period_end))) }
+                        dt { "period end" }
+                        @match snapshot.and_then(|x| x.current_period_end) {
+                            Some(end) if end < view.now => dd.past { (time(end)) " — in the past: no renewal seen" },
+                            end => dd { (opt_time(end)) },
+                        }
                         dt { "entitlement" } dd { (s.entitlement(view.now).status.as_str()) }
                         dt { "grace deadline" } dd { (opt_time(s.grace.map(|g| g.ends_at))) }
                         dt { "version" } dd { (s.version) }
                     }
                     h3 { "Instance" }
-                    (instance_block(sub.instance.as_ref(), &sub.jobs))
+                    (instance_block(sub, view.now))
                     h3 { "Jobs" }
-                    (jobs_table(ctx, &sub.jobs))
+                    (jobs_table(ctx, sub, view.now))
                     h3 { "Last reconcile drift" }
                     @if sub.drift.is_empty() { p.empty { "None found by the last reconciliation (or none ran)." } } @else { (drift_table(&sub.drift)) }
                     @if view.stripe {
@@ -359,7 +485,7 @@ pub(crate) fn customer(ctx: &Ctx, view: &CustomerView) -> Markup {
             @if view.subscriptions.is_empty() { p.empty { "No subscription known for this customer." } }
             section.timeline {
                 h2 { "Events" }
-                (events_table(&view.events))
+                (events_table(&view.events, false))
             }
             section {
                 h2 { "Operator actions" }
@@ -383,7 +509,7 @@ pub(crate) fn event(ctx: &Ctx, e: &StoredEvent, customer: Option<&str>) -> Marku
                 dt { "source" } dd { (e.source.as_str()) }
                 dt { "deliveries" } dd { (e.deliveries) }
                 dt { "disposition" } dd #disposition class=(format!("status-{}", e.status.as_str())) { (e.status.as_str()) }
-                dt { "reason" } dd.error { (e.reason.as_deref().unwrap_or("—")) }
+                dt { "reason" } dd.error { (shorten(e.reason.as_deref().unwrap_or("—"), LONG)) }
             }
             @if !e.status.is_done() {
                 form.action method="post" action=(format!("/events/{}/replay", seg(&e.id))) {
@@ -399,11 +525,30 @@ pub(crate) fn event(ctx: &Ctx, e: &StoredEvent, customer: Option<&str>) -> Marku
     )
 }
 
-pub(crate) fn failed_events(ctx: &Ctx, events: &[StoredEvent]) -> Markup {
-    layout("Failed events", Some(ctx), &events_table(events))
+/// Where a list page is, and whether older rows follow.
+pub(crate) struct Pager {
+    pub(crate) path: &'static str,
+    pub(crate) page: u32,
+    pub(crate) more: bool,
 }
 
-pub(crate) fn dead_jobs(ctx: &Ctx, jobs: &[Job]) -> Markup {
+fn pager(pg: &Pager) -> Markup {
+    html! {
+        @if pg.page > 1 || pg.more {
+            nav.pager {
+                @if pg.page > 1 { a rel="prev" href=(format!("{}?page={}", pg.path, pg.page - 1)) { "← newer" } }
+                span { "page " (pg.page) }
+                @if pg.more { a rel="next" href=(format!("{}?page={}", pg.path, pg.page + 1)) { "older →" } }
+            }
+        }
+    }
+}
+
+pub(crate) fn failed_events(ctx: &Ctx, events: &[StoredEvent], pg: &Pager) -> Markup {
+    layout("Failed events", Some(ctx), &html! { (events_table(events, true)) (pager(pg)) })
+}
+
+pub(crate) fn dead_jobs(ctx: &Ctx, jobs: &[Job], pg: &Pager) -> Markup {
     layout(
         "Dead jobs",
         Some(ctx),
@@ -419,13 +564,14 @@ pub(crate) fn dead_jobs(ctx: &Ctx, jobs: &[Job]) -> Markup {
                                 td { @match job_about(job) { Some(q) => a href=(search_link(q)) { (q) }, None => "—" } }
                                 td { (job.attempts) }
                                 td { (time(job.updated_at)) }
-                                td.error { (job.last_error.as_deref().unwrap_or("")) }
+                                td.error { (shorten(job.last_error.as_deref().unwrap_or(""), LONG)) }
                                 td { (retry_form(ctx, job)) }
                             }
                         }
                     }
                 }
             }
+            (pager(pg))
         },
     )
 }
@@ -439,7 +585,7 @@ pub(crate) fn job_about(job: &Job) -> Option<&str> {
     }
 }
 
-pub(crate) fn grace(ctx: &Ctx, subs: &[SubscriptionState], now: DateTime<Utc>) -> Markup {
+pub(crate) fn grace(ctx: &Ctx, subs: &[SubscriptionState], now: DateTime<Utc>, pg: &Pager) -> Markup {
     layout(
         "In grace, by deadline",
         Some(ctx),
@@ -461,23 +607,25 @@ pub(crate) fn grace(ctx: &Ctx, subs: &[SubscriptionState], now: DateTime<Utc>) -
                     }
                 }
             }
+            (pager(pg))
         },
     )
 }
 
-pub(crate) fn drift(ctx: &Ctx, drift: &[DriftRecord], stripe: bool) -> Markup {
+pub(crate) fn drift(ctx: &Ctx, drift: &[DriftRecord], stripe: bool, pg: &Pager) -> Markup {
     layout(
         "Drift found by the last reconciliation",
         Some(ctx),
         &html! {
             @if !stripe { p.note { "The Stripe API is not configured (no STRIPE_SECRET_KEY): no reconciliation runs." } }
             @if drift.is_empty() { p.empty { "No drift." } } @else { (drift_table(drift)) }
+            (pager(pg))
         },
     )
 }
 
-pub(crate) fn audit(ctx: &Ctx, rows: &[AuditEntry]) -> Markup {
-    layout("Operator actions", Some(ctx), &audit_table(rows))
+pub(crate) fn audit(ctx: &Ctx, rows: &[AuditEntry], pg: &Pager) -> Markup {
+    layout("Operator actions", Some(ctx), &html! { (audit_table(rows)) (pager(pg)) })
 }
 
 pub(crate) fn action_result(ctx: &Ctx, title: &str, entry: &AuditEntry, back: &str) -> Markup {

@@ -12,17 +12,23 @@ use maud::Markup;
 use mindroom_billing_core::operator::event_customer;
 use mindroom_billing_core::ports::{EventFilter, JobFilter};
 use mindroom_billing_core::service::{SyncError, error_chain};
-use mindroom_billing_core::{AuditEntry, EventStatus, JobState, StoreError, account_id_for_customer};
+use mindroom_billing_core::{
+    AuditEntry, EventStatus, JobState, OperatorSession, SessionCutoff, StoreError, account_id_for_customer,
+};
 use tracing::{error, info, warn};
 
-use crate::auth::{Role, Session};
+use crate::auth::{PasswordDigest, SessionToken};
 use crate::pages::{self, Ctx, CustomerView, SubscriptionView};
-use crate::{Console, ResponseBody, SESSION_COOKIE};
+use crate::{Console, ResponseBody, Role};
 
 /// The largest form body read (a login or an action form is a few hundred bytes).
 const FORM_LIMIT: usize = 16 * 1024;
 /// Rows on a list page.
 const LIST_LIMIT: u32 = 200;
+/// The deepest list page (50 pages of 200 rows).
+const MAX_PAGES: u32 = 50;
+/// Customers a search lists.
+const SEARCH_LIMIT: u32 = 50;
 /// Rows of each kind on the customer page.
 const PAGE_LIMIT: u32 = 100;
 
@@ -35,6 +41,7 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
+    let client = client_address(console, client, &req);
     let mut response = match route(console, client, req).await {
         Ok(response) | Err(response) => response,
     };
@@ -52,6 +59,18 @@ where
         headers.insert(name, HeaderValue::from_static(value));
     }
     response
+}
+
+/// The client's address: the peer's, or, when the peer is a configured trusted proxy, the address
+/// that proxy appended to `X-Forwarded-For` (the last entry; earlier ones are the client's own
+/// claims and are ignored).
+fn client_address<B>(console: &Console, peer: Option<IpAddr>, req: &Request<B>) -> Option<IpAddr> {
+    let trusted = peer.is_some_and(|p| console.config.trusted_proxies.contains(&p));
+    if !trusted {
+        return peer;
+    }
+    let forwarded = req.headers().get_all("x-forwarded-for").iter().rev().find_map(|v| v.to_str().ok());
+    forwarded.and_then(|v| v.rsplit(',').next()).and_then(|a| a.trim().parse().ok()).or(peer)
 }
 
 type Answer = Result<Response<ResponseBody>, Response<ResponseBody>>;
@@ -115,16 +134,54 @@ fn cookie<'a, B>(req: &'a Request<B>, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-/// A third layer under the CSRF token and `SameSite=Strict`: a `POST` whose `Origin` names another
-/// host than the one it was sent to, or `null` (an opaque origin: a sandboxed frame, a `data:` page),
-/// is refused (also at login, which has no session yet). Browsers send `Origin` with every `POST`
-/// (the `same-origin` referrer policy keeps it a real one); a request without one (curl, a test) is
-/// let through to the token check.
-fn same_origin<B>(req: &Request<B>) -> bool {
+/// A third layer under the CSRF token and `SameSite=Strict`: a `POST` whose `Origin` is not the
+/// console's configured origin (scheme included), or `null` (an opaque origin: a sandboxed frame, a
+/// `data:` page), is refused (also at login, which has no session yet). Browsers send `Origin` with
+/// every `POST` (the `same-origin` referrer policy keeps it a real one); a request without one
+/// (curl, a test) is let through to the token check.
+fn same_origin<B>(console: &Console, req: &Request<B>) -> bool {
     let Some(origin) = req.headers().get(header::ORIGIN) else { return true };
+    let configured = console.origin.get();
+    origin.to_str().ok().is_some_and(|o| configured.is_some_and(|c| c.origin_ok(o)))
+}
+
+/// Whether the request's `Host` names the console (a DNS-rebinding page names its own host).
+fn host_ok<B>(console: &Console, req: &Request<B>) -> bool {
     let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok());
-    let origin_host = origin.to_str().ok().and_then(|o| o.split_once("://")).map(|(_, rest)| rest);
-    matches!((origin_host, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
+    matches!((host, console.origin.get()), (Some(h), Some(o)) if o.host_ok(h))
+}
+
+/// Who acted, for the audit: the operator's name and the client's address.
+fn actor(name: &str, client: Option<IpAddr>) -> String {
+    let name = pages::shorten(name, 64);
+    match client {
+        Some(ip) => format!("{name} from {ip}"),
+        None => name,
+    }
+}
+
+/// The `page` query parameter of a list (1, the default, is the newest [`LIST_LIMIT`] rows), at most
+/// [`MAX_PAGES`].
+fn page_number<B>(req: &Request<B>) -> u32 {
+    let query = req.uri().query().unwrap_or("");
+    let page = form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "page").and_then(|(_, v)| v.parse().ok());
+    page.unwrap_or(1).clamp(1, MAX_PAGES)
+}
+
+/// Rows to read for page `n`: every row up to its end and one more (is there a next page?). The
+/// ports list newest first with a limit, so a later page reads the earlier ones again: fine for
+/// the thousands of rows an operator pages through.
+fn rows_for(n: u32) -> u32 {
+    n.saturating_mul(LIST_LIMIT).saturating_add(1)
+}
+
+/// Page `n` of `rows` (read with [`rows_for`]) and its links.
+fn paged<T>(rows: Vec<T>, n: u32, path: &'static str) -> (Vec<T>, pages::Pager) {
+    let per = usize::try_from(LIST_LIMIT).unwrap_or(usize::MAX);
+    let skip = usize::try_from(n - 1).unwrap_or(usize::MAX).saturating_mul(per);
+    let more = rows.len() > skip.saturating_add(per);
+    let rows: Vec<T> = rows.into_iter().skip(skip).take(per).collect();
+    (rows, pages::Pager { path, page: n, more })
 }
 
 fn form_field(form: &[(String, String)], name: &str) -> Option<String> {
@@ -160,9 +217,28 @@ where
         .collect::<Option<_>>()
         .ok_or_else(|| refuse(None, StatusCode::BAD_REQUEST, "Malformed path."))?;
     let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    if !host_ok(console, &req) {
+        warn!(host = ?req.headers().get(header::HOST), "console: request for another host refused");
+        return Err(refuse(None, StatusCode::MISDIRECTED_REQUEST, "This console does not serve that host."));
+    }
     let now = console.billing.now();
     let key = &console.config.key;
-    let session = cookie(&req, SESSION_COOKIE).and_then(|v| Session::decode(v, key, now));
+    let token = cookie(&req, console.cookie_name()).and_then(SessionToken::from_cookie);
+    let session = match &token {
+        Some(token) => {
+            let cutoff = SessionCutoff {
+                now,
+                idle_since: now - console.config.idle_timeout,
+                opened_since: now - console.config.session_ttl,
+            };
+            let touched = console.ops.touch_session(&token.store_id(), &cutoff).await;
+            touched.map_err(|e| {
+                error!(error = %error_chain(&e), "console: store error reading the session");
+                refuse(None, StatusCode::SERVICE_UNAVAILABLE, "The store did not answer; try again.")
+            })?
+        }
+        None => None,
+    };
 
     match (&method, segments.as_slice()) {
         (&Method::GET, ["static", "console.css"]) => {
@@ -171,30 +247,45 @@ where
         (&Method::GET, ["login"]) => {
             return Ok(if session.is_some() { see_other("/") } else { page(StatusCode::OK, &pages::login(None)) });
         }
-        (&Method::POST, ["login"]) if !same_origin(&req) => {
+        (&Method::POST, ["login"]) if !same_origin(console, &req) => {
+            warn!(?client, "console: cross-origin login refused");
             return Err(refuse(None, StatusCode::FORBIDDEN, "Cross-origin requests are refused."));
         }
         (&Method::POST, ["login"]) => return login(console, client, req).await,
         _ => {}
     }
-    let Some(session) = session else {
+    let (Some(session), Some(token)) = (session, token) else {
         return Err(if method == Method::GET || method == Method::HEAD {
             see_other("/login")
         } else {
             refuse(None, StatusCode::UNAUTHORIZED, "Log in first.")
         });
     };
-    let ctx = Ctx { role: session.role, csrf: session.csrf_token(key) };
+    let ctx = Ctx { operator: session.operator.clone(), role: session.role, csrf: token.csrf_token(key) };
 
     if method == Method::POST {
-        if !same_origin(&req) {
-            warn!(path, "console: cross-origin POST refused");
+        let action = action_of(&segments);
+        // The customer the refused action was about, so its page lists the refusal too.
+        let customer_id = target_customer(console, action.0, action.1).await;
+        let refused = |result: &str| AuditEntry {
+            at: now,
+            actor: actor(&session.operator, client),
+            action: action.0.to_owned(),
+            target: action.1.to_owned(),
+            customer_id: customer_id.clone(),
+            ok: false,
+            result: result.to_owned(),
+        };
+        if !same_origin(console, &req) {
+            warn!(path, operator = %session.operator, "console: cross-origin POST refused");
+            audit_refusal(console, &refused("refused: cross-origin request")).await;
             return Err(refuse(Some(&ctx), StatusCode::FORBIDDEN, "Cross-origin requests are refused."));
         }
         let form = read_form(req).await?;
-        let token = form_field(&form, "csrf").unwrap_or_default();
-        if !session.csrf_ok(key, &token) {
-            warn!(path, "console: POST without a valid CSRF token refused");
+        let csrf = form_field(&form, "csrf").unwrap_or_default();
+        if !token.csrf_ok(key, &csrf) {
+            warn!(path, operator = %session.operator, "console: POST without a valid CSRF token refused");
+            audit_refusal(console, &refused("refused: no valid CSRF token")).await;
             return Err(refuse(
                 Some(&ctx),
                 StatusCode::FORBIDDEN,
@@ -202,26 +293,24 @@ where
             ));
         }
         if segments.as_slice() == ["logout"] {
-            let mut response = see_other("/login");
-            response.headers_mut().insert(header::SET_COOKIE, clear_cookie(console));
-            return Ok(response);
+            return logout(console, client, &session, now).await;
         }
         if session.role != Role::Admin {
-            return Err(refuse(Some(&ctx), StatusCode::FORBIDDEN, "Read-only users cannot act."));
+            warn!(path, operator = %session.operator, "console: read-only operator refused");
+            audit_refusal(console, &refused(&format!("refused: {} is read-only", session.operator))).await;
+            return Err(refuse(Some(&ctx), StatusCode::FORBIDDEN, "Read-only operators cannot act."));
         }
         if form_field(&form, "confirm").as_deref() != Some("yes") {
             return Err(refuse(Some(&ctx), StatusCode::BAD_REQUEST, "Tick the confirmation box to act."));
         }
-        let actor = match client {
-            Some(ip) => format!("{} from {ip}", session.role.as_str()),
-            None => session.role.as_str().to_owned(),
+        let actor = actor(&session.operator, client);
+        let entry = match segments.as_slice() {
+            ["events", id, "replay"] => replay(console, &ctx, actor, id).await?,
+            ["jobs", id, "retry"] => retry(console, &ctx, actor, id).await?,
+            ["subscriptions", id, "reconcile"] => reconcile(console, &ctx, actor, id).await?,
+            _ => return Err(refuse(Some(&ctx), StatusCode::NOT_FOUND, "No such action.")),
         };
-        return match segments.as_slice() {
-            ["events", id, "replay"] => replay(console, &ctx, actor, id).await,
-            ["jobs", id, "retry"] => retry(console, &ctx, actor, id).await,
-            ["subscriptions", id, "reconcile"] => reconcile(console, &ctx, actor, id).await,
-            _ => Err(refuse(Some(&ctx), StatusCode::NOT_FOUND, "No such action.")),
-        };
+        return audited(console, &ctx, &entry).await;
     }
     if method != Method::GET {
         return Err(refuse(Some(&ctx), StatusCode::METHOD_NOT_ALLOWED, "Method not allowed."));
@@ -232,7 +321,11 @@ where
     match segments.as_slice() {
         [] => {
             let counts = store.job_counts().await.map_err(fail)?;
-            Ok(page(StatusCode::OK, &pages::dashboard(&ctx, &counts, console.billing.has_stripe_api())))
+            let failed = store.list_events(&EventFilter { status: Some(EventStatus::Failed), limit: LIST_LIMIT + 1 });
+            let failed = failed.await.map_err(fail)?;
+            let bound = usize::try_from(LIST_LIMIT).unwrap_or(usize::MAX);
+            let failed = pages::Bounded { count: failed.len().min(bound), more: failed.len() > bound };
+            Ok(page(StatusCode::OK, &pages::dashboard(&ctx, &counts, &failed, console.billing.has_stripe_api())))
         }
         ["search"] => {
             let q = req.uri().query().and_then(|q| {
@@ -242,8 +335,10 @@ where
         }
         ["customers", id] => customer(console, &ctx, id).await,
         ["events", "failed"] => {
-            let events = store.list_events(&EventFilter { status: Some(EventStatus::Failed), limit: LIST_LIMIT });
-            Ok(page(StatusCode::OK, &pages::failed_events(&ctx, &events.await.map_err(fail)?)))
+            let n = page_number(&req);
+            let filter = EventFilter { status: Some(EventStatus::Failed), limit: rows_for(n) };
+            let (rows, pager) = paged(store.list_events(&filter).await.map_err(fail)?, n, "/events/failed");
+            Ok(page(StatusCode::OK, &pages::failed_events(&ctx, &rows, &pager)))
         }
         ["events", id] => match store.load_event(id).await.map_err(fail)? {
             Some(event) => {
@@ -258,36 +353,120 @@ where
             None => Err(refuse(Some(&ctx), StatusCode::NOT_FOUND, "No such event.")),
         },
         ["jobs", "dead"] => {
-            let jobs = store.list_jobs(&JobFilter { state: Some(JobState::Dead), limit: LIST_LIMIT });
-            Ok(page(StatusCode::OK, &pages::dead_jobs(&ctx, &jobs.await.map_err(fail)?)))
+            let n = page_number(&req);
+            let filter = JobFilter { state: Some(JobState::Dead), limit: rows_for(n) };
+            let (rows, pager) = paged(store.list_jobs(&filter).await.map_err(fail)?, n, "/jobs/dead");
+            Ok(page(StatusCode::OK, &pages::dead_jobs(&ctx, &rows, &pager)))
         }
         ["grace"] => {
-            let subs = ops.subscriptions_in_grace(LIST_LIMIT).await.map_err(fail)?;
-            Ok(page(StatusCode::OK, &pages::grace(&ctx, &subs, now)))
+            let n = page_number(&req);
+            let (rows, pager) = paged(ops.subscriptions_in_grace(rows_for(n)).await.map_err(fail)?, n, "/grace");
+            Ok(page(StatusCode::OK, &pages::grace(&ctx, &rows, now, &pager)))
         }
         ["drift"] => {
-            let drift = ops.list_drift(None, LIST_LIMIT).await.map_err(fail)?;
-            Ok(page(StatusCode::OK, &pages::drift(&ctx, &drift, console.billing.has_stripe_api())))
+            let n = page_number(&req);
+            let (rows, pager) = paged(ops.list_drift(None, rows_for(n)).await.map_err(fail)?, n, "/drift");
+            Ok(page(StatusCode::OK, &pages::drift(&ctx, &rows, console.billing.has_stripe_api(), &pager)))
         }
         ["audit"] => {
-            let rows = ops.list_audit(None, LIST_LIMIT).await.map_err(fail)?;
-            Ok(page(StatusCode::OK, &pages::audit(&ctx, &rows)))
+            let n = page_number(&req);
+            let (rows, pager) = paged(ops.list_audit(None, rows_for(n)).await.map_err(fail)?, n, "/audit");
+            Ok(page(StatusCode::OK, &pages::audit(&ctx, &rows, &pager)))
         }
+        ["result"] => action_result(console, &ctx, &session, req.uri().query().unwrap_or("")).await,
         _ => Err(refuse(Some(&ctx), StatusCode::NOT_FOUND, "No such page.")),
     }
 }
 
-fn session_cookie(console: &Console, value: &str) -> HeaderValue {
-    let secure = if console.config.secure_cookie { "; Secure" } else { "" };
-    let max_age = console.config.session_ttl.num_seconds();
-    let cookie = format!("{SESSION_COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}");
+fn session_cookie(console: &Console, value: &str, max_age: i64) -> HeaderValue {
+    let secure = if console.secure_cookie() { "; Secure" } else { "" };
+    let name = console.cookie_name();
+    let cookie = format!("{name}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}");
     HeaderValue::from_str(&cookie).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
-fn clear_cookie(console: &Console) -> HeaderValue {
-    let secure = if console.config.secure_cookie { "; Secure" } else { "" };
-    let cookie = format!("{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{secure}");
-    HeaderValue::from_str(&cookie).unwrap_or_else(|_| HeaderValue::from_static(""))
+/// The (action, target) a `POST` path names, for the audit of a refusal.
+fn action_of<'a>(segments: &[&'a str]) -> (&'static str, &'a str) {
+    match segments {
+        ["events", id, "replay"] => ("replay", id),
+        ["jobs", id, "retry"] => ("retry_job", id),
+        ["subscriptions", id, "reconcile"] => ("reconcile", id),
+        ["logout"] => ("logout", ""),
+        _ => ("unknown", ""),
+    }
+}
+
+/// The customer an action's target concerns: the event's, the subscription's, or the job's (its
+/// e-mail's customer, or its subscription's). `None` when unknown or the store does not answer.
+async fn target_customer(console: &Console, action: &str, target: &str) -> Option<String> {
+    let store = console.billing.store();
+    match action {
+        "replay" => store.load_event(target).await.ok().flatten().and_then(|e| event_customer(&e.payload)),
+        "reconcile" => store.load_subscription(target).await.ok().flatten().map(|s| s.customer_id),
+        "retry_job" => {
+            let job = console.ops.load_job(target.parse().ok()?).await.ok().flatten()?;
+            match &job.kind {
+                mindroom_billing_core::JobKind::Email { customer_id, .. } => Some(customer_id.clone()),
+                _ => {
+                    let sub = pages::job_about(&job)?;
+                    store.load_subscription(sub).await.ok().flatten().map(|s| s.customer_id)
+                }
+            }
+        }
+        _ => None,
+    }
+}
+
+/// Records the audit row of a refusal; a store failure is logged (the refusal stands).
+async fn audit_refusal(console: &Console, entry: &AuditEntry) {
+    if let Err(e) = console.ops.record_audit(entry).await {
+        error!(error = %error_chain(&e), action = %entry.action, "console: cannot audit a refusal");
+    }
+}
+
+async fn logout(
+    console: &Console,
+    client: Option<IpAddr>,
+    session: &OperatorSession,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Answer {
+    if let Err(e) = console.ops.end_session(&session.id, now).await {
+        error!(error = %error_chain(&e), "console: cannot end the session");
+        return Err(refuse(
+            None,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The store did not answer; the session is still open.",
+        ));
+    }
+    info!(?client, operator = %session.operator, "console: logged out");
+    let entry = AuditEntry {
+        at: now,
+        actor: actor(&session.operator, client),
+        action: "logout".into(),
+        target: session.operator.clone(),
+        customer_id: None,
+        ok: true,
+        result: "logged out".into(),
+    };
+    audit_refusal(console, &entry).await;
+    let mut response = see_other("/login");
+    response.headers_mut().insert(header::SET_COOKIE, session_cookie(console, "", 0));
+    Ok(response)
+}
+
+/// Which password a login name is checked against: the operator kept in the store, else the
+/// bootstrap hash of `admin` / `readonly`.
+async fn credentials(console: &Console, name: &str) -> Result<Option<(PasswordDigest, Role)>, StoreError> {
+    if let Some(operator) = console.ops.load_operator(name).await? {
+        return Ok(PasswordDigest::parse(&operator.password_hash, "the operator's hash")
+            .ok()
+            .map(|d| (d, operator.role)));
+    }
+    Ok(match name {
+        "admin" => Some((console.config.admin.clone(), Role::Admin)),
+        "readonly" => console.config.readonly.clone().map(|d| (d, Role::ReadOnly)),
+        _ => None,
+    })
 }
 
 async fn login<B>(console: &Console, client: Option<IpAddr>, req: Request<B>) -> Answer
@@ -297,33 +476,64 @@ where
 {
     let form = read_form(req).await?;
     let now = console.billing.now();
-    if !console.limiter.allow(client, now) {
-        warn!(?client, "console: login rate limit reached");
-        return Err(page(StatusCode::TOO_MANY_REQUESTS, &pages::login(Some("Too many attempts; wait a minute."))));
-    }
+    let name = form_field(&form, "name").unwrap_or_default().trim().to_owned();
     let password = form_field(&form, "password").unwrap_or_default();
-    let (admin, readonly) = (console.config.admin.clone(), console.config.readonly.clone());
-    // argon2 takes tens of milliseconds of CPU: off the async worker threads.
-    let role = tokio::task::spawn_blocking(move || {
-        if admin.verify(&password) {
-            Some(Role::Admin)
-        } else if readonly.is_some_and(|r| r.verify(&password)) {
-            Some(Role::ReadOnly)
-        } else {
-            None
-        }
-    })
-    .await
-    .ok()
-    .flatten();
-    let Some(role) = role else {
-        warn!(?client, "console: wrong password");
-        return Err(page(StatusCode::UNAUTHORIZED, &pages::login(Some("Wrong password."))));
+    let refused = |result: String| AuditEntry {
+        at: now,
+        actor: actor(&name, client),
+        action: "login".into(),
+        target: pages::shorten(&name, 64),
+        customer_id: None,
+        ok: false,
+        result,
     };
-    info!(?client, role = role.as_str(), "console: logged in");
-    let session = Session::new(role, now + console.config.session_ttl);
+    if let Err(wait) = console.throttle.begin(&name, client, now) {
+        let seconds = wait.num_seconds().max(1);
+        warn!(?client, name = %pages::shorten(&name, 64), seconds, "console: login throttled");
+        audit_refusal(console, &refused(format!("throttled: wait {seconds} s"))).await;
+        let text = format!("Too many failed attempts from here; wait {seconds} seconds.");
+        let mut response = page(StatusCode::TOO_MANY_REQUESTS, &pages::login(Some(&text)));
+        if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        return Err(response);
+    }
+    let found = credentials(console, &name).await.map_err(|e| {
+        error!(error = %error_chain(&e), "console: store error at login");
+        refuse(None, StatusCode::SERVICE_UNAVAILABLE, "The store did not answer; try again.")
+    })?;
+    // argon2 takes tens of milliseconds of CPU: off the async worker threads. An unknown name is
+    // checked against the bootstrap hash too (and refused), so answers take as long either way.
+    let (digest, role) = found.clone().unwrap_or_else(|| (console.config.admin.clone(), Role::ReadOnly));
+    let verified = tokio::task::spawn_blocking(move || digest.verify(&password)).await.unwrap_or(false);
+    let role = match (found, verified) {
+        (Some(_), true) => role,
+        _ => {
+            warn!(?client, name = %pages::shorten(&name, 64), "console: wrong name or password");
+            audit_refusal(console, &refused("wrong name or password".into())).await;
+            return Err(page(StatusCode::UNAUTHORIZED, &pages::login(Some("Wrong name or password."))));
+        }
+    };
+    console.throttle.succeeded(&name, client);
+    let token = SessionToken::generate();
+    let session = OperatorSession {
+        id: token.store_id(),
+        operator: name.clone(),
+        role,
+        created_at: now,
+        last_seen: now,
+        ended_at: None,
+    };
+    console.ops.create_session(&session).await.map_err(|e| {
+        error!(error = %error_chain(&e), "console: cannot store the session");
+        refuse(None, StatusCode::SERVICE_UNAVAILABLE, "The store did not answer; try again.")
+    })?;
+    info!(?client, operator = %name, role = role.as_str(), "console: logged in");
+    let entry = AuditEntry { ok: true, result: "logged in".into(), ..refused(String::new()) };
+    audit_refusal(console, &entry).await;
     let mut response = see_other("/");
-    response.headers_mut().insert(header::SET_COOKIE, session_cookie(console, &session.encode(&console.config.key)));
+    let max_age = console.config.session_ttl.num_seconds();
+    response.headers_mut().insert(header::SET_COOKIE, session_cookie(console, token.cookie_value(), max_age));
     Ok(response)
 }
 
@@ -356,10 +566,20 @@ async fn search(console: &Console, ctx: &Ctx, q: String) -> Answer {
                 return Ok(to_customer(&s.customer_id));
             }
         }
-        // Anything else is taken as an e-mail (Stripe does not validate them).
-        let found = ops.accounts_by_email(&q, 20).await.map_err(fail)?;
-        if let [only] = found.as_slice() {
-            return Ok(to_customer(&only.stripe_customer_id));
+        // Anything else: part of an e-mail or a reference, or an invoice id.
+        let ids = ops.search_customers(&q, SEARCH_LIMIT).await.map_err(fail)?;
+        if let [only] = ids.as_slice() {
+            return Ok(to_customer(only));
+        }
+        let mut found = Vec::with_capacity(ids.len());
+        for id in &ids {
+            let account = store.load_account(id).await.map_err(fail)?;
+            found.push(account.unwrap_or_else(|| mindroom_billing_core::Account {
+                id: account_id_for_customer(id),
+                stripe_customer_id: id.clone(),
+                email: None,
+                reference: None,
+            }));
         }
         return Ok(page(StatusCode::OK, &pages::accounts(ctx, &q, &found)));
     }
@@ -372,7 +592,10 @@ async fn customer(console: &Console, ctx: &Ctx, customer_id: &str) -> Answer {
     let fail = |e: StoreError| store_failed(ctx, &e);
     let account = store.load_account(customer_id).await.map_err(fail)?;
     let states = ops.subscriptions_for_customer(customer_id).await.map_err(fail)?;
-    let events = ops.events_for_customer(customer_id, PAGE_LIMIT).await.map_err(fail)?;
+    let mut events = ops.events_for_customer(customer_id, PAGE_LIMIT).await.map_err(fail)?;
+    // Stripe's order (when it happened), not delivery order: a late paid July invoice must not
+    // read as newer than the failed August one.
+    events.sort_by(|a, b| b.created.cmp(&a.created).then_with(|| b.received_at.cmp(&a.received_at)));
     if account.is_none() && states.is_empty() && events.is_empty() {
         return Err(refuse(Some(ctx), StatusCode::NOT_FOUND, "No such customer."));
     }
@@ -386,6 +609,7 @@ async fn customer(console: &Console, ctx: &Ctx, customer_id: &str) -> Answer {
         subscriptions.push(SubscriptionView { state, instance, jobs, drift });
     }
     let audit = ops.list_audit(Some(customer_id), PAGE_LIMIT).await.map_err(fail)?;
+    let events_invoices = events.iter().filter_map(pages::invoice_of).collect();
     let view = CustomerView {
         customer_id: customer_id.to_owned(),
         account,
@@ -393,22 +617,55 @@ async fn customer(console: &Console, ctx: &Ctx, customer_id: &str) -> Answer {
         subscriptions,
         events,
         audit,
+        invoices: events_invoices,
         stripe: console.billing.has_stripe_api(),
         now: console.billing.now(),
     };
     Ok(page(StatusCode::OK, &pages::customer(ctx, &view)))
 }
 
-/// Records the audit row of an action and renders its result (the row is the page's content).
-async fn audited(console: &Console, ctx: &Ctx, entry: AuditEntry, title: &str, back: &str) -> Answer {
+/// Records the audit row of an action and answers with a redirect to its result page (a browser
+/// refresh there shows the result again; it does not act again).
+async fn audited(console: &Console, ctx: &Ctx, entry: &AuditEntry) -> Answer {
     info!(actor = %entry.actor, action = %entry.action, target = %entry.target, ok = entry.ok, result = %entry.result, "console: operator action");
-    console.ops.record_audit(&entry).await.map_err(|e| store_failed(ctx, &e))?;
-    let status = if entry.ok { StatusCode::OK } else { StatusCode::CONFLICT };
-    let response = page(status, &pages::action_result(ctx, title, &entry, back));
-    if entry.ok { Ok(response) } else { Err(response) }
+    console.ops.record_audit(entry).await.map_err(|e| store_failed(ctx, &e))?;
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    query.append_pair("action", &entry.action).append_pair("target", &entry.target);
+    if let Some(customer) = &entry.customer_id {
+        query.append_pair("customer", customer);
+    }
+    Ok(see_other(&format!("/result?{}", query.finish())))
 }
 
-async fn replay(console: &Console, ctx: &Ctx, actor: String, id: &str) -> Answer {
+/// The result page of an action: the newest audit row of this operator for that action and target.
+async fn action_result(console: &Console, ctx: &Ctx, session: &OperatorSession, query: &str) -> Answer {
+    let field =
+        |name: &str| form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned());
+    let (Some(action), Some(target)) = (field("action"), field("target")) else {
+        return Err(refuse(Some(ctx), StatusCode::NOT_FOUND, "No such result."));
+    };
+    let customer = field("customer");
+    let rows = console.ops.list_audit(customer.as_deref(), LIST_LIMIT).await.map_err(|e| store_failed(ctx, &e))?;
+    // This operator's row, from whichever address it acted.
+    let me = actor(&session.operator, None);
+    let mine =
+        |a: &AuditEntry| a.actor == me || a.actor.strip_prefix(&me).is_some_and(|rest| rest.starts_with(" from "));
+    let Some(entry) = rows.into_iter().find(|a| a.action == action && a.target == target && mine(a)) else {
+        return Err(refuse(Some(ctx), StatusCode::NOT_FOUND, "No such result."));
+    };
+    let (title, back) = match action.as_str() {
+        "replay" => ("Replay", format!("/events/{}", pages::seg(&target))),
+        "retry_job" => ("Retry job", customer.as_deref().map_or_else(|| "/jobs/dead".to_owned(), customer_link)),
+        _ => ("Reconcile with Stripe", customer.as_deref().map_or_else(|| "/".to_owned(), customer_link)),
+    };
+    Ok(page(StatusCode::OK, &pages::action_result(ctx, title, &entry, &back)))
+}
+
+fn customer_link(customer: &str) -> String {
+    format!("/customers/{}", pages::seg(customer))
+}
+
+async fn replay(console: &Console, ctx: &Ctx, actor: String, id: &str) -> Result<AuditEntry, Response<ResponseBody>> {
     let store = console.billing.store();
     let Some(event) = store.load_event(id).await.map_err(|e| store_failed(ctx, &e))? else {
         return Err(refuse(Some(ctx), StatusCode::NOT_FOUND, "No such event."));
@@ -417,13 +674,15 @@ async fn replay(console: &Console, ctx: &Ctx, actor: String, id: &str) -> Answer
         Ok(disposition) => {
             let now = store.load_event(id).await.ok().flatten().map(|e| e.status.as_str());
             let mut result = format!("disposition {}", disposition.label());
+            let failed = matches!(&disposition, mindroom_billing_core::Disposition::Failed(_));
             if let mindroom_billing_core::Disposition::Failed(reason) = &disposition {
                 result.push_str(&format!(" ({reason})"));
             }
             if let Some(status) = now {
                 result.push_str(&format!("; the event is {status} now"));
             }
-            (true, result)
+            // A replay whose event ends failed did not do what was asked.
+            (!failed, result)
         }
         Err(e) => (false, error_chain(&e)),
     };
@@ -436,30 +695,24 @@ async fn replay(console: &Console, ctx: &Ctx, actor: String, id: &str) -> Answer
         ok,
         result,
     };
-    audited(console, ctx, entry, "Replay", &format!("/events/{}", pages::seg(id))).await
+    Ok(entry)
 }
 
-async fn retry(console: &Console, ctx: &Ctx, actor: String, id: &str) -> Answer {
+async fn retry(console: &Console, ctx: &Ctx, actor: String, id: &str) -> Result<AuditEntry, Response<ResponseBody>> {
     let Ok(job_id) = id.parse::<i64>() else {
         return Err(refuse(Some(ctx), StatusCode::NOT_FOUND, "No such job."));
     };
     let fail = |e: StoreError| store_failed(ctx, &e);
     let now = console.billing.now();
     let retried = console.ops.retry_dead_job(job_id, now).await.map_err(fail)?;
-    let about = retried.as_ref().and_then(pages::job_about).map(str::to_owned);
-    let customer_id = match &retried.as_ref().map(|j| &j.kind) {
-        Some(mindroom_billing_core::JobKind::Email { customer_id, .. }) => Some(customer_id.clone()),
-        _ => match &about {
-            Some(sub) => console.billing.store().load_subscription(sub).await.map_err(fail)?.map(|s| s.customer_id),
-            None => None,
-        },
-    };
+    // Also for a job that is not dead: the refused retry is listed on its customer's page.
+    let customer_id = target_customer(console, "retry_job", id).await;
     let entry = AuditEntry {
         at: now,
         actor,
         action: "retry_job".into(),
         target: job_id.to_string(),
-        customer_id: customer_id.clone(),
+        customer_id,
         ok: retried.is_some(),
         result: if retried.is_some() {
             "re-queued: pending, due now".into()
@@ -467,11 +720,15 @@ async fn retry(console: &Console, ctx: &Ctx, actor: String, id: &str) -> Answer 
             "the job is not dead (already retried, or unknown)".into()
         },
     };
-    let back = customer_id.map_or_else(|| "/jobs/dead".to_owned(), |c| format!("/customers/{}", pages::seg(&c)));
-    audited(console, ctx, entry, "Retry job", &back).await
+    Ok(entry)
 }
 
-async fn reconcile(console: &Console, ctx: &Ctx, actor: String, id: &str) -> Answer {
+async fn reconcile(
+    console: &Console,
+    ctx: &Ctx,
+    actor: String,
+    id: &str,
+) -> Result<AuditEntry, Response<ResponseBody>> {
     let fail = |e: StoreError| store_failed(ctx, &e);
     let customer_id = console.billing.store().load_subscription(id).await.map_err(fail)?.map(|s| s.customer_id);
     let (ok, result) = match console.billing.reconcile_stripe(Some(id), false).await {
@@ -493,10 +750,9 @@ async fn reconcile(console: &Console, ctx: &Ctx, actor: String, id: &str) -> Ans
         actor,
         action: "reconcile".into(),
         target: id.to_owned(),
-        customer_id: customer_id.clone(),
+        customer_id,
         ok,
         result,
     };
-    let back = customer_id.map_or_else(|| "/".to_owned(), |c| format!("/customers/{}", pages::seg(&c)));
-    audited(console, ctx, entry, "Reconcile with Stripe", &back).await
+    Ok(entry)
 }

@@ -19,14 +19,16 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long in-flight requests may take to finish at shutdown.
 const DRAIN: Duration = Duration::from_secs(10);
 
-/// Serves the console on `listener` until `shutdown` completes, then stops accepting and lets
+/// Serves the console on `listener` until `shutdown` completes (its origin is the listener's
+/// address over http unless one was configured), then stops accepting and lets
 /// in-flight requests finish (at most ten seconds).
 pub async fn serve(listener: TcpListener, console: Arc<Console>, shutdown: impl Future<Output = ()>) {
     let graceful = GracefulShutdown::new();
     let mut builder = http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT).keep_alive(true);
     if let Ok(addr) = listener.local_addr() {
-        info!(%addr, "console listening");
+        let _ = console.origin.set(crate::auth::ConsoleOrigin::of_addr(addr));
+        info!(%addr, origin = console.origin().unwrap_or_default(), "console listening");
     }
     let mut shutdown = std::pin::pin!(shutdown);
     loop {

@@ -8,8 +8,8 @@ use chrono::Duration;
 use mindroom_billing_core::ports::JobFilter;
 use mindroom_billing_core::{EventStatus, JobState, OperatorStore, Store};
 use support::{
-    ADMIN_PASSWORD, APPLIED_EVENT, CUS, Client, EVIL_EMAIL, EVIL_METADATA, FAILED_EVENT, Options, READONLY_PASSWORD,
-    SUB, session_cookie, start,
+    ADMIN_PASSWORD, ALICE, ALICE_PASSWORD, APPLIED_EVENT, BOB, BOB_PASSWORD, CUS, Client, EVIL_EMAIL, EVIL_METADATA,
+    FAILED_EVENT, Options, READONLY_PASSWORD, SUB, session_cookie, start,
 };
 
 const PAGES: &[&str] = &[
@@ -47,40 +47,37 @@ async fn every_page_and_action_requires_a_login() {
 }
 
 #[tokio::test]
-async fn a_wrong_password_an_expired_and_a_forged_cookie_are_refused() {
+async fn a_wrong_password_an_idle_an_old_and_a_forged_cookie_are_refused() {
     let h = start(Options::default()).await;
     let anonymous = Client::new(h.addr);
-    let wrong = anonymous.post_form("/login", &[("password", "admin: guess")]).await;
+    let wrong = anonymous.post_form("/login", &[("name", "admin"), ("password", "admin: guess")]).await;
     assert_eq!(wrong.status(), 401);
     assert!(session_cookie(&wrong).is_none(), "no cookie for a wrong password");
-    assert!(wrong.text().await.unwrap().contains("Wrong password"));
+    assert!(wrong.text().await.unwrap().contains("Wrong name or password"));
     assert_eq!(anonymous.post_form("/login", &[]).await.status(), 401, "no password");
+    let crossed = anonymous.post_form("/login", &[("name", ALICE), ("password", ADMIN_PASSWORD)]).await;
+    assert_eq!(crossed.status(), 401, "another operator's password");
 
-    let response = anonymous.post_form("/login", &[("password", ADMIN_PASSWORD)]).await;
+    let response = anonymous.post_form("/login", &[("name", "admin"), ("password", ADMIN_PASSWORD)]).await;
     assert_eq!(response.status(), 303);
     let set = response.headers()["set-cookie"].to_str().unwrap().to_owned();
-    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age=28800"] {
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/"] {
         assert!(set.contains(attribute), "{attribute} in {set}");
     }
-    assert!(!set.contains("Secure"), "not Secure unless configured behind TLS");
+    assert!(!set.contains("Secure"), "not Secure on an http origin");
     let cookie = session_cookie(&response).unwrap();
+    let value = cookie.split_once('=').unwrap().1.to_owned();
+    assert!(value.len() == 64 && value.bytes().all(|b| b.is_ascii_hexdigit()), "only a random id: {value}");
     let mut admin = Client::new(h.addr);
     admin.cookie = Some(cookie.clone());
     assert_eq!(admin.get("/").await.status(), 200);
 
-    // Forged: another role, another expiry, another key, garbage.
-    let value = cookie.split_once('=').unwrap().1.to_owned();
-    let (body, mac) = value.rsplit_once('.').unwrap();
-    let mut parts: Vec<String> = body.split('.').map(str::to_owned).collect();
-    parts[1] = (parts[1].parse::<i64>().unwrap() + 86_400).to_string();
-    let later = format!("{}.{mac}", parts.join("."));
-    let readonly_mac = format!("{}.{mac}", body.replacen("admin", "readonly", 1));
-    let other_key = {
-        let mut c = Client::login(h.addr, ADMIN_PASSWORD).await;
-        c.cookie.take().unwrap()
-    };
-    assert_ne!(other_key, cookie, "every login gets its own session");
-    for forged in [later, readonly_mac, format!("{body}.{}", "0".repeat(64)), "admin.9999999999.00.00".to_owned()] {
+    // Forged: another id, the old signed format with a far expiry, garbage.
+    let other = Client::login(h.addr, ADMIN_PASSWORD).await.cookie.unwrap();
+    assert_ne!(other, cookie, "every login gets its own session");
+    let ten_years = format!("admin.{}.00.{}", 1_785_000_000 + 10 * 365 * 86_400, "0".repeat(64));
+    let flipped = format!("{}{}", &value[..63], if value.ends_with('0') { '1' } else { '0' });
+    for forged in [flipped, ten_years, "x".to_owned(), String::new()] {
         let mut client = Client::new(h.addr);
         client.cookie = Some(format!("mrb_console={forged}"));
         let response = client.get("/customers/cus_Evil1").await;
@@ -88,42 +85,225 @@ async fn a_wrong_password_an_expired_and_a_forged_cookie_are_refused() {
         assert_eq!(response.headers()["location"], "/login");
     }
 
-    // A replica with the same key accepts the cookie; a deployment with another key does not.
-    let same = start(Options::default()).await;
-    let mut replica = Client::new(same.addr);
-    replica.cookie = Some(cookie.clone());
-    assert_eq!(replica.get("/").await.status(), 200, "same configured key: accepted");
-    let other = start(Options { key: Some("another deployment's key, 32+ bytes"), ..Options::default() }).await;
-    let mut foreign = Client::new(other.addr);
+    // Another deployment (another store) does not know the session.
+    let foreign_deployment = start(Options::default()).await;
+    let mut foreign = Client::new(foreign_deployment.addr);
     foreign.cookie = Some(cookie.clone());
-    assert_eq!(foreign.get("/").await.status(), 303, "another key: refused");
+    assert_eq!(foreign.get("/").await.status(), 303, "not in that store: refused");
 
-    // Expired: eight hours later.
-    h.clock.advance(Duration::hours(8));
-    let expired = admin.get("/").await;
-    assert_eq!(expired.status(), 303);
-    assert_eq!(expired.headers()["location"], "/login");
-}
+    // Idle: 29 minutes between requests are fine, 31 are not.
+    h.clock.advance(Duration::minutes(29));
+    assert_eq!(admin.get("/").await.status(), 200);
+    h.clock.advance(Duration::minutes(31));
+    let idle = admin.get("/").await;
+    assert_eq!(idle.status(), 303, "idle for 31 minutes");
+    assert_eq!(idle.headers()["location"], "/login");
+    h.clock.advance(Duration::minutes(-31));
+    assert_eq!(admin.get("/").await.status(), 303, "an ended session stays ended");
 
-#[tokio::test]
-async fn the_cookie_is_secure_when_configured_behind_tls() {
-    let h = start(Options { secure_cookie: true, ..Options::default() }).await;
-    let response = Client::new(h.addr).post_form("/login", &[("password", ADMIN_PASSWORD)]).await;
-    assert!(response.headers()["set-cookie"].to_str().unwrap().contains("; Secure"));
-}
-
-#[tokio::test]
-async fn login_attempts_are_rate_limited() {
-    let h = start(Options { login_attempts_per_minute: Some(3), ..Options::default() }).await;
-    let client = Client::new(h.addr);
-    for _ in 0..3 {
-        assert_eq!(client.post_form("/login", &[("password", "wrong")]).await.status(), 401);
+    // Old: a session kept busy ends eight hours after its login, whatever the cookie says.
+    let busy = Client::login(h.addr, ADMIN_PASSWORD).await;
+    for _ in 0..16 {
+        h.clock.advance(Duration::minutes(29));
+        assert_eq!(busy.get("/").await.status(), 200);
     }
-    let limited = client.post_form("/login", &[("password", ADMIN_PASSWORD)]).await;
-    assert_eq!(limited.status(), 429, "even the right password waits");
+    h.clock.advance(Duration::minutes(20));
+    assert_eq!(busy.get("/").await.status(), 303, "eight hours and four minutes after its login");
+}
+
+#[tokio::test]
+async fn the_cookie_is_host_prefixed_and_secure_when_the_origin_is_https() {
+    let h = start(Options { origin: Some("https://console.example".into()), ..Options::default() }).await;
+    let response = Client::new(h.addr)
+        .http
+        .post(format!("http://{}/login", h.addr))
+        .header("host", "console.example")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("name=admin&password={}", urlencoding(ADMIN_PASSWORD)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 303);
+    let set = response.headers()["set-cookie"].to_str().unwrap();
+    assert!(set.starts_with("__Host-mrb_console="), "{set}");
+    assert!(set.contains("; Secure") && set.contains("Path=/") && !set.contains("Domain"), "{set}");
+    let secure = start(Options { secure_cookie: true, ..Options::default() }).await;
+    let response =
+        Client::new(secure.addr).post_form("/login", &[("name", "admin"), ("password", ADMIN_PASSWORD)]).await;
+    assert!(response.headers()["set-cookie"].to_str().unwrap().contains("; Secure"), "forced Secure");
+}
+
+/// A flood of wrong passwords from six addresses slows those addresses and the operator they
+/// guess, but never the right password from an address that has not failed.
+#[tokio::test]
+async fn a_flood_of_wrong_passwords_does_not_lock_the_right_password_out() {
+    let h = start(Options::default()).await;
+    let attackers: Vec<Client> =
+        (2..8u8).map(|i| Client::from_address(h.addr, std::net::IpAddr::from([127, 0, 0, i]))).collect();
+    let mut throttled = 0;
+    for round in 0..10 {
+        for attacker in &attackers {
+            let password = format!("guess {round}");
+            let status = attacker.post_form("/login", &[("name", "admin"), ("password", &password)]).await.status();
+            assert!(status == 401 || status == 429, "{status}");
+            throttled += usize::from(status == 429);
+        }
+    }
+    assert!(throttled > 0, "the guessers are slowed");
+    let admin = Client::from_address(h.addr, std::net::IpAddr::from([127, 0, 0, 9]));
+    let response = admin.post_form("/login", &[("name", "admin"), ("password", ADMIN_PASSWORD)]).await;
+    assert_eq!(response.status(), 303, "the right password from another address passes at once");
+    let guesser = &attackers[0];
+    let response = guesser.post_form("/login", &[("name", "admin"), ("password", ADMIN_PASSWORD)]).await;
+    assert_eq!(response.status(), 429, "an address that guessed admin waits, even with the right password");
+    assert!(response.headers().contains_key("retry-after"));
+    let response = guesser.post_form("/login", &[("name", ALICE), ("password", ALICE_PASSWORD)]).await;
+    assert_eq!(response.status(), 303, "alice from there is not held by admin's delay (the address failed twice)");
+
+    // Every refusal is audited, with the name that was tried and the address.
+    let audit = h.store.list_audit(None, 200).await.unwrap();
+    let refused = audit.iter().filter(|a| a.action == "login" && !a.ok).count();
+    assert_eq!(refused, 61, "60 guesses and the guesser's throttled right password");
+    assert!(audit.iter().any(|a| a.actor == "admin from 127.0.0.2" && a.result.starts_with("throttled")));
+    assert!(audit.iter().any(|a| a.actor == "admin from 127.0.0.9" && a.ok && a.result == "logged in"));
+}
+
+/// From one address: a few free tries, then delays that grow; the right password passes once the
+/// delay is over.
+#[tokio::test]
+async fn one_address_gets_growing_delays_and_then_gets_in() {
+    let h = start(Options::default()).await;
+    let client = Client::new(h.addr);
+    let mut waits = Vec::new();
+    for i in 0..10 {
+        let response = client.post_form("/login", &[("name", "admin"), ("password", &format!("guess {i}"))]).await;
+        if response.status() == 429 {
+            waits.push(response.headers()["retry-after"].to_str().unwrap().parse::<i64>().unwrap());
+            h.clock.advance(Duration::seconds(*waits.last().unwrap()));
+            let again = client.post_form("/login", &[("name", "admin"), ("password", &format!("guess {i}"))]).await;
+            assert_eq!(again.status(), 401, "after the wait the attempt is checked");
+        } else {
+            assert_eq!(response.status(), 401);
+        }
+    }
+    assert!(waits.len() >= 4, "{waits:?}");
+    assert!(waits.windows(2).all(|w| w[1] > w[0]), "growing: {waits:?}");
+    let limited = client.post_form("/login", &[("name", "admin"), ("password", ADMIN_PASSWORD)]).await;
+    assert_eq!(limited.status(), 429, "even the right password waits on this address");
     assert!(session_cookie(&limited).is_none());
-    h.clock.advance(Duration::seconds(61));
-    assert_eq!(client.post_form("/login", &[("password", ADMIN_PASSWORD)]).await.status(), 303);
+    let wait = limited.headers()["retry-after"].to_str().unwrap().parse::<i64>().unwrap();
+    h.clock.advance(Duration::seconds(wait));
+    assert_eq!(client.post_form("/login", &[("name", "admin"), ("password", ADMIN_PASSWORD)]).await.status(), 303);
+}
+
+#[tokio::test]
+async fn a_cookie_replayed_after_logout_or_a_password_change_or_a_removal_is_refused() {
+    let h = start(Options::default()).await;
+    let alice = Client::login_as(h.addr, ALICE, ALICE_PASSWORD).await;
+    let token = alice.csrf().await;
+    let logout = alice.post_form("/logout", &[("csrf", &token)]).await;
+    assert_eq!(logout.status(), 303);
+    assert!(logout.headers()["set-cookie"].to_str().unwrap().contains("Max-Age=0"));
+    assert_eq!(alice.get("/").await.status(), 303, "the old cookie reads nothing");
+    let retry = format!("/jobs/{}/retry", h.dead_job);
+    assert_eq!(alice.post_form(&retry, &[("csrf", &token), ("confirm", "yes")]).await.status(), 401);
+    assert_eq!(
+        h.store.jobs_for_subscription(SUB, 10).await.unwrap().iter().find(|j| j.id == h.dead_job).unwrap().state,
+        JobState::Dead
+    );
+
+    let alice = Client::login_as(h.addr, ALICE, ALICE_PASSWORD).await;
+    let other = Client::login_as(h.addr, ALICE, ALICE_PASSWORD).await;
+    let bob = Client::login_as(h.addr, BOB, BOB_PASSWORD).await;
+    let new_hash = mindroom_billing_console::hash_password("alice: a new password").unwrap();
+    assert!(h.store.set_operator_password(ALICE, &new_hash, h.billing.now()).await.unwrap());
+    assert_eq!(alice.get("/").await.status(), 303, "ended by the password change");
+    assert_eq!(other.get("/").await.status(), 303, "every session of alice");
+    assert_eq!(bob.get("/").await.status(), 200, "bob's session lives on");
+    let old = Client::new(h.addr).post_form("/login", &[("name", ALICE), ("password", ALICE_PASSWORD)]).await;
+    assert_eq!(old.status(), 401, "the old password is refused");
+    Client::login_as(h.addr, ALICE, "alice: a new password").await;
+
+    assert!(h.store.remove_operator(BOB, h.billing.now()).await.unwrap());
+    assert_eq!(bob.get("/").await.status(), 303, "ended by the removal");
+    let gone = Client::new(h.addr).post_form("/login", &[("name", BOB), ("password", BOB_PASSWORD)]).await;
+    assert_eq!(gone.status(), 401);
+}
+
+#[tokio::test]
+async fn audit_rows_name_the_operator_and_refusals_are_audited() {
+    let h = start(Options::default()).await;
+    let alice = Client::login_as(h.addr, ALICE, ALICE_PASSWORD).await;
+    let bob = Client::login_as(h.addr, BOB, BOB_PASSWORD).await;
+    let token = alice.csrf().await;
+    let retry = format!("/jobs/{}/retry", h.dead_job);
+    assert_eq!(alice.post_form(&retry, &[("csrf", "forged"), ("confirm", "yes")]).await.status(), 403);
+    let bob_token = bob.csrf().await;
+    assert_eq!(bob.post_form(&retry, &[("csrf", &bob_token), ("confirm", "yes")]).await.status(), 403);
+    let done = alice.post_form(&retry, &[("csrf", &token), ("confirm", "yes")]).await;
+    assert_eq!(done.status(), 303);
+    let audit = h.store.list_audit(None, 10).await.unwrap();
+    let rows: Vec<(&str, &str, bool, &str)> =
+        audit.iter().map(|a| (a.actor.as_str(), a.action.as_str(), a.ok, a.result.as_str())).collect();
+    assert_eq!(
+        rows,
+        [
+            ("alice from 127.0.0.1", "retry_job", true, "re-queued: pending, due now"),
+            ("bob from 127.0.0.1", "retry_job", false, "refused: bob is read-only"),
+            ("alice from 127.0.0.1", "retry_job", false, "refused: no valid CSRF token"),
+            ("bob from 127.0.0.1", "login", true, "logged in"),
+            ("alice from 127.0.0.1", "login", true, "logged in"),
+        ]
+    );
+    assert_eq!(audit[0].customer_id.as_deref(), Some(CUS));
+    let page = alice.page("/audit").await;
+    assert!(page.contains("alice from 127.0.0.1") && page.contains("refused: bob is read-only"));
+}
+
+/// DNS rebinding and forged origins: only the configured origin, scheme included.
+#[tokio::test]
+async fn other_hosts_and_origins_are_refused() {
+    let h = start(Options::default()).await;
+    let admin = Client::login(h.addr, ADMIN_PASSWORD).await;
+    let port = h.addr.port();
+    let with_host = |host: String| {
+        admin
+            .http
+            .get(format!("{}/", admin.base))
+            .header("cookie", admin.cookie.as_deref().unwrap())
+            .header("host", host)
+    };
+    for host in [format!("evil.test:{port}"), format!("localhost:{port}"), "127.0.0.1".to_owned()] {
+        let response = with_host(host.clone()).send().await.unwrap();
+        assert_eq!(response.status(), 421, "Host {host}");
+        assert!(!response.text().await.unwrap().contains(CUS));
+    }
+    assert_eq!(with_host(format!("127.0.0.1:{port}")).send().await.unwrap().status(), 200);
+    let token = admin.csrf().await;
+    let post = |origin: String, host: String| {
+        admin
+            .http
+            .post(format!("{}/jobs/{}/retry", admin.base, h.dead_job))
+            .header("cookie", admin.cookie.as_deref().unwrap())
+            .header("origin", origin)
+            .header("host", host)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("csrf={token}&confirm=yes"))
+    };
+    let evil = format!("evil.test:{port}");
+    let own = format!("127.0.0.1:{port}");
+    for (origin, host) in [
+        (format!("http://{evil}"), evil.clone()),
+        (format!("https://{own}"), own.clone()),
+        (format!("http://{evil}"), own.clone()),
+        ("null".to_owned(), own.clone()),
+    ] {
+        let response = post(origin.clone(), host.clone()).send().await.unwrap();
+        assert!(matches!(response.status().as_u16(), 403 | 421), "Origin {origin} Host {host}: {}", response.status());
+    }
+    let job = h.store.jobs_for_subscription(SUB, 10).await.unwrap().into_iter().find(|j| j.id == h.dead_job).unwrap();
+    assert_eq!(job.state, JobState::Dead, "nothing acted");
+    assert_eq!(post(format!("http://{own}"), own).send().await.unwrap().status(), 303, "its own origin acts");
 }
 
 #[tokio::test]
@@ -145,7 +325,9 @@ async fn a_post_without_or_with_a_wrong_csrf_token_is_refused() {
     assert_eq!(h.store.load_event(FAILED_EVENT).await.unwrap().unwrap().status, EventStatus::Failed);
     let dead = h.store.list_jobs(&JobFilter { state: Some(JobState::Dead), limit: 5 }).await.unwrap();
     assert_eq!(dead.len(), 1, "the job is still dead");
-    assert!(h.store.list_audit(None, 10).await.unwrap().is_empty(), "nothing acted, nothing audited");
+    let audit = h.store.list_audit(None, 10).await.unwrap();
+    assert!(audit.iter().all(|a| !a.ok || a.action == "login"), "nothing acted");
+    assert!(audit.iter().any(|a| a.result == "refused: no valid CSRF token"), "the refusals are audited");
 
     let token = admin.csrf().await;
     for origin in ["http://evil.example", "null"] {
@@ -182,6 +364,8 @@ async fn a_post_without_or_with_a_wrong_csrf_token_is_refused() {
         .await
         .unwrap();
     assert_eq!(login.status(), 403, "no login CSRF");
+    let admin = Client::login(h.addr, ADMIN_PASSWORD).await;
+    let token = admin.csrf().await;
     let unconfirmed = admin.post_form(replay, &[("csrf", &token)]).await;
     assert_eq!(unconfirmed.status(), 400, "the confirmation box is required");
     assert_eq!(h.store.load_event(FAILED_EVENT).await.unwrap().unwrap().status, EventStatus::Failed);
@@ -234,6 +418,16 @@ async fn search_finds_a_customer_by_every_key() {
         assert_eq!(response.status(), 303, "search {q}");
         assert_eq!(response.headers()["location"], customer.as_str(), "search {q}");
     }
+    let grace = format!("/customers/{}", support::GRACE_CUS);
+    for q in ["grace.hop", "HOPPER%40EXAMPLE", support::GRACE_INVOICE] {
+        let response = admin.get(&format!("/search?q={q}")).await;
+        assert_eq!(response.status(), 303, "search {q}");
+        assert_eq!(response.headers()["location"], grace.as_str(), "search {q}");
+    }
+    let by_reference = admin.get("/search?q=ref%3C%2Fb").await;
+    assert_eq!(by_reference.headers()["location"], customer.as_str(), "part of the reference");
+    let both = admin.page("/search?q=e").await;
+    assert!(both.contains(support::GRACE_EMAIL) && both.contains(CUS), "several: listed");
     let event = admin.get("/search?q=evt_failed_1").await;
     assert_eq!(event.headers()["location"], "/events/evt_failed_1");
     let nothing = admin.page("/search?q=cus_nobody").await;
@@ -268,6 +462,10 @@ async fn the_customer_page_and_the_lists_show_what_is_known() {
     }
     let failed = admin.page("/events/failed").await;
     assert!(failed.contains(FAILED_EVENT) && !failed.contains(APPLIED_EVENT));
+    assert!(failed.contains(r#"<a href="/customers/cus_Evil1">cus_Evil1</a>"#), "the customer column");
+    let front = admin.page("/").await;
+    assert!(front.contains(r#"<dd id="failed-count"><a href="/events/failed">1</a>"#), "{front}");
+    assert!(front.contains(r#"<dd id="dead-count"><a href="/jobs/dead">1</a>"#), "{front}");
     let dead = admin.page("/jobs/dead").await;
     assert!(dead.contains(&format!("Retry job {}", h.dead_job)));
     assert!(admin.page("/grace").await.contains("No subscription is in a grace period"));
@@ -282,26 +480,30 @@ async fn replay_and_retry_change_what_they_should_and_leave_audit_rows() {
     let token = admin.csrf().await;
 
     let replayed = admin.post_form("/events/evt_failed_1/replay", &[("csrf", &token), ("confirm", "yes")]).await;
-    assert_eq!(replayed.status(), 200);
-    let text = replayed.text().await.unwrap();
+    assert_eq!(replayed.status(), 303, "POST/redirect/GET");
+    let location = replayed.headers()["location"].to_str().unwrap().to_owned();
+    let text = admin.page(&location).await;
     assert!(text.contains("disposition applied; the event is applied now"), "{text}");
+    assert_eq!(admin.page(&location).await, text, "a refresh shows the result again");
+    assert_eq!(h.store.list_audit(Some(CUS), 10).await.unwrap().len(), 1, "and does not act again");
     assert_eq!(h.store.load_event(FAILED_EVENT).await.unwrap().unwrap().status, EventStatus::Applied);
-    let again = admin.post_form("/events/evt_failed_1/replay", &[("csrf", &token), ("confirm", "yes")]).await;
-    assert!(again.text().await.unwrap().contains("disposition duplicate"), "a done event is not applied twice");
+    let again = admin.act("/events/evt_failed_1/replay", &token).await;
+    assert!(again.contains("disposition duplicate"), "a done event is not applied twice");
 
     let retry = format!("/jobs/{}/retry", h.dead_job);
-    let retried = admin.post_form(&retry, &[("csrf", &token), ("confirm", "yes")]).await;
-    assert_eq!(retried.status(), 200);
+    let retried = admin.act(&retry, &token).await;
+    assert!(retried.contains("re-queued"), "{retried}");
     let jobs = h.store.jobs_for_subscription(SUB, 10).await.unwrap();
     let job = jobs.iter().find(|j| j.id == h.dead_job).unwrap();
     assert_eq!((job.state, job.run_after), (JobState::Pending, h.billing.now()));
-    let twice = admin.post_form(&retry, &[("csrf", &token), ("confirm", "yes")]).await;
-    assert_eq!(twice.status(), 409, "a job that is not dead is not retried");
+    let twice = admin.act(&retry, &token).await;
+    assert!(
+        twice.contains(r#"class="failed""#) && twice.contains("the job is not dead"),
+        "a job that is not dead is not retried"
+    );
 
-    let reconcile =
-        admin.post_form(&format!("/subscriptions/{SUB}/reconcile"), &[("csrf", &token), ("confirm", "yes")]).await;
-    assert_eq!(reconcile.status(), 409);
-    assert!(reconcile.text().await.unwrap().contains("the Stripe API is not configured"));
+    let reconcile = admin.act(&format!("/subscriptions/{SUB}/reconcile"), &token).await;
+    assert!(reconcile.contains("the Stripe API is not configured") && reconcile.contains(r#"class="failed""#));
 
     let audit = h.store.list_audit(Some(CUS), 10).await.unwrap();
     let rows: Vec<(&str, &str, bool)> = audit.iter().map(|a| (a.action.as_str(), a.target.as_str(), a.ok)).collect();
@@ -310,6 +512,7 @@ async fn replay_and_retry_change_what_they_should_and_leave_audit_rows() {
         rows,
         [
             ("reconcile", SUB, false),
+            ("retry_job", job_id.as_str(), false),
             ("retry_job", job_id.as_str(), true),
             ("replay", FAILED_EVENT, true),
             ("replay", FAILED_EVENT, true),
@@ -318,6 +521,7 @@ async fn replay_and_retry_change_what_they_should_and_leave_audit_rows() {
     assert!(audit.iter().all(|a| a.actor == "admin from 127.0.0.1" && a.at == h.billing.now()));
     let all = h.store.list_audit(None, 10).await.unwrap();
     let refused = all.iter().find(|a| a.action == "retry_job" && !a.ok).expect("the refused retry is audited too");
+    assert_eq!(refused.customer_id.as_deref(), Some(CUS), "on its customer's page too");
     assert_eq!(refused.result, "the job is not dead (already retried, or unknown)");
     let page = admin.page("/customers/cus_Evil1").await;
     assert!(page.contains("re-queued: pending, due now") && page.contains("admin from 127.0.0.1"));
@@ -340,7 +544,9 @@ async fn a_read_only_user_sees_the_pages_and_gets_403_on_every_action() {
         assert_eq!(response.status(), 403, "POST {path}");
     }
     assert_eq!(h.store.load_event(FAILED_EVENT).await.unwrap().unwrap().status, EventStatus::Failed);
-    assert!(h.store.list_audit(None, 10).await.unwrap().is_empty());
+    let audit = h.store.list_audit(None, 10).await.unwrap();
+    let refusals: Vec<&str> = audit.iter().filter(|a| a.action != "login").map(|a| a.result.as_str()).collect();
+    assert_eq!(refusals, ["refused: readonly is read-only"; 3], "every refusal is audited");
     let logout = readonly.post_form("/logout", &[("csrf", &token)]).await;
     assert_eq!(logout.status(), 303);
     assert!(logout.headers()["set-cookie"].to_str().unwrap().contains("Max-Age=0"));
@@ -356,9 +562,8 @@ async fn reconcile_now_records_the_drift_it_fixed_and_clears_it_once_in_sync() {
     assert!(page.contains("Reconcile with Stripe now") && !page.contains("Reconcile now is off"));
     let token = admin.csrf().await;
     let reconcile = format!("/subscriptions/{SUB}/reconcile");
-    let fixed = admin.post_form(&reconcile, &[("csrf", &token), ("confirm", "yes")]).await;
-    assert_eq!(fixed.status(), 200);
-    assert!(fixed.text().await.unwrap().contains("drift fixed: status, grace"));
+    let fixed = admin.act(&reconcile, &token).await;
+    assert!(fixed.contains("drift fixed: status, grace"));
     let drift = h.store.list_drift(Some(SUB), 10).await.unwrap();
     let fields: Vec<(&str, &str)> = drift.iter().map(|d| (d.field.as_str(), d.before.as_str())).collect();
     assert_eq!(fields, [("grace", "-"), ("status", "active")], "past_due opens a grace period");
@@ -366,8 +571,8 @@ async fn reconcile_now_records_the_drift_it_fixed_and_clears_it_once_in_sync() {
     assert!(admin.page("/drift").await.contains("past_due"));
     assert!(admin.page("/customers/cus_Evil1").await.contains("past_due"));
 
-    let again = admin.post_form(&reconcile, &[("csrf", &token), ("confirm", "yes")]).await;
-    assert!(again.text().await.unwrap().contains("in sync with Stripe"));
+    let again = admin.act(&reconcile, &token).await;
+    assert!(again.contains("in sync with Stripe"));
     assert!(h.store.list_drift(None, 10).await.unwrap().is_empty(), "the last reconciliation found none");
     let audit = h.store.list_audit(Some(CUS), 10).await.unwrap();
     assert_eq!(
@@ -376,10 +581,11 @@ async fn reconcile_now_records_the_drift_it_fixed_and_clears_it_once_in_sync() {
     );
 }
 
-/// In real headless Chromium: log in, find the customer, open the failed event, replay it and see
-/// its disposition change; screenshots of the customer page and the lists.
+/// In real headless Chromium: log in as a named operator, find a customer by part of an e-mail,
+/// read why its instance is gone, open the failed event of another, replay it, retry a dead job,
+/// log out and see the old cookie refused; screenshots of the customer pages and the lists.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn in_a_browser_an_operator_finds_the_customer_and_replays_the_failed_event() {
+async fn in_a_browser_a_named_operator_finds_reads_why_acts_and_logs_out() {
     use fantoccini::Locator;
     let Some(browser) = support::browser::start().await else { return };
     let h = start(Options::default()).await;
@@ -393,27 +599,42 @@ async fn in_a_browser_an_operator_finds_the_customer_and_replays_the_failed_even
 
     c.goto(&format!("{base}/customers/cus_Evil1")).await.unwrap();
     assert!(c.current_url().await.unwrap().as_str().ends_with("/login"), "the browser is sent to log in");
-    c.find(Locator::Css("input[name=password]")).await.unwrap().send_keys(ADMIN_PASSWORD).await.unwrap();
+    shoot("login.png").await;
+    c.find(Locator::Css("input[name=name]")).await.unwrap().send_keys(ALICE).await.unwrap();
+    c.find(Locator::Css("input[name=password]")).await.unwrap().send_keys(ALICE_PASSWORD).await.unwrap();
     c.find(Locator::Css("form.login button")).await.unwrap().click().await.unwrap();
     let search = c.wait().for_element(Locator::Css("form.search-big input[name=q]")).await.unwrap();
-    search.send_keys(CUS).await.unwrap();
+    let who = c.find(Locator::Css("header .role")).await.unwrap().text().await.unwrap();
+    assert!(who.contains(ALICE), "the header names the operator: {who}");
+    shoot("front.png").await;
+
+    // Part of an e-mail finds the customer whose grace expired; the page starts with why.
+    search.send_keys("grace.hop").await.unwrap();
     c.find(Locator::Css("form.search-big button")).await.unwrap().click().await.unwrap();
-    c.wait().for_element(Locator::Css("section.timeline")).await.unwrap();
-    assert!(c.current_url().await.unwrap().as_str().ends_with("/customers/cus_Evil1"));
-    let email = c.find(Locator::Css("dd.email")).await.unwrap().text().await.unwrap();
+    let why = c.wait().for_element(Locator::Css("p.why")).await.unwrap().text().await.unwrap();
+    assert!(c.current_url().await.unwrap().as_str().ends_with(&format!("/customers/{}", support::GRACE_CUS)));
+    assert!(
+        why.contains(&format!("No instance: invoice {} ($50.00) failed on 15 Jul 2026", support::GRACE_INVOICE))
+            && why.contains("the 7-day grace ended on 22 Jul 2026; deprovisioned on 25 Jul 2026 (job"),
+        "{why}"
+    );
+    shoot("customer-grace-expired.png").await;
+
+    // The other customer: escaped values, the failed event replayed (POST, then the result page).
+    c.goto(&format!("{base}/customers/cus_Evil1")).await.unwrap();
+    let email = c.wait().for_element(Locator::Css("dd.email")).await.unwrap().text().await.unwrap();
     assert_eq!(email, EVIL_EMAIL, "shown as text; no script ran (an alert would have failed every command)");
     shoot("customer.png").await;
-
-    c.goto(&format!("{base}/events/failed")).await.unwrap();
-    shoot("failed-events.png").await;
-    c.goto(&format!("{base}/jobs/dead")).await.unwrap();
-    shoot("dead-jobs.png").await;
-    c.goto(&format!("{base}/grace")).await.unwrap();
-    shoot("grace.png").await;
-    c.goto(&format!("{base}/drift")).await.unwrap();
-    shoot("drift.png").await;
+    for (path, name) in [
+        ("/events/failed", "failed-events.png"),
+        ("/jobs/dead", "dead-jobs.png"),
+        ("/grace", "grace.png"),
+        ("/drift", "drift.png"),
+    ] {
+        c.goto(&format!("{base}{path}")).await.unwrap();
+        shoot(name).await;
+    }
     c.goto(&format!("{base}/customers/cus_Evil1")).await.unwrap();
-
     c.find(Locator::LinkText(FAILED_EVENT)).await.unwrap().click().await.unwrap();
     let disposition = c.wait().for_element(Locator::Id("disposition")).await.unwrap();
     assert_eq!(disposition.text().await.unwrap(), "failed");
@@ -422,12 +643,221 @@ async fn in_a_browser_an_operator_finds_the_customer_and_replays_the_failed_even
     c.find(Locator::Id("replay")).await.unwrap().click().await.unwrap();
     let result = c.wait().for_element(Locator::Id("result")).await.unwrap();
     assert!(result.text().await.unwrap().contains("disposition applied"));
+    assert!(c.current_url().await.unwrap().as_str().contains("/result?"), "redirected to the result");
+    c.refresh().await.unwrap();
+    c.wait().for_element(Locator::Id("result")).await.unwrap();
     c.find(Locator::Id("back")).await.unwrap().click().await.unwrap();
     let disposition = c.wait().for_element(Locator::Id("disposition")).await.unwrap();
     assert_eq!(disposition.text().await.unwrap(), "applied", "the disposition changed");
+
+    // Retry the dead job from the list.
+    c.goto(&format!("{base}/jobs/dead")).await.unwrap();
+    c.find(Locator::Css("form.action input[name=confirm]")).await.unwrap().click().await.unwrap();
+    c.find(Locator::Css("form.action button")).await.unwrap().click().await.unwrap();
+    let result = c.wait().for_element(Locator::Id("result")).await.unwrap().text().await.unwrap();
+    assert!(result.contains("re-queued"), "{result}");
     c.goto(&format!("{base}/customers/cus_Evil1")).await.unwrap();
-    shoot("customer-after-replay.png").await;
-    assert_eq!(h.store.load_event(FAILED_EVENT).await.unwrap().unwrap().status, EventStatus::Applied);
-    assert_eq!(h.store.list_audit(Some(CUS), 10).await.unwrap().len(), 1, "one audit row");
+    shoot("customer-after-actions.png").await;
+    let audit = h.store.list_audit(Some(CUS), 10).await.unwrap();
+    let rows: Vec<(&str, &str)> = audit.iter().map(|a| (a.actor.as_str(), a.action.as_str())).collect();
+    assert_eq!(
+        rows,
+        [("alice from 127.0.0.1", "retry_job"), ("alice from 127.0.0.1", "replay")],
+        "a refresh acted once"
+    );
+
+    // Log out; the old cookie is refused.
+    let old = c.get_named_cookie(mindroom_billing_console::SESSION_COOKIE).await.unwrap().value().to_owned();
+    c.find(Locator::Css("form.logout button")).await.unwrap().click().await.unwrap();
+    c.wait().for_element(Locator::Css("form.login")).await.unwrap();
+    let mut replayed = Client::new(h.addr);
+    replayed.cookie = Some(format!("{}={old}", mindroom_billing_console::SESSION_COOKIE));
+    let response = replayed.get("/customers/cus_Evil1").await;
+    assert_eq!(response.status(), 303, "the old cookie after logout");
+    assert_eq!(response.headers()["location"], "/login");
     browser.client.clone().close().await.unwrap();
+}
+
+/// The customer page starts with why: for the customer whose grace expired, the invoice, its
+/// amount, the dates and the job that deprovisioned; jobs are named by operation; invoice events
+/// show their invoice and amount.
+#[tokio::test]
+async fn the_customer_page_says_why_and_names_jobs_by_operation() {
+    let h = start(Options::default()).await;
+    let admin = Client::login(h.addr, ADMIN_PASSWORD).await;
+    let page = admin.page(&format!("/customers/{}", support::GRACE_CUS)).await;
+    let jobs = h.store.jobs_for_subscription(support::GRACE_SUB, 20).await.unwrap();
+    let instance = h.store.load_instance(support::GRACE_SUB).await.unwrap().unwrap();
+    let writer = mindroom_billing_core::explain::instance_writer(&instance, &jobs).unwrap();
+    let why = format!(
+        "No instance: invoice {} ($50.00) failed on 15 Jul 2026; the 7-day grace ended on 22 Jul 2026; deprovisioned \
+         on 25 Jul 2026 (job {}).",
+        support::GRACE_INVOICE,
+        writer.id
+    );
+    let why_at = page.find(&why).unwrap_or_else(|| panic!("the why sentence in {page}"));
+    assert!(page.contains(r#"<dd class="name">Grace Hopper</dd>"#), "the customer's name");
+    assert!(why_at < page.find("Entitlements now").unwrap(), "at the top");
+    for expected in [
+        "<td class=\"operation\">provision</td>",
+        "<td class=\"operation\">deprovision</td>",
+        "e-mail: welcome",
+        "e-mail: payment failed",
+    ] {
+        assert!(page.contains(expected), "{expected}");
+    }
+    assert!(!page.contains("reconcile instance"), "no job is just 'reconcile instance'");
+    assert!(page.contains(&format!("{} $50.00", support::GRACE_INVOICE)), "the invoice and its amount on its event");
+    let last = &page[page.find("Last provisioner call:").unwrap()..];
+    assert!(
+        last.starts_with("Last provisioner call: deprovision, job"),
+        "the last call names its operation: {}",
+        &last[..300]
+    );
+
+    let other = admin.page("/customers/cus_Evil1").await;
+    assert!(other.contains("Running: active professional subscription; instance mr-console1-"), "{other}");
+}
+
+/// A job that failed and then succeeded shows its old error as history, not as the current state.
+#[tokio::test]
+async fn a_job_done_after_a_retry_does_not_show_its_old_error_as_current() {
+    use mindroom_billing_core::{Claim, JobFinish, JobKind, JobResolution, NewJob};
+    let h = start(Options::default()).await;
+    let now = h.billing.now();
+    let job = NewJob {
+        key: "reconcile:sub_Console1:flaky".into(),
+        group: Some(SUB.into()),
+        kind: JobKind::Reconcile { subscription_id: SUB.into() },
+        run_after: now,
+    };
+    h.store.enqueue(&[job]).await.unwrap();
+    let claim = Claim { now, lease: Duration::seconds(30), limit: 1 };
+    let first = h.store.claim_jobs(&claim).await.unwrap().remove(0);
+    let retry = JobResolution::Retry { run_after: now, error: "provisioner timed out (flaky)".into() };
+    let finish = |job: &mindroom_billing_core::Job, resolution| JobFinish {
+        job_id: job.id,
+        attempt: job.attempts,
+        now,
+        resolution,
+        instance: None,
+        enqueue: vec![],
+    };
+    assert!(h.store.finish_job(&finish(&first, retry)).await.unwrap());
+    let second = h.store.claim_jobs(&claim).await.unwrap().remove(0);
+    // The second attempt updates the instance (it is the provisioner call the page reports).
+    let mut record = h.store.load_instance(SUB).await.unwrap().unwrap();
+    record.updated_at = now;
+    let done = JobFinish { instance: Some(record), ..finish(&second, JobResolution::Done) };
+    assert!(h.store.finish_job(&done).await.unwrap());
+
+    let admin = Client::login(h.addr, ADMIN_PASSWORD).await;
+    let page = admin.page("/customers/cus_Evil1").await;
+    assert!(page.contains("earlier attempt: provisioner timed out (flaky)"), "shown as history");
+    assert!(!page.contains("<span class=\"error\">provisioner timed out"), "not as the current error");
+    let last = &page[page.find("Last provisioner call:").unwrap()..];
+    let last = &last[..last.find("</p>").unwrap()];
+    assert!(last.contains(&format!("job {} (attempt 2), done", second.id)) && last.ends_with(": ok"), "{last}");
+}
+
+/// Long values are shortened: a 100 KB e-mail does not make the page 100 KB longer.
+#[tokio::test]
+async fn long_values_are_shortened_and_audit_targets_are_links() {
+    use mindroom_billing_core::{AccountPatch, Commit, Outcome};
+    let h = start(Options::default()).await;
+    let huge = format!("{}@example.com", "a".repeat(100_000));
+    let commit = Commit {
+        now: h.billing.now(),
+        event_id: None,
+        outcome: Outcome::Applied,
+        subscription: None,
+        account: Some(AccountPatch {
+            stripe_customer_id: CUS.into(),
+            email: Some(huge.clone()),
+            reference: None,
+            observed_at: h.billing.now() + Duration::days(1),
+        }),
+        jobs: vec![],
+    };
+    h.store.commit(&commit).await.unwrap();
+    assert_eq!(h.store.load_account(CUS).await.unwrap().unwrap().email.as_deref(), Some(huge.as_str()));
+    let admin = Client::login(h.addr, ADMIN_PASSWORD).await;
+    let page = admin.page("/customers/cus_Evil1").await;
+    assert!(page.len() < 60_000, "{} bytes", page.len());
+    assert!(page.contains(&format!("{}…", "a".repeat(200))));
+
+    let token = admin.csrf().await;
+    admin.act("/events/evt_failed_1/replay", &token).await;
+    let audit = admin.page("/audit").await;
+    assert!(audit.contains(r#"<a href="/events/evt_failed_1">evt_failed_1</a>"#), "the target is a link");
+    assert!(audit.contains(r#"<a href="/customers/cus_Evil1">cus_Evil1</a>"#), "and its customer");
+}
+
+/// Lists page past 200 rows.
+#[tokio::test]
+async fn lists_page_past_two_hundred_rows() {
+    let h = start(Options::default()).await;
+    let admin = Client::login(h.addr, ADMIN_PASSWORD).await; // its login row is the oldest
+    for i in 0..250i64 {
+        let entry = mindroom_billing_core::AuditEntry {
+            at: h.billing.now() + Duration::seconds(i),
+            actor: "seed".into(),
+            action: "replay".into(),
+            target: format!("evt_page_{i:03}"),
+            customer_id: None,
+            ok: true,
+            result: "applied".into(),
+        };
+        h.store.record_audit(&entry).await.unwrap();
+    }
+    let first = admin.page("/audit").await;
+    assert!(first.contains("evt_page_249") && first.contains("evt_page_050") && !first.contains("evt_page_049"));
+    assert!(first.contains(r#"href="/audit?page=2""#) && !first.contains("?page=0"), "a link to the older rows");
+    let second = admin.page("/audit?page=2").await;
+    assert!(second.contains("evt_page_049") && second.contains("evt_page_000") && !second.contains("evt_page_050"));
+    assert!(second.contains(r#"href="/audit?page=1""#) && !second.contains("?page=3"), "the last page");
+    assert!(admin.page("/audit?page=junk").await.contains("evt_page_249"), "a bad page is the first");
+}
+
+/// Behind a trusted proxy every client keeps its own address (so a flood through the proxy does not
+/// throttle everyone behind it); from any other peer, `X-Forwarded-For` is ignored.
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_client_is_throttled_on_its_own_address() {
+    let proxy = std::net::IpAddr::from([127, 0, 0, 1]);
+    let h = start(Options { trusted_proxies: vec![proxy], ..Options::default() }).await;
+    let login = |forwarded: &'static str, password: &'static str| {
+        let client = Client::new(h.addr);
+        async move {
+            let body = format!("name=admin&password={}", urlencoding(password));
+            let request = client
+                .http
+                .post(format!("{}/login", client.base))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .header("x-forwarded-for", forwarded)
+                .body(body);
+            request.send().await.unwrap().status().as_u16()
+        }
+    };
+    for _ in 0..8 {
+        login("10.0.0.66, 10.9.9.9", "wrong guess").await;
+    }
+    assert_eq!(login("10.9.9.9", "another guess").await, 429, "the guesser's address waits");
+    assert_eq!(login("10.0.0.7", ADMIN_PASSWORD).await, 303, "another client behind the same proxy does not");
+    let audit = h.store.list_audit(None, 20).await.unwrap();
+    assert_eq!(audit[0].actor, "admin from 10.0.0.7", "the audit names the client, not the proxy");
+    assert!(audit.iter().all(|a| !a.actor.contains("10.0.0.66")), "a client's own claim is ignored");
+
+    let direct = start(Options::default()).await;
+    let spoofed = Client::new(direct.addr)
+        .http
+        .post(format!("http://{}/login", direct.addr))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-forwarded-for", "10.1.2.3")
+        .body("name=admin&password=wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(spoofed.status(), 401);
+    let rows = direct.store.list_audit(None, 5).await.unwrap();
+    assert_eq!(rows[0].actor, "admin from 127.0.0.1", "not a trusted proxy: the header is ignored");
 }

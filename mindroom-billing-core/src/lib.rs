@@ -3,6 +3,7 @@
 
 pub mod cutover;
 pub mod event;
+pub mod explain;
 pub mod model;
 pub mod operator;
 pub mod ports;
@@ -13,8 +14,9 @@ pub mod tier;
 pub mod transition;
 
 pub use event::{Event, EventObject, EventType, ParseError, SubscriptionStatus, parse, parse_str};
+pub use explain::explain;
 pub use model::*;
-pub use operator::{AuditEntry, DriftRecord, OperatorStore};
+pub use operator::{AuditEntry, DriftRecord, Operator, OperatorRole, OperatorSession, OperatorStore, SessionCutoff};
 pub use ports::{ChangeListener, Clock, Notifier, Provisioner, Store, StoreError, SystemClock};
 pub use retention::{PruneReport, PruneRequest, RetentionPolicy};
 pub use signature::{SignatureError, Verifier, WebhookSecret};

@@ -19,7 +19,9 @@ use crate::model::{
     JobFinish, JobResolution, JobState, NewEvent, NewJob, Recorded, RecordedCommit, StoredEvent, SubscriptionState,
     SyncCursor, UsageKey, UsageResult, account_id_for_customer,
 };
-use crate::operator::{AuditEntry, DriftRecord, OperatorStore, event_customer};
+use crate::operator::{
+    AuditEntry, DriftRecord, Operator, OperatorSession, OperatorStore, SessionCutoff, event_customer,
+};
 use crate::ports::{ChangeListener, EventFilter, JobFilter, Store, StoreError};
 use crate::retention::{PruneReport, PruneRequest};
 use crate::tier::Limit;
@@ -130,6 +132,19 @@ struct Inner {
     audit: Vec<AuditEntry>,
     /// The drift the last reconciliation found, per subscription.
     drift: BTreeMap<String, Vec<DriftRecord>>,
+    /// Console operators by name.
+    operators: BTreeMap<String, Operator>,
+    /// Console sessions by id.
+    sessions: BTreeMap<String, OperatorSession>,
+}
+
+impl Inner {
+    /// Ends the live sessions of `operator` at `now`.
+    fn end_sessions_of(&mut self, operator: &str, now: DateTime<Utc>) {
+        for session in self.sessions.values_mut().filter(|s| s.operator == operator && s.ended_at.is_none()) {
+            session.ended_at = Some(now);
+        }
+    }
 }
 
 /// A [`Store`] in process memory. All operations take one mutex, never across an `.await`.
@@ -748,6 +763,31 @@ impl OperatorStore for MemoryStore {
         Ok(take(inner.accounts.values().filter(matches).cloned(), limit))
     }
 
+    async fn search_customers(&self, text: &str, limit: u32) -> Result<Vec<String>, StoreError> {
+        if text.is_empty() {
+            return Ok(vec![]);
+        }
+        let inner = self.lock()?;
+        let needle = text.to_lowercase();
+        let contains = |v: Option<&str>| v.is_some_and(|v| v.to_lowercase().contains(&needle));
+        let accounts = inner
+            .accounts
+            .values()
+            .filter(|a| contains(a.email.as_deref()) || contains(a.reference.as_deref()))
+            .map(|a| a.stripe_customer_id.clone());
+        let invoices = inner
+            .subscriptions
+            .values()
+            .filter(|_| text.starts_with("in_"))
+            .filter(|s| {
+                s.failures.iter().any(|f| f.invoice_id.as_deref() == Some(text))
+                    || s.paid_invoices.iter().any(|p| p.invoice_id == text)
+            })
+            .map(|s| s.customer_id.clone());
+        let found: BTreeSet<String> = accounts.chain(invoices).collect();
+        Ok(take(found.into_iter(), limit))
+    }
+
     async fn instance_by_app(&self, app_name: &str) -> Result<Option<InstanceRecord>, StoreError> {
         Ok(self.lock()?.instances.values().find(|i| i.app_name == app_name).cloned())
     }
@@ -783,6 +823,10 @@ impl OperatorStore for MemoryStore {
         };
         let found: Vec<Job> = inner.jobs.values().filter(names).cloned().collect();
         Ok(newest_first(found, |j| (j.created_at, j.id), limit))
+    }
+
+    async fn load_job(&self, job_id: i64) -> Result<Option<Job>, StoreError> {
+        Ok(self.lock()?.jobs.get(&job_id).cloned())
     }
 
     async fn subscriptions_in_grace(&self, limit: u32) -> Result<Vec<SubscriptionState>, StoreError> {
@@ -856,5 +900,67 @@ impl OperatorStore for MemoryStore {
                 .then(a.field.cmp(&b.field))
         });
         Ok(take(found.into_iter().cloned(), limit))
+    }
+
+    async fn add_operator(&self, operator: &Operator) -> Result<bool, StoreError> {
+        let mut inner = self.lock()?;
+        if inner.operators.contains_key(&operator.name) {
+            return Ok(false);
+        }
+        inner.operators.insert(operator.name.clone(), operator.clone());
+        Ok(true)
+    }
+
+    async fn load_operator(&self, name: &str) -> Result<Option<Operator>, StoreError> {
+        Ok(self.lock()?.operators.get(name).cloned())
+    }
+
+    async fn list_operators(&self) -> Result<Vec<Operator>, StoreError> {
+        Ok(self.lock()?.operators.values().cloned().collect())
+    }
+
+    async fn set_operator_password(
+        &self,
+        name: &str,
+        password_hash: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let mut inner = self.lock()?;
+        let Some(operator) = inner.operators.get_mut(name) else { return Ok(false) };
+        password_hash.clone_into(&mut operator.password_hash);
+        inner.end_sessions_of(name, now);
+        Ok(true)
+    }
+
+    async fn remove_operator(&self, name: &str, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        let mut inner = self.lock()?;
+        if inner.operators.remove(name).is_none() {
+            return Ok(false);
+        }
+        inner.end_sessions_of(name, now);
+        Ok(true)
+    }
+
+    async fn create_session(&self, session: &OperatorSession) -> Result<(), StoreError> {
+        self.lock()?.sessions.insert(session.id.clone(), session.clone());
+        Ok(())
+    }
+
+    async fn touch_session(&self, id: &str, cutoff: &SessionCutoff) -> Result<Option<OperatorSession>, StoreError> {
+        let mut inner = self.lock()?;
+        let Some(session) = inner.sessions.get_mut(id).filter(|s| s.ended_at.is_none()) else { return Ok(None) };
+        if session.last_seen < cutoff.idle_since || session.created_at < cutoff.opened_since {
+            session.ended_at = Some(cutoff.now);
+            return Ok(None);
+        }
+        session.last_seen = session.last_seen.max(cutoff.now);
+        Ok(Some(session.clone()))
+    }
+
+    async fn end_session(&self, id: &str, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        let mut inner = self.lock()?;
+        let Some(session) = inner.sessions.get_mut(id).filter(|s| s.ended_at.is_none()) else { return Ok(false) };
+        session.ended_at = Some(now);
+        Ok(true)
     }
 }

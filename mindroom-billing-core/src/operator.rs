@@ -34,6 +34,102 @@ pub struct AuditEntry {
     pub result: String,
 }
 
+/// What an operator may do in the console.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OperatorRole {
+    /// Sees every page and may act (replay, retry, reconcile).
+    Admin,
+    /// Sees every page; every action is refused.
+    ReadOnly,
+}
+
+impl OperatorRole {
+    /// `admin` or `read-only` (as stored, and as `--role` takes it).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Admin => "admin",
+            Self::ReadOnly => "read-only",
+        }
+    }
+
+    /// Parses [`Self::as_str`] (and `readonly`).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "admin" => Some(Self::Admin),
+            "read-only" | "readonly" => Some(Self::ReadOnly),
+            _ => None,
+        }
+    }
+}
+
+/// A named console operator. The password hash is an argon2 PHC string; it is redacted from `Debug`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Operator {
+    /// The login name (unique).
+    pub name: String,
+    /// What the operator may do.
+    pub role: OperatorRole,
+    /// argon2 PHC string.
+    pub password_hash: String,
+    /// When the operator was added.
+    pub created_at: DateTime<Utc>,
+}
+
+impl std::fmt::Debug for Operator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Operator")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .field("password_hash", &"<redacted>")
+            .field("created_at", &self.created_at)
+            .finish()
+    }
+}
+
+/// A console session as the store keeps it. `id` is what the store is asked by: the console stores
+/// a digest of the cookie's secret there, never the secret itself.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorSession {
+    /// The session's key in the store (a digest of the cookie value).
+    pub id: String,
+    /// The operator's name.
+    pub operator: String,
+    /// The role the session was opened with.
+    pub role: OperatorRole,
+    /// When it was opened (login).
+    pub created_at: DateTime<Utc>,
+    /// The last request it made.
+    pub last_seen: DateTime<Utc>,
+    /// When it ended (logout, password change, removal, timeout); `None` while live.
+    pub ended_at: Option<DateTime<Utc>>,
+}
+
+impl std::fmt::Debug for OperatorSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OperatorSession")
+            .field("id", &"<redacted>")
+            .field("operator", &self.operator)
+            .field("role", &self.role)
+            .field("created_at", &self.created_at)
+            .field("last_seen", &self.last_seen)
+            .field("ended_at", &self.ended_at)
+            .finish()
+    }
+}
+
+/// Which sessions [`OperatorStore::touch_session`] still accepts: those seen since `idle_since`
+/// and opened since `opened_since`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionCutoff {
+    /// The request's time (the new `last_seen`, or the `ended_at` of a session found too old).
+    pub now: DateTime<Utc>,
+    /// A session last seen before this has been idle too long.
+    pub idle_since: DateTime<Utc>,
+    /// A session opened before this has lived too long.
+    pub opened_since: DateTime<Utc>,
+}
+
 /// A difference the last reconciliation of a subscription found (see [`Drift`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DriftRecord {
@@ -100,6 +196,12 @@ pub trait OperatorStore: Send + Sync + 'static {
     /// Accounts whose e-mail equals `email`, ignoring case, at most `limit`.
     async fn accounts_by_email(&self, email: &str, limit: u32) -> Result<Vec<Account>, StoreError>;
 
+    /// Stripe customer ids a support request may mean by `text`, sorted, at most `limit`: those whose
+    /// account e-mail or platform reference contains it (ignoring case; taken literally, `%` and `_`
+    /// are no patterns), and, when `text` is an invoice id (`in_…`), those with a subscription whose
+    /// failed or paid invoices include it. An empty `text` finds nothing.
+    async fn search_customers(&self, text: &str, limit: u32) -> Result<Vec<String>, StoreError>;
+
     /// The instance record whose app name is `app_name`.
     async fn instance_by_app(&self, app_name: &str) -> Result<Option<InstanceRecord>, StoreError>;
 
@@ -115,6 +217,9 @@ pub trait OperatorStore: Send + Sync + 'static {
     /// The jobs of a subscription, newest first, at most `limit`: those whose work names it (its
     /// reconciles and e-mails), and those whose work names no subscription but whose group is it.
     async fn jobs_for_subscription(&self, subscription_id: &str, limit: u32) -> Result<Vec<Job>, StoreError>;
+
+    /// The job `job_id`, in whatever state.
+    async fn load_job(&self, job_id: i64) -> Result<Option<Job>, StoreError>;
 
     /// Subscriptions with a grace period whose expiry is not handled yet, earliest deadline first, at
     /// most `limit`.
@@ -145,6 +250,38 @@ pub trait OperatorStore: Send + Sync + 'static {
     /// The drift the last reconciliation found, newest first, at most `limit`; only that of
     /// `subscription_id` when given.
     async fn list_drift(&self, subscription_id: Option<&str>, limit: u32) -> Result<Vec<DriftRecord>, StoreError>;
+
+    /// Adds a named operator; `false` (and nothing written) when the name is taken.
+    async fn add_operator(&self, operator: &Operator) -> Result<bool, StoreError>;
+
+    /// The operator named `name`.
+    async fn load_operator(&self, name: &str) -> Result<Option<Operator>, StoreError>;
+
+    /// Every operator, by name.
+    async fn list_operators(&self) -> Result<Vec<Operator>, StoreError>;
+
+    /// Replaces an operator's password hash and ends all its live sessions at `now`, atomically;
+    /// `false` for an unknown name.
+    async fn set_operator_password(
+        &self,
+        name: &str,
+        password_hash: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
+
+    /// Removes an operator and ends all its live sessions at `now`, atomically; `false` for an
+    /// unknown name.
+    async fn remove_operator(&self, name: &str, now: DateTime<Utc>) -> Result<bool, StoreError>;
+
+    /// Stores a new session (its `id` is unique: a random secret's digest).
+    async fn create_session(&self, session: &OperatorSession) -> Result<(), StoreError>;
+
+    /// The live session `id`, its `last_seen` set to `cutoff.now`. A session that has ended, or
+    /// that is idle or old past the cutoff, is `None` (an idle or old one is ended at `now`).
+    async fn touch_session(&self, id: &str, cutoff: &SessionCutoff) -> Result<Option<OperatorSession>, StoreError>;
+
+    /// Ends the session `id` at `now`; `false` when it was not live.
+    async fn end_session(&self, id: &str, now: DateTime<Utc>) -> Result<bool, StoreError>;
 }
 
 // Object safety is part of the contract: the console holds an `Arc<dyn OperatorStore>`.

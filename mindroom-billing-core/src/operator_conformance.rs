@@ -14,10 +14,10 @@ use chrono::Duration;
 
 use crate::conformance::{job, new_event, t0};
 use crate::model::{
-    AccountPatch, Claim, Commit, EmailKind, Grace, InstanceRecord, InstanceStatus, JobFinish, JobKind, JobResolution,
-    JobState, NewJob, Outcome, SubscriptionState,
+    AccountPatch, Claim, Commit, EmailKind, Failure, Grace, InstanceRecord, InstanceStatus, JobFinish, JobKind,
+    JobResolution, JobState, NewJob, Outcome, PaidInvoice, SubscriptionState,
 };
-use crate::operator::{AuditEntry, DriftRecord, OperatorStore};
+use crate::operator::{AuditEntry, DriftRecord, Operator, OperatorRole, OperatorSession, OperatorStore, SessionCutoff};
 use crate::ports::{JobFilter, Store};
 
 /// Runs every check, each on a fresh store from `fresh`.
@@ -28,6 +28,7 @@ where
     Fut: Future<Output = Arc<S>>,
 {
     finds_by_email_app_and_customer(fresh().await).await;
+    searches_by_part_of_an_email_a_reference_or_an_invoice(fresh().await).await;
     events_of_a_customer_newest_first(fresh().await).await;
     jobs_of_a_subscription(fresh().await).await;
     grace_by_deadline(fresh().await).await;
@@ -35,6 +36,8 @@ where
     retry_is_fenced_on_dead(fresh().await).await;
     audit_rows_by_customer(fresh().await).await;
     drift_is_replaced_per_checked_subscription(fresh().await).await;
+    operators_are_named_and_unique(fresh().await).await;
+    sessions_end_by_logout_password_removal_and_time(fresh().await).await;
 }
 
 fn commit(subscription: Option<SubscriptionState>, account: Option<AccountPatch>) -> Commit {
@@ -214,6 +217,9 @@ pub async fn retry_is_fenced_on_dead<S: Store + OperatorStore>(store: Arc<S>) {
     let retried = store.retry_dead_job(claimed[0].id, later).await.unwrap().expect("a dead job is re-queued");
     assert_eq!((retried.key.as_str(), retried.state, retried.run_after), ("dies", JobState::Pending, later));
     assert_eq!(store.retry_dead_job(claimed[0].id, later).await.unwrap(), None, "once: it is pending now");
+    let loaded = store.load_job(claimed[0].id).await.unwrap().expect("a job is loaded by id");
+    assert_eq!((loaded.key.as_str(), loaded.state), ("dies", JobState::Pending));
+    assert_eq!(store.load_job(9_999_999).await.unwrap(), None);
     let again = store.claim_jobs(&Claim { now: later, lease: Duration::seconds(30), limit: 5 }).await.unwrap();
     assert_eq!(again.iter().map(|j| j.key.as_str()).collect::<Vec<_>>(), ["dies"]);
     assert_eq!(again[0].attempts, 2, "attempts keep counting (the fencing token)");
@@ -262,4 +268,116 @@ pub async fn drift_is_replaced_per_checked_subscription<S: Store + OperatorStore
     assert_eq!(store.list_drift(Some(&a), 10).await.unwrap(), [drift(&a, "instance", 2)]);
     let all = store.list_drift(None, 1).await.unwrap();
     assert_eq!(all, [drift(&a, "instance", 2)], "newest first");
+}
+
+fn operator(name: &str, role: OperatorRole) -> Operator {
+    Operator {
+        name: name.into(),
+        role,
+        password_hash: format!("$argon2id$v=19$m=8,t=1,p=1$c2FsdA$h-{name}"),
+        created_at: t0(),
+    }
+}
+
+/// Operators: added once per name, listed by name, their password replaced, removed.
+pub async fn operators_are_named_and_unique<S: Store + OperatorStore>(store: Arc<S>) {
+    let ann = operator("ann", OperatorRole::Admin);
+    assert!(store.add_operator(&ann).await.unwrap());
+    assert!(store.add_operator(&operator("bob", OperatorRole::ReadOnly)).await.unwrap());
+    assert!(!store.add_operator(&operator("ann", OperatorRole::ReadOnly)).await.unwrap(), "the name is taken");
+    assert_eq!(store.load_operator("ann").await.unwrap(), Some(ann.clone()), "the first one stays");
+    assert_eq!(store.load_operator("Ann").await.unwrap(), None, "names are exact");
+    let names: Vec<(String, OperatorRole)> =
+        store.list_operators().await.unwrap().into_iter().map(|o| (o.name, o.role)).collect();
+    assert_eq!(names, [("ann".to_owned(), OperatorRole::Admin), ("bob".to_owned(), OperatorRole::ReadOnly)]);
+    assert!(store.set_operator_password("ann", "$argon2id$new", t0()).await.unwrap());
+    assert_eq!(store.load_operator("ann").await.unwrap().unwrap().password_hash, "$argon2id$new");
+    assert!(!store.set_operator_password("nobody", "$argon2id$x", t0()).await.unwrap());
+    assert!(store.remove_operator("bob", t0()).await.unwrap());
+    assert!(!store.remove_operator("bob", t0()).await.unwrap(), "once");
+    assert_eq!(store.load_operator("bob").await.unwrap(), None);
+    assert!(!format!("{ann:?}").contains("argon2"), "the hash is redacted from Debug");
+}
+
+/// Sessions: touched while live; ended by logout, a password change, the operator's removal, idle
+/// time and age; an ended session never comes back.
+pub async fn sessions_end_by_logout_password_removal_and_time<S: Store + OperatorStore>(store: Arc<S>) {
+    store.add_operator(&operator("ann", OperatorRole::Admin)).await.unwrap();
+    store.add_operator(&operator("bob", OperatorRole::ReadOnly)).await.unwrap();
+    let open = |id: &str, who: &str, role: OperatorRole| OperatorSession {
+        id: id.into(),
+        operator: who.into(),
+        role,
+        created_at: t0(),
+        last_seen: t0(),
+        ended_at: None,
+    };
+    let cutoff = |minutes: i64| SessionCutoff {
+        now: t0() + Duration::minutes(minutes),
+        idle_since: t0() + Duration::minutes(minutes - 30),
+        opened_since: t0() + Duration::minutes(minutes - 480),
+    };
+    for (id, who, role) in [
+        ("s-ann-1", "ann", OperatorRole::Admin),
+        ("s-ann-2", "ann", OperatorRole::Admin),
+        ("s-bob", "bob", OperatorRole::ReadOnly),
+        ("s-idle", "bob", OperatorRole::ReadOnly),
+        ("s-boot", "admin", OperatorRole::Admin),
+    ] {
+        store.create_session(&open(id, who, role)).await.unwrap();
+    }
+    let live = store.touch_session("s-ann-1", &cutoff(10)).await.unwrap().expect("live");
+    assert_eq!(
+        (live.operator.as_str(), live.role, live.last_seen),
+        ("ann", OperatorRole::Admin, t0() + Duration::minutes(10))
+    );
+    assert_eq!(store.touch_session("s-none", &cutoff(10)).await.unwrap(), None, "unknown");
+
+    assert!(store.end_session("s-ann-1", t0() + Duration::minutes(11)).await.unwrap(), "logout");
+    assert!(!store.end_session("s-ann-1", t0() + Duration::minutes(12)).await.unwrap(), "once");
+    assert_eq!(store.touch_session("s-ann-1", &cutoff(12)).await.unwrap(), None, "ended by logout");
+
+    assert!(store.touch_session("s-ann-2", &cutoff(12)).await.unwrap().is_some());
+    store.set_operator_password("ann", "$argon2id$new", t0() + Duration::minutes(13)).await.unwrap();
+    assert_eq!(store.touch_session("s-ann-2", &cutoff(14)).await.unwrap(), None, "ended by the password change");
+
+    assert!(store.touch_session("s-bob", &cutoff(14)).await.unwrap().is_some());
+    // s-idle was last seen at t0: 31 minutes idle at minute 31.
+    assert_eq!(store.touch_session("s-idle", &cutoff(31)).await.unwrap(), None, "idle too long");
+    assert_eq!(store.touch_session("s-idle", &cutoff(0)).await.unwrap(), None, "ended for good");
+    store.remove_operator("bob", t0() + Duration::minutes(15)).await.unwrap();
+    assert_eq!(store.touch_session("s-bob", &cutoff(16)).await.unwrap(), None, "ended by the removal");
+
+    // A session kept busy still ends when it is older than the lifetime.
+    for minute in (20..=480).step_by(20) {
+        assert!(store.touch_session("s-boot", &cutoff(minute)).await.unwrap().is_some(), "minute {minute}");
+    }
+    assert_eq!(store.touch_session("s-boot", &cutoff(481)).await.unwrap(), None, "eight hours old");
+}
+
+/// Search: part of an e-mail or a reference, ignoring case and literally; an invoice id, failed or
+/// paid.
+pub async fn searches_by_part_of_an_email_a_reference_or_an_invoice<S: Store + OperatorStore>(store: Arc<S>) {
+    store.commit(&commit(None, Some(patch("cus_a", "Ann.Lee@Example.com")))).await.unwrap();
+    store.commit(&commit(None, Some(patch("cus_b", "bob_100%@example.org")))).await.unwrap();
+    let with_ref = AccountPatch { reference: Some("user_123".into()), ..patch("cus_c", "carol@example.net") };
+    store.commit(&commit(None, Some(with_ref))).await.unwrap();
+    let mut failed = SubscriptionState::new("sub_f", "cus_f");
+    failed.failures = vec![Failure { at: t0(), invoice_id: Some("in_Failed1".into()) }];
+    failed.paid_invoices = vec![PaidInvoice { invoice_id: "in_Paid1".into(), at: t0() }];
+    store.commit(&commit(Some(failed), None)).await.unwrap();
+    let search = |text: &'static str| {
+        let store = Arc::clone(&store);
+        async move { store.search_customers(text, 10).await.unwrap() }
+    };
+    assert_eq!(search("ann.lee").await, ["cus_a"], "part of an e-mail, ignoring case");
+    assert_eq!(search("EXAMPLE").await, ["cus_a", "cus_b", "cus_c"], "sorted");
+    assert_eq!(search("100%").await, ["cus_b"], "% is a character");
+    assert!(search("b_b").await.is_empty(), "_ is a character");
+    assert_eq!(search("user_12").await, ["cus_c"], "part of the reference");
+    assert_eq!(search("in_Failed1").await, ["cus_f"], "a failed invoice");
+    assert_eq!(search("in_Paid1").await, ["cus_f"], "a paid invoice");
+    assert!(search("in_Paid").await.is_empty(), "invoice ids are whole");
+    assert!(search("").await.is_empty());
+    assert_eq!(store.search_customers("example", 2).await.unwrap(), ["cus_a", "cus_b"], "limited");
 }

@@ -442,3 +442,166 @@ fn a_fact_older_than_the_news_horizon_is_recorded_but_emails_nobody() {
     let d = decide(&short, Some(&state), &failed, at(T0 + 3 * DAY));
     assert_eq!(email_news(&d), [("payment_failed", false)]);
 }
+
+// ---- explain: one sentence per subscription, on the same states ------------------------------------
+
+mod explained {
+    use super::*;
+    use mindroom_billing_core::explain::{explain, job_label};
+    use mindroom_billing_core::{EventObject, InstanceRecord, InstanceStatus, Job, JobState};
+
+    fn instance(status: InstanceStatus, tier: Tier, updated: i64) -> InstanceRecord {
+        InstanceRecord {
+            subscription_id: SUB.into(),
+            app_name: "mr-rules-1".into(),
+            status,
+            generation: 1,
+            tier: Some(tier),
+            limits: Some(tier.limits()),
+            subdomain: None,
+            frontend_url: None,
+            backend_url: None,
+            deprovisioned_at: (status == InstanceStatus::Deprovisioned).then(|| at(updated)),
+            updated_at: at(updated),
+        }
+    }
+
+    fn job(id: i64, kind: JobKind, state: JobState, created: i64, finished: i64) -> Job {
+        Job {
+            id,
+            key: format!("job:{id}"),
+            group: Some(SUB.into()),
+            kind,
+            state,
+            attempts: 1,
+            run_after: at(created),
+            locked_until: None,
+            last_error: None,
+            created_at: at(created),
+            updated_at: at(finished),
+        }
+    }
+
+    fn reconcile() -> JobKind {
+        JobKind::Reconcile { subscription_id: SUB.into() }
+    }
+
+    fn invoices(events: &[&Event]) -> Vec<mindroom_billing_core::event::InvoiceFact> {
+        events
+            .iter()
+            .filter_map(|e| match &e.object {
+                EventObject::Invoice(i) => Some(i.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_expired_grace_names_the_invoice_its_amount_the_dates_and_the_deprovisioning_job() {
+        let mut run = Run::default();
+        run.apply(&sub_ev(1, "customer.subscription.created", T0, "active", PRO));
+        let failed_at = T0 + 30 * DAY;
+        let failed = inv_ev(2, "invoice.payment_failed", failed_at, "in_1Pgd9kAugust");
+        run.apply(&failed);
+        let expiry = at(failed_at + 7 * DAY + 60);
+        let d = expire_grace(run.state(), expiry).expect("the grace expires");
+        let state = d.subscription.expect("handled");
+        let done = at(failed_at + 7 * DAY + 70);
+        let gone = InstanceRecord {
+            deprovisioned_at: Some(done),
+            ..instance(InstanceStatus::Deprovisioned, Tier::Professional, failed_at + 7 * DAY + 70)
+        };
+        let jobs = [
+            job(1, reconcile(), JobState::Done, T0, T0 + 5),
+            job(10, reconcile(), JobState::Done, failed_at + 7 * DAY + 60, failed_at + 7 * DAY + 71),
+            job(11, reconcile(), JobState::Done, failed_at + 7 * DAY + 80, failed_at + 7 * DAY + 90),
+        ];
+        let now = at(failed_at + 9 * DAY);
+        let sentence = explain(&state, Some(&gone), &jobs, &invoices(&[&failed]), now);
+        assert_eq!(
+            sentence,
+            "No instance: invoice in_1Pgd9kAugust ($49.00) failed on 24 Aug 2026; the 7-day grace ended on 31 Aug \
+             2026; deprovisioned on 31 Aug 2026 (job 10)."
+        );
+        assert_eq!(job_label(&jobs[1], &state, Some(&gone), &jobs, now), "deprovision");
+        assert_eq!(job_label(&jobs[2], &state, Some(&gone), &jobs, now), "reconcile (no change)");
+        // Without the invoice event at hand the id is still named.
+        assert!(
+            explain(&state, Some(&gone), &jobs, &[], now).starts_with("No instance: invoice in_1Pgd9kAugust failed")
+        );
+    }
+
+    #[test]
+    fn in_grace_the_instance_runs_and_the_deadline_is_said() {
+        let mut run = Run::default();
+        run.apply(&sub_ev(1, "customer.subscription.created", T0, "active", STARTER));
+        let failed = inv_ev(2, "invoice.payment_failed", T0 + DAY, "in_Sept");
+        run.apply(&failed);
+        let running = instance(InstanceStatus::Running, Tier::Starter, T0 + 5);
+        let sentence = explain(run.state(), Some(&running), &[], &invoices(&[&failed]), at(T0 + 2 * DAY));
+        assert_eq!(
+            sentence,
+            "Running: active starter subscription; instance mr-rules-1 runs; invoice in_Sept ($49.00) failed on 26 Jul \
+             2026; the 7-day grace ends on 2 Aug 2026: the instance is removed then unless it is paid."
+        );
+    }
+
+    #[test]
+    fn a_canceled_subscription_says_since_when() {
+        let mut run = Run::default();
+        run.apply(&sub_ev(1, "customer.subscription.created", T0, "active", PRO));
+        run.apply(&sub_ev(2, "customer.subscription.deleted", T0 + 3 * DAY, "canceled", PRO));
+        let s = explain(run.state(), None, &[], &[], at(T0 + 4 * DAY));
+        assert_eq!(s, "No instance: the subscription is canceled since 28 Jul 2026; none was ever provisioned.");
+        let still = instance(InstanceStatus::Running, Tier::Professional, T0 + 5);
+        let pending = [job(7, reconcile(), JobState::Pending, T0 + 3 * DAY, T0 + 3 * DAY)];
+        let s = explain(run.state(), Some(&still), &pending, &[], at(T0 + 4 * DAY));
+        assert_eq!(
+            s,
+            "Instance mr-rules-1 still runs but should not: the subscription is canceled since 28 Jul 2026; deprovision \
+             job 7 is pending (attempt 1)."
+        );
+        assert_eq!(job_label(&pending[0], run.state(), Some(&still), &pending, at(T0 + 4 * DAY)), "deprovision");
+    }
+
+    #[test]
+    fn an_active_subscription_without_an_instance_names_the_dead_job() {
+        let mut run = Run::default();
+        run.apply(&sub_ev(1, "customer.subscription.created", T0, "active", PRO));
+        let mut dead = job(3, reconcile(), JobState::Dead, T0, T0 + 600);
+        dead.attempts = 5;
+        dead.last_error = Some("provisioner answered 500".into());
+        let jobs = [dead];
+        let s = explain(run.state(), None, &jobs, &[], at(T0 + DAY));
+        assert_eq!(
+            s,
+            "No instance yet: the subscription is active professional; provision job 3 is dead after 5 attempts \
+             (provisioner answered 500): retry it."
+        );
+        assert_eq!(job_label(&jobs[0], run.state(), None, &jobs, at(T0 + DAY)), "provision");
+        let none = explain(run.state(), None, &[], &[], at(T0 + DAY));
+        assert!(
+            none.ends_with("; no provision job is queued (reconcile with Stripe, or replay its last event)."),
+            "{none}"
+        );
+    }
+
+    #[test]
+    fn a_period_end_in_the_past_is_flagged_and_only_invoices_say_so() {
+        let mut run = Run::default();
+        run.apply(&sub_ev(1, "customer.subscription.created", T0, "active", STARTER));
+        let running = instance(InstanceStatus::Running, Tier::Starter, T0 + 5);
+        let provisioned = [job(1, reconcile(), JobState::Done, T0, T0 + 6)];
+        let s = explain(run.state(), Some(&running), &provisioned, &[], at(T0 + 31 * DAY));
+        assert_eq!(
+            s,
+            "Running: active starter subscription (its period ended on 24 Aug 2026 and Stripe has sent no renewal \
+             since); instance mr-rules-1 runs."
+        );
+        assert_eq!(job_label(&provisioned[0], run.state(), Some(&running), &provisioned, at(T0 + DAY)), "provision");
+
+        let mut only = Run::default();
+        only.apply(&inv_ev(1, "invoice.payment_failed", T0, "in_1"));
+        assert!(explain(only.state(), None, &[], &[], at(T0)).starts_with("No instance: only invoices have been seen"));
+    }
+}

@@ -95,6 +95,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "billing_list_subscriptions",
         sql: include_str!("../migrations/20261211000000_billing_list_subscriptions.sql"),
     },
+    Migration {
+        version: "20261212000000",
+        name: "billing_console_operators",
+        sql: include_str!("../migrations/20261212000000_billing_console_operators.sql"),
+    },
 ];
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use mindroom_billing_core::{
     AccountPatch, Billing, BillingConfig, Claim, Clock, Commit, EventSource, JobFinish, JobKind, JobResolution,
     MemoryStore, NewEvent, NewJob, Outcome, Policy, PriceCatalog, Store, Tier, Verifier, WebhookSecret,
 };
+use mindroom_billing_core::{Operator, OperatorRole, OperatorStore};
 use tokio::sync::oneshot;
 
 pub mod browser;
@@ -26,11 +27,24 @@ pub const PRICE: &str = "price_pro";
 pub const EVIL_EMAIL: &str = r#""><script>alert(1)</script>"#;
 pub const EVIL_METADATA: &str = r#"<img src=x onerror=alert(2)>"#;
 pub const FAILED_EVENT: &str = "evt_failed_1";
+/// A second customer whose grace expired: its instance was deprovisioned.
+pub const GRACE_CUS: &str = "cus_GraceGone";
+pub const GRACE_SUB: &str = "sub_GraceGone";
+pub const GRACE_EMAIL: &str = "grace.hopper@example.com";
+pub const GRACE_INVOICE: &str = "in_1Pgd9kAugust";
 pub const APPLIED_EVENT: &str = "evt_applied_1";
 
-/// Hashing is slow on purpose: once per test binary.
-pub static HASHES: LazyLock<(String, String)> =
-    LazyLock::new(|| (hash_password(ADMIN_PASSWORD).unwrap(), hash_password(READONLY_PASSWORD).unwrap()));
+/// A named admin operator kept in the store.
+pub const ALICE: &str = "alice";
+pub const ALICE_PASSWORD: &str = "alice: purple monkey dishwasher";
+/// A named read-only operator kept in the store.
+pub const BOB: &str = "bob";
+pub const BOB_PASSWORD: &str = "bob: the quick brown fox";
+
+/// Hashing is slow on purpose: once per test binary (the two bootstrap hashes, then alice's and bob's).
+pub static HASHES: LazyLock<[String; 4]> = LazyLock::new(|| {
+    [ADMIN_PASSWORD, READONLY_PASSWORD, ALICE_PASSWORD, BOB_PASSWORD].map(|p| hash_password(p).unwrap())
+});
 
 pub fn t0() -> DateTime<Utc> {
     Utc.timestamp_opt(1_785_000_000, 0).unwrap()
@@ -82,10 +96,13 @@ impl Drop for Harness {
 #[derive(Default)]
 pub struct Options {
     pub secure_cookie: bool,
-    pub login_attempts_per_minute: Option<u32>,
     pub key: Option<&'static str>,
     /// A fake Stripe API (reconciliation on, drift recorded in the store).
     pub stripe: Option<Arc<FakeStripeApi>>,
+    /// The console's public origin (default: `http://` and the bound address).
+    pub origin: Option<String>,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 /// Seeds the store (an applied event, a failed one whose price is known now, an account with a
@@ -103,20 +120,26 @@ pub async fn start(options: Options) -> Harness {
     }
     let billing = Arc::new(billing);
     seed(&store, &billing).await;
+    seed_expired_grace(&store, &billing, &clock).await;
     let dead_job = dead_job(&store, &billing).await;
 
-    let (admin, readonly) = &*HASHES;
-    let mut config = ConsoleConfig::new(admin, SessionKey::from_secret(options.key.unwrap_or(KEY)).unwrap())
+    let [admin, readonly, alice, bob] = &*HASHES;
+    for (name, role, hash) in [(ALICE, OperatorRole::Admin, alice), (BOB, OperatorRole::ReadOnly, bob)] {
+        let operator = Operator { name: name.into(), role, password_hash: hash.clone(), created_at: t0() };
+        assert!(store.add_operator(&operator).await.unwrap());
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let origin = options.origin.clone().unwrap_or_else(|| format!("http://{addr}"));
+    let config = ConsoleConfig::new(admin, SessionKey::from_secret(options.key.unwrap_or(KEY)).unwrap())
         .unwrap()
         .with_readonly_password_hash(readonly)
         .unwrap()
-        .with_secure_cookie(options.secure_cookie);
-    if let Some(n) = options.login_attempts_per_minute {
-        config = config.with_login_attempts_per_minute(n);
-    }
+        .with_origin(&origin)
+        .unwrap()
+        .with_secure_cookie(options.secure_cookie)
+        .with_trusted_proxies(options.trusted_proxies.clone());
     let console = Arc::new(Console::new(billing.clone(), store.clone(), config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel();
     tokio::spawn(mindroom_billing_console::serve(listener, console, async {
         let _ = stopped.await;
@@ -133,9 +156,13 @@ pub fn stripe_subscription(status: &str) -> RawObject {
 }
 
 fn new_event<'a>(id: &'a str, payload: &'a str, at: DateTime<Utc>) -> NewEvent<'a> {
+    typed_event(id, "customer.subscription.updated", payload, at)
+}
+
+fn typed_event<'a>(id: &'a str, event_type: &'a str, payload: &'a str, at: DateTime<Utc>) -> NewEvent<'a> {
     NewEvent {
         id,
-        event_type: "customer.subscription.updated",
+        event_type,
         created: at,
         api_version: Some("2023-10-16"),
         livemode: false,
@@ -168,6 +195,44 @@ async fn seed(store: &Arc<MemoryStore>, billing: &Billing) {
         jobs: vec![],
     };
     store.commit(&commit).await.unwrap();
+}
+
+/// GRACE_CUS: a professional subscription since 40 days, its invoice of $50.00 failed 10 days ago,
+/// the 7-day grace expired 3 days ago, and the instance was deprovisioned.
+/// The clock moves a second between steps, as it would.
+async fn seed_expired_grace(store: &Arc<MemoryStore>, billing: &Billing, clock: &TestClock) {
+    let record = |id: &'static str, kind: &'static str, payload: String, at: DateTime<Utc>| async move {
+        store.record_event(&typed_event(id, kind, &payload, at)).await.unwrap();
+        billing.replay(id).await.unwrap();
+        clock.advance(Duration::seconds(1));
+        while billing.run_due_jobs(10).await.unwrap() > 0 {
+            clock.advance(Duration::seconds(1));
+        }
+    };
+    let created = t0() - Duration::days(40);
+    let customer = format!(
+        r#"{{"id":"evt_grace_cus","object":"event","api_version":"2023-10-16","created":{},"data":{{"object":{{"id":"{GRACE_CUS}","object":"customer","email":"{GRACE_EMAIL}","name":"Grace Hopper","metadata":{{}}}}}},"livemode":false,"type":"customer.updated"}}"#,
+        created.timestamp()
+    );
+    record("evt_grace_cus", "customer.updated", customer, created).await;
+    let subscription = subscription_event("evt_grace_sub", created, "")
+        .replace(SUB, GRACE_SUB)
+        .replace(CUS, GRACE_CUS)
+        .replace("customer.subscription.updated", "customer.subscription.created");
+    record("evt_grace_sub", "customer.subscription.created", subscription, created).await;
+    let failed_at = t0() - Duration::days(10);
+    let invoice = format!(
+        r#"{{"id":"evt_grace_inv","object":"event","api_version":"2023-10-16","created":{},"data":{{"object":{{"id":"{GRACE_INVOICE}","object":"invoice","customer":"{GRACE_CUS}","subscription":"{GRACE_SUB}","amount_due":5000,"currency":"usd","status":"open"}}}},"livemode":false,"type":"invoice.payment_failed"}}"#,
+        failed_at.timestamp()
+    );
+    record("evt_grace_inv", "invoice.payment_failed", invoice, failed_at).await;
+    assert_eq!(billing.sweep_grace().await.unwrap(), 1, "the grace has expired");
+    clock.advance(Duration::seconds(1));
+    while billing.run_due_jobs(10).await.unwrap() > 0 {
+        clock.advance(Duration::seconds(1));
+    }
+    let instance = store.load_instance(GRACE_SUB).await.unwrap().expect("provisioned, then deprovisioned");
+    assert_eq!(instance.status, mindroom_billing_core::InstanceStatus::Deprovisioned);
 }
 
 async fn dead_job(store: &Arc<MemoryStore>, billing: &Billing) -> i64 {
@@ -209,14 +274,30 @@ pub struct Client {
 
 impl Client {
     pub fn new(addr: SocketAddr) -> Self {
-        let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+        Self::from_address(addr, std::net::IpAddr::from([127, 0, 0, 1]))
+    }
+
+    /// A client whose connections come from `local` (any 127.0.0.0/8 address on Linux).
+    pub fn from_address(addr: SocketAddr, local: std::net::IpAddr) -> Self {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .local_address(local)
+            .build()
+            .unwrap();
         Self { http, base: format!("http://{addr}"), cookie: None }
     }
 
+    /// Logs in with a bootstrap password (`admin` or `readonly`, from the configured hashes).
     pub async fn login(addr: SocketAddr, password: &str) -> Self {
+        let name = if password == READONLY_PASSWORD { "readonly" } else { "admin" };
+        Self::login_as(addr, name, password).await
+    }
+
+    /// Logs in as the operator `name`.
+    pub async fn login_as(addr: SocketAddr, name: &str, password: &str) -> Self {
         let mut client = Self::new(addr);
-        let response = client.post_form("/login", &[("password", password)]).await;
-        assert_eq!(response.status(), 303, "login with the right password");
+        let response = client.post_form("/login", &[("name", name), ("password", password)]).await;
+        assert_eq!(response.status(), 303, "login of {name} with the right password");
         client.cookie = Some(session_cookie(&response).expect("a session cookie"));
         client
     }
@@ -240,6 +321,16 @@ impl Client {
             request = request.header("cookie", cookie);
         }
         request.send().await.unwrap()
+    }
+
+    /// Acts (a confirmed `POST` with the session's token): the answer must be a redirect to the
+    /// result (POST/redirect/GET); returns the result page's text.
+    pub async fn act(&self, path: &str, token: &str) -> String {
+        let response = self.post_form(path, &[("csrf", token), ("confirm", "yes")]).await;
+        assert_eq!(response.status(), 303, "POST {path} answers with a redirect");
+        let location = response.headers()["location"].to_str().unwrap().to_owned();
+        assert!(location.starts_with("/result?"), "{location}");
+        self.page(&location).await
     }
 
     /// The page's text (asserting 200).
