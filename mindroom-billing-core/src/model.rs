@@ -893,6 +893,41 @@ pub struct UsageResult {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_instance_that_may_exist_is_never_described_as_absent() {
+        use crate::tier::Tier;
+        let record = |status, limits| InstanceRecord {
+            subscription_id: "sub_d".into(),
+            app_name: "mr-d".into(),
+            status,
+            generation: 1,
+            tier: Some(Tier::Starter),
+            limits,
+            subdomain: None,
+            frontend_url: None,
+            backend_url: None,
+            deprovisioned_at: None,
+            updated_at: chrono::DateTime::<chrono::Utc>::MIN_UTC,
+            adopted: false,
+        };
+        let starter = Some(Tier::Starter.limits());
+        let running = DesiredInstance::Running { tier: Tier::Starter, limits: Tier::Starter.limits() };
+        let describe = |status, limits| InstanceRecord::describe(Some(&record(status, limits)));
+        assert_eq!(describe(InstanceStatus::Running, starter), running.describe());
+        assert_eq!(describe(InstanceStatus::Deprovisioned, starter), DesiredInstance::Absent.describe());
+        assert_eq!(InstanceRecord::describe(None), DesiredInstance::Absent.describe());
+        for (status, limits) in [
+            (InstanceStatus::Provisioning, starter),
+            (InstanceStatus::Failed, None),
+            (InstanceStatus::Deprovisioning, starter),
+            (InstanceStatus::Running, None),
+        ] {
+            let described = describe(status, limits);
+            assert_ne!(described, DesiredInstance::Absent.describe(), "{status:?}");
+            assert_ne!(described, running.describe(), "{status:?}");
+        }
+    }
+
     use super::*;
 
     fn at(secs: i64) -> DateTime<Utc> {
