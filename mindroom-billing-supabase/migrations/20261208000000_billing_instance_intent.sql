@@ -4,7 +4,7 @@
 --   (status provisioning / deprovisioning, app name, the limits the app has if it exists) before its
 --   provisioner call, fenced by the job's lease and attempt like billing_finish_job. A later attempt
 --   or job converges from "the app may exist" when the call's outcome was never learnt.
--- * billing_load_instance is a read again: a Node service's public.instances row that billing has no
+-- * billing_load_instance (and billing_instance_by_app) is a read again: a Node service's public.instances row that billing has no
 --   record for is answered as an adopted record ('adopted': true) without being written. The adoption
 --   is persisted by the first write of the instance (billing_store_instance, used by the intent and
 --   by billing_finish_job), which keeps the Node row's id, so billing's record is that same row.
@@ -54,6 +54,26 @@ as $$
     select coalesce(
         (select i.record from public.billing_instances i where i.subscription_id = p ->> 'subscription_id'),
         (select a.record from public.billing_adoptable_instance(p ->> 'subscription_id') a)
+    )
+$$;
+
+-- instance_by_app: p = {app_name} → billing's instance record of that app, else the adoptable record of
+-- the Node service's row of that app (read, not written), or null
+create or replace function public.billing_instance_by_app(p jsonb)
+returns jsonb
+language sql
+stable
+security invoker
+set search_path = ''
+as $$
+    select coalesce(
+        (select i.record from public.billing_instances i where i.record ->> 'app_name' = p ->> 'app_name' limit 1),
+        (select a.record
+         from public.instances i
+         join public.subscriptions s on s.id = i.subscription_id
+         cross join lateral public.billing_adoptable_instance(s.stripe_subscription_id) a
+         where i.dokku_app_name = p ->> 'app_name' and a.instance_id = i.id
+         limit 1)
     )
 $$;
 
