@@ -221,18 +221,7 @@ async fn a_dry_run_over_an_adoptable_instance_writes_nothing() {
         None,
     );
     let before = support::dump_rows(&db).await;
-    let output = support::binary(&std::env::temp_dir())
-        .args(["stripe", "reconcile", "--dry-run"])
-        .env("DATABASE_URL", db.url())
-        .env("STRIPE_SECRET_KEY", KEY)
-        .env("STRIPE_API_BASE", &stripe.url)
-        .env("STRIPE_PRICE_STARTER", STARTER)
-        .env("STRIPE_PRICE_PRO", PRO)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    let table = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{table}{}", String::from_utf8_lossy(&output.stderr));
+    let table = support::stripe_cli(&["stripe", "reconcile", "--dry-run"], db.url(), KEY, &stripe.url, [STARTER, PRO]);
     assert!(table.contains(&life.sub) && table.contains("dry run"), "{table}");
     assert_eq!(support::dump_rows(&db).await, before, "the dry run wrote");
 }

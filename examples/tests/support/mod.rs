@@ -730,6 +730,23 @@ pub fn binary(dir: &std::path::Path) -> Command {
     command
 }
 
+/// The binary running `args` against the database `db_url` and the Stripe API (stub) at `api_base`,
+/// with the starter and professional prices; returns its stdout, asserting that it succeeded.
+pub fn stripe_cli(args: &[&str], db_url: &str, key: &str, api_base: &str, prices: [&str; 2]) -> String {
+    let output = binary(&std::env::temp_dir())
+        .args(args)
+        .env("DATABASE_URL", db_url)
+        .env("STRIPE_SECRET_KEY", key)
+        .env("STRIPE_API_BASE", api_base)
+        .env("STRIPE_PRICE_STARTER", prices[0])
+        .env("STRIPE_PRICE_PRO", prices[1])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 /// A fresh empty directory for one child.
 pub fn scratch_dir(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("mrb-{name}-{}-{}", std::process::id(), rand::random::<u32>()));
