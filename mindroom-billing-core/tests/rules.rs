@@ -464,6 +464,7 @@ mod explained {
             backend_url: None,
             deprovisioned_at: (status == InstanceStatus::Deprovisioned).then(|| at(updated)),
             updated_at: at(updated),
+            adopted: false,
         }
     }
 
