@@ -356,3 +356,94 @@ async fn an_upgrade_committed_on_one_replica_is_answered_by_the_other_from_a_fre
     }
     eprintln!("replica 1 answered the upgrade committed on replica 0 after {:?}", started.elapsed());
 }
+
+// ---- unknown outcomes: a provision whose answer never arrived -----------------------------------
+
+/// A starter subscription whose first `POST /provision` creates the app but answers later than
+/// `PROVISIONER_TIMEOUT_SECS`; `then` is sent once the provisioner has done the work, before the retry.
+/// Returns the stub and the app name, once `done` holds for the stub (a bounded poll).
+async fn provision_times_out_then(
+    memory_store: bool,
+    then: &str,
+    done: impl Fn(&support::AppRecord) -> bool,
+) -> (StubProvisioner, String) {
+    let stub = StubProvisioner::start().await;
+    stub.answer_provisions_late(1, Duration::from_secs(6));
+    let options = ClusterOptions { replicas: 1, memory_store, ..ClusterOptions::new(&stub, &[STARTER, PRO]) };
+    let cluster = Cluster::start(options).await;
+    let life = Life {
+        sub: format!("sub_late{}", rand::thread_rng().gen_range(1000..9999)),
+        customer: "cus_late".into(),
+        start: now_secs() - 60,
+        first_price: STARTER.into(),
+        upgrade_to: Some(PRO.into()),
+        payment_failed: false,
+        paid_after_failure: false,
+        cancelled: true,
+    };
+    let events = life_events(&life);
+    let event = |suffix: &str| events.iter().find(|e| e.id.ends_with(suffix)).unwrap().clone();
+    let app = mindroom_billing_core::service::app_name_for(&life.sub);
+    assert_eq!(cluster.send_once(&[event("_created")]).await, [200]);
+    let started = Instant::now();
+    while !stub.apps().get(&app).is_some_and(|a| a.alive) {
+        assert!(started.elapsed() < Duration::from_secs(30), "never provisioned: {:?}", stub.calls());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The provisioner did the work; its answer is still on the way (and will come too late).
+    assert_eq!(cluster.send_once(&[event(then)]).await, [200]);
+    let started = Instant::now();
+    while !done(&stub.apps()[&app]) {
+        assert!(started.elapsed() < Duration::from_secs(40), "{app} never converged: {:?}", stub.calls());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if !memory_store {
+        // The record follows the provisioner's answer (e-mail jobs wait for an address meanwhile).
+        let store = cluster.store().await;
+        let expected = if then == "_deleted" { InstanceStatus::Deprovisioned } else { InstanceStatus::Running };
+        let started = Instant::now();
+        loop {
+            let instance = store.load_instance(&life.sub).await.unwrap();
+            if instance.as_ref().is_some_and(|i| i.status == expected) {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "{instance:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    (stub, app)
+}
+
+async fn timed_out_provision_then_cancel(memory_store: bool) {
+    let (stub, app) = provision_times_out_then(memory_store, "_deleted", |a| !a.alive).await;
+    let deletes = stub.calls().iter().filter(|c| c.op == "DELETE /deprovision" && c.app == app).count();
+    assert!(deletes >= 1, "{:?}", stub.calls());
+    assert!(stub.apps().values().all(|a| !a.alive), "an app is left running: {:?}", stub.apps());
+}
+
+async fn timed_out_provision_then_upgrade(memory_store: bool) {
+    let pro = support::tier_wire(Tier::Professional);
+    let (stub, app) = provision_times_out_then(memory_store, "_updated", |a| a.limits == Some(pro)).await;
+    let apps = stub.apps();
+    assert!(apps[&app].alive && apps.len() == 1, "{apps:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_provision_is_removed_when_the_customer_cancels_before_the_retry_on_postgres() {
+    timed_out_provision_then_cancel(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_provision_is_removed_when_the_customer_cancels_before_the_retry_in_memory() {
+    timed_out_provision_then_cancel(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_provision_followed_by_an_upgrade_ends_at_the_upgraded_limits_on_postgres() {
+    timed_out_provision_then_upgrade(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_provision_followed_by_an_upgrade_ends_at_the_upgraded_limits_in_memory() {
+    timed_out_provision_then_upgrade(true).await;
+}

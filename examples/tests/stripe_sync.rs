@@ -165,22 +165,7 @@ async fn drift_is_listed_by_a_dry_run_and_healed_by_reconcile() {
     });
     stripe.add_subscription(object, None);
 
-    let cli = |args: &[&str]| {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_mindroom-billing"))
-            .args(args)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("DATABASE_URL", cluster.db().url())
-            .env("STRIPE_SECRET_KEY", KEY)
-            .env("STRIPE_API_BASE", &stripe.url)
-            .env("STRIPE_PRICE_STARTER", STARTER)
-            .env("STRIPE_PRICE_PRO", PRO)
-            .env("RUST_LOG", "warn")
-            .output()
-            .unwrap();
-        assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    };
+    let cli = |args: &[&str]| support::stripe_cli(args, cluster.db().url(), KEY, &stripe.url, [STARTER, PRO]);
     let table = cli(&["stripe", "reconcile", "--dry-run"]);
     assert!(table.contains(&life.sub) && table.contains("tier") && table.contains("professional"), "{table}");
     assert!(table.contains("dry run"), "{table}");

@@ -76,6 +76,7 @@ where
     jobs_dedup_order_and_lease(fresh().await).await;
     concurrent_claimers_run_each_job_once(fresh().await).await;
     finish_job_records_instance_and_dead(fresh().await).await;
+    instance_intent_is_fenced_by_the_lease(fresh().await).await;
     usage_is_atomic_and_limited(fresh().await).await;
     usage_idempotency_key_counts_once(fresh().await).await;
     grace_and_unapplied_queries(fresh().await).await;
@@ -401,6 +402,7 @@ pub async fn finish_job_records_instance_and_dead(store: Arc<dyn Store>) {
         backend_url: None,
         deprovisioned_at: None,
         updated_at: t0(),
+        adopted: false,
     };
     let finish = JobFinish {
         job_id: claimed[0].id,
@@ -416,6 +418,60 @@ pub async fn finish_job_records_instance_and_dead(store: Arc<dyn Store>) {
     assert_eq!((counts.dead, counts.pending), (1, 1));
     let dead = store.list_jobs(&JobFilter { state: Some(JobState::Dead), limit: 5 }).await.unwrap();
     assert_eq!(dead[0].last_error.as_deref(), Some("gave up"));
+}
+
+/// `record_instance_intent` stores the instance of a job still running at its attempt, leaves the
+/// job running, and writes nothing once the lease was lost; `finish_job` then replaces the intent.
+pub async fn instance_intent_is_fenced_by_the_lease(store: Arc<dyn Store>) {
+    store.enqueue(&[job("r-intent", Some("sub_intent"), t0())]).await.unwrap();
+    let claim = |secs| Claim { now: t0() + Duration::seconds(secs), lease: Duration::seconds(30), limit: 1 };
+    let first = store.claim_jobs(&claim(0)).await.unwrap().remove(0);
+    let intent = InstanceRecord {
+        subscription_id: "sub_intent".into(),
+        app_name: "mr-intent".into(),
+        status: InstanceStatus::Provisioning,
+        generation: 1,
+        tier: Some(Tier::Professional),
+        limits: None,
+        subdomain: None,
+        frontend_url: None,
+        backend_url: None,
+        deprovisioned_at: None,
+        updated_at: t0(),
+        adopted: true,
+    };
+    assert!(store.record_instance_intent(first.id, first.attempts, &intent).await.unwrap());
+    assert_eq!(store.load_instance("sub_intent").await.unwrap(), Some(intent.clone()), "stored as written");
+    assert_eq!(store.job_counts().await.unwrap().running, 1, "the job still runs");
+
+    // The lease runs out and another worker takes the job: the first worker's intent is refused.
+    let second = store.claim_jobs(&claim(31)).await.unwrap().remove(0);
+    assert_eq!((second.id, second.attempts), (first.id, first.attempts + 1));
+    let stale = InstanceRecord {
+        status: InstanceStatus::Deprovisioning,
+        updated_at: t0() + Duration::seconds(32),
+        ..intent.clone()
+    };
+    assert!(!store.record_instance_intent(first.id, first.attempts, &stale).await.unwrap(), "lost lease");
+    assert_eq!(store.load_instance("sub_intent").await.unwrap(), Some(intent.clone()), "nothing written");
+
+    let running = InstanceRecord {
+        status: InstanceStatus::Running,
+        limits: Some(Tier::Professional.limits()),
+        updated_at: t0() + Duration::seconds(40),
+        ..intent
+    };
+    let finish = JobFinish {
+        job_id: second.id,
+        attempt: second.attempts,
+        now: t0() + Duration::seconds(40),
+        resolution: JobResolution::Done,
+        instance: Some(running.clone()),
+        enqueue: Vec::new(),
+    };
+    assert!(store.finish_job(&finish).await.unwrap());
+    assert_eq!(store.load_instance("sub_intent").await.unwrap(), Some(running));
+    assert!(!store.record_instance_intent(second.id, second.attempts, &stale).await.unwrap(), "a finished job");
 }
 
 /// Conditional increments are atomic and respect the limit; unlimited never refuses.

@@ -7,7 +7,8 @@
 //! subscription's Node `instances` row (the row [`NodeSubscription::adopted`] picks, as the store's
 //! adoption does: same app, no known limits) and its job worker reconciles that record against the
 //! instance billing's state wants ([`SubscriptionState::desired`]). [`worker_step`] is that
-//! reconcile decision on a first attempt; the e-mail that follows a provision is the welcome e-mail.
+//! reconcile decision on a first attempt; the e-mail that follows a provision of an app billing did
+//! not adopt is the welcome e-mail (an adopted app's customer gets none).
 //! E-mails the first reconciliation from Stripe may queue for facts billing learns then are not
 //! predicted here: they follow the rule "a late fact is not news".
 
@@ -80,7 +81,7 @@ impl NodeSubscription {
     }
 
     /// The instance record billing's store makes of [`Self::adopted`]: its app and status, no known
-    /// tier or limits, generation 1.
+    /// tier or limits, generation 1, marked adopted.
     pub fn adopted_record(&self, now: DateTime<Utc>) -> Option<InstanceRecord> {
         let row = self.adopted()?;
         Some(InstanceRecord {
@@ -95,6 +96,7 @@ impl NodeSubscription {
             backend_url: None,
             deprovisioned_at: None,
             updated_at: now,
+            adopted: true,
         })
     }
 }
@@ -139,34 +141,43 @@ impl fmt::Display for ProvisionerCall {
     }
 }
 
-/// The provisioner call the job worker's reconcile makes on its first attempt for a subscription
+/// The provisioner calls the job worker's reconcile makes on its first attempt for a subscription
 /// whose desired instance is `desired` and whose instance record is `current` (the same decision as
-/// `Billing`'s worker): limits set on a running app whose recorded limits differ, a provision when
-/// none runs (a new deterministic app after a removed one, else the recorded app), a removal of any
-/// recorded app not removed yet when none is wanted, else nothing.
+/// `Billing`'s worker): limits set on a running app whose recorded limits differ; a provision when
+/// none runs (a new deterministic app after a removed one, else the recorded app, which may exist:
+/// the provisioner answers it as it is, so its limits are set after it unless recorded as the
+/// wanted ones); a removal of any recorded app not removed yet when none is wanted; else nothing.
 pub fn worker_step(
     subscription_id: &str,
     desired: DesiredInstance,
     current: Option<&InstanceRecord>,
-) -> Option<ProvisionerCall> {
+) -> Vec<ProvisionerCall> {
     match (desired, current) {
         (DesiredInstance::Running { tier, limits }, Some(c)) if c.status == InstanceStatus::Running => {
-            (c.limits != Some(limits)).then(|| ProvisionerCall::Update { app_name: c.app_name.clone(), tier })
+            if c.limits == Some(limits) {
+                Vec::new()
+            } else {
+                vec![ProvisionerCall::Update { app_name: c.app_name.clone(), tier }]
+            }
         }
-        (DesiredInstance::Running { tier, .. }, current) => {
-            let (generation, app_name) = match current {
-                Some(c) if c.status == InstanceStatus::Deprovisioned => {
-                    (c.generation + 1, app_name_for(subscription_id))
+        (DesiredInstance::Running { tier, limits }, current) => match current.filter(|c| c.may_exist()) {
+            Some(c) => {
+                let mut calls =
+                    vec![ProvisionerCall::Provision { app_name: c.app_name.clone(), tier, generation: c.generation }];
+                if c.limits != Some(limits) {
+                    calls.push(ProvisionerCall::Update { app_name: c.app_name.clone(), tier });
                 }
-                Some(c) => (c.generation, c.app_name.clone()),
-                None => (1, app_name_for(subscription_id)),
-            };
-            Some(ProvisionerCall::Provision { app_name, tier, generation })
+                calls
+            }
+            None => {
+                let generation = current.map_or(1, |c| c.generation + 1);
+                vec![ProvisionerCall::Provision { app_name: app_name_for(subscription_id), tier, generation }]
+            }
+        },
+        (DesiredInstance::Absent, Some(c)) if c.may_exist() => {
+            vec![ProvisionerCall::Deprovision { app_name: c.app_name.clone() }]
         }
-        (DesiredInstance::Absent, Some(c)) if c.status != InstanceStatus::Deprovisioned => {
-            Some(ProvisionerCall::Deprovision { app_name: c.app_name.clone() })
-        }
-        (DesiredInstance::Absent, _) => None,
+        (DesiredInstance::Absent, _) => Vec::new(),
     }
 }
 
@@ -399,9 +410,13 @@ fn compare_one(
         DesiredInstance::Absent => differ(Field::Instance, "absent".to_owned(), node_label),
     }
     let record = node.and_then(|n| n.adopted_record(now));
-    if let Some(call) = worker_step(id, desired, record.as_ref()) {
+    for call in worker_step(id, desired, record.as_ref()) {
+        // A provision that answers the adopted app welcomes nobody.
+        let adopted = record.as_ref().is_some_and(|r| r.adopted && r.may_exist());
         if let ProvisionerCall::Provision { generation, .. } = &call {
-            row.emails.push(SwitchEmail { kind: "welcome", key: format!("email:welcome:{id}:{generation}") });
+            if !adopted {
+                row.emails.push(SwitchEmail { kind: "welcome", key: format!("email:welcome:{id}:{generation}") });
+            }
         }
         row.calls.push(call);
     }
@@ -566,12 +581,15 @@ mod tests {
                 emails: 1,
             },
             Case {
-                name: "a failed Node app is provisioned again under its name",
+                name: "a failed Node app is provisioned again under its name and its limits stated",
                 billing: billing("sub_x", Active, pro),
                 node: Box::new(move |n| n.instances = vec![instance("node-app", "failed", pro, 10)]),
                 fields: vec![(Field::Instance, "running", "failed (node-app)")],
-                calls: vec![ProvisionerCall::Provision { app_name: "node-app".into(), tier: pro, generation: 1 }],
-                emails: 1,
+                calls: vec![
+                    ProvisionerCall::Provision { app_name: "node-app".into(), tier: pro, generation: 1 },
+                    ProvisionerCall::Update { app_name: "node-app".into(), tier: pro },
+                ],
+                emails: 0,
             },
             Case {
                 name: "a canceled subscription whose Node app still runs is deprovisioned",

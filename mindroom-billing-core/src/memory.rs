@@ -639,6 +639,22 @@ impl Store for MemoryStore {
         Ok(true)
     }
 
+    async fn record_instance_intent(
+        &self,
+        job_id: i64,
+        attempt: u32,
+        instance: &InstanceRecord,
+    ) -> Result<bool, StoreError> {
+        let mut inner = self.lock()?;
+        match inner.jobs.get(&job_id) {
+            Some(job) if job.state == JobState::Running && job.attempts == attempt => {
+                inner.instances.insert(instance.subscription_id.clone(), instance.clone());
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
     async fn extend_lease(&self, job_id: i64, attempt: u32, locked_until: DateTime<Utc>) -> Result<bool, StoreError> {
         let mut inner = self.lock()?;
         match inner.jobs.get_mut(&job_id) {

@@ -300,6 +300,16 @@ pub enum DesiredInstance {
     },
 }
 
+impl DesiredInstance {
+    /// `running <tier>` or `absent`, as [`InstanceRecord::describe`] describes a record.
+    pub fn describe(self) -> String {
+        match self {
+            Self::Running { tier, .. } => format!("running {tier}"),
+            Self::Absent => "absent".to_owned(),
+        }
+    }
+}
+
 /// Life-cycle status of an instance, as stored in `instances.status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -342,6 +352,10 @@ impl InstanceStatus {
 }
 
 /// The instance as last reconciled; written only by reconcile jobs (one at a time per subscription).
+///
+/// Before a provisioner call whose outcome decides the record, the job records its intent: status
+/// `provisioning` (or `deprovisioning`), the app name and the limits the app has *if it exists*
+/// (`None`: unknown). Every status but `deprovisioned` means the app may exist.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InstanceRecord {
     /// `sub_…`
@@ -366,6 +380,33 @@ pub struct InstanceRecord {
     pub deprovisioned_at: Option<DateTime<Utc>>,
     /// Last change.
     pub updated_at: DateTime<Utc>,
+    /// The app was created by the service billing took over from (adopted, not provisioned by billing):
+    /// its customer gets no welcome e-mail from billing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub adopted: bool,
+}
+
+impl InstanceRecord {
+    /// Whether the app may exist on the provisioner (anything but `deprovisioned`).
+    pub fn may_exist(&self) -> bool {
+        self.status != InstanceStatus::Deprovisioned
+    }
+
+    /// How the record compares with a desired instance: `running <tier>` when it is known to run at
+    /// its tier's limits, `absent` when it is known to be gone, else what it may be.
+    pub fn describe(instance: Option<&Self>) -> String {
+        match instance {
+            None => "absent".to_owned(),
+            Some(i) => match (i.status, i.tier, i.limits) {
+                (InstanceStatus::Deprovisioned, ..) => "absent".to_owned(),
+                (InstanceStatus::Running, Some(tier), Some(limits)) if limits == tier.limits() => {
+                    format!("running {tier}")
+                }
+                (InstanceStatus::Running, ..) => "running at unknown limits".to_owned(),
+                (status, ..) => format!("may exist ({})", status.as_str()),
+            },
+        }
+    }
 }
 
 /// The outcome of applying one event, as stored with it.
@@ -852,6 +893,41 @@ pub struct UsageResult {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_instance_that_may_exist_is_never_described_as_absent() {
+        use crate::tier::Tier;
+        let record = |status, limits| InstanceRecord {
+            subscription_id: "sub_d".into(),
+            app_name: "mr-d".into(),
+            status,
+            generation: 1,
+            tier: Some(Tier::Starter),
+            limits,
+            subdomain: None,
+            frontend_url: None,
+            backend_url: None,
+            deprovisioned_at: None,
+            updated_at: chrono::DateTime::<chrono::Utc>::MIN_UTC,
+            adopted: false,
+        };
+        let starter = Some(Tier::Starter.limits());
+        let running = DesiredInstance::Running { tier: Tier::Starter, limits: Tier::Starter.limits() };
+        let describe = |status, limits| InstanceRecord::describe(Some(&record(status, limits)));
+        assert_eq!(describe(InstanceStatus::Running, starter), running.describe());
+        assert_eq!(describe(InstanceStatus::Deprovisioned, starter), DesiredInstance::Absent.describe());
+        assert_eq!(InstanceRecord::describe(None), DesiredInstance::Absent.describe());
+        for (status, limits) in [
+            (InstanceStatus::Provisioning, starter),
+            (InstanceStatus::Failed, None),
+            (InstanceStatus::Deprovisioning, starter),
+            (InstanceStatus::Running, None),
+        ] {
+            let described = describe(status, limits);
+            assert_ne!(described, DesiredInstance::Absent.describe(), "{status:?}");
+            assert_ne!(described, running.describe(), "{status:?}");
+        }
+    }
+
     use super::*;
 
     fn at(secs: i64) -> DateTime<Utc> {

@@ -77,6 +77,7 @@ pub async fn finds_by_email_app_and_customer<S: Store + OperatorStore>(store: Ar
         backend_url: None,
         deprovisioned_at: None,
         updated_at: t0(),
+        adopted: false,
     };
     let finish = JobFinish {
         job_id: claimed[0].id,

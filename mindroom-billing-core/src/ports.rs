@@ -161,7 +161,10 @@ pub trait Store: Send + Sync + 'static {
     /// `client_reference_id`) is exactly `reference`, ordered by Stripe customer id, at most `limit`.
     async fn accounts_by_reference(&self, reference: &str, limit: u32) -> Result<Vec<Account>, StoreError>;
 
-    /// The instance record of a subscription.
+    /// The instance record of a subscription. A read: it writes nothing. A store that shares its
+    /// database with the service billing took over may answer a record adopted from that service's
+    /// rows (`adopted`), persisted only when a job writes it ([`Store::record_instance_intent`],
+    /// [`Store::finish_job`]).
     async fn load_instance(&self, subscription_id: &str) -> Result<Option<InstanceRecord>, StoreError>;
 
     /// Enqueues jobs; a job whose key exists is skipped (so each keyed effect is queued once).
@@ -176,6 +179,18 @@ pub trait Store: Send + Sync + 'static {
     /// Finishes a claimed job atomically with its instance record and follow-up jobs. Returns `false`
     /// (and writes nothing) when the job is no longer `running` at `attempt` (the lease was lost).
     async fn finish_job(&self, finish: &JobFinish) -> Result<bool, StoreError>;
+
+    /// Records the instance a claimed job is about to act on, before its provisioner call: the
+    /// intent that lets a later attempt or job converge when the call's outcome is never learnt (a
+    /// timeout, a reset connection, a worker that died). Stored exactly as [`Store::finish_job`]
+    /// stores an instance (and, like it, persists an adopted record), without finishing the job.
+    /// Returns `false` (and writes nothing) when the job is no longer `running` at `attempt`.
+    async fn record_instance_intent(
+        &self,
+        job_id: i64,
+        attempt: u32,
+        instance: &InstanceRecord,
+    ) -> Result<bool, StoreError>;
 
     /// Extends the lease of a job still `running` at `attempt` to `locked_until` (the worker renews
     /// it while a slow call is in flight, so no other worker takes the job over meanwhile). Returns

@@ -95,6 +95,14 @@ impl<H: StoreHooks> Store for HookedStore<H> {
     async fn finish_job(&self, finish: &JobFinish) -> Result<bool, StoreError> {
         self.inner.finish_job(finish).await
     }
+    async fn record_instance_intent(
+        &self,
+        job_id: i64,
+        attempt: u32,
+        instance: &InstanceRecord,
+    ) -> Result<bool, StoreError> {
+        self.inner.record_instance_intent(job_id, attempt, instance).await
+    }
     async fn extend_lease(&self, job_id: i64, attempt: u32, locked_until: DateTime<Utc>) -> Result<bool, StoreError> {
         self.inner.extend_lease(job_id, attempt, locked_until).await
     }

@@ -265,8 +265,8 @@ fn apply_invoice(
     finish(state, next, event, outcome, jobs, account, now)
 }
 
-/// Common tail: compare the desired instance before and after, queue a reconcile when it moved, and
-/// only hand back an aggregate that changed.
+/// Common tail: compare the desired instance before and after, queue a reconcile when it moved (or the
+/// aggregate is new), and only hand back an aggregate that changed.
 fn finish(
     state: Option<&SubscriptionState>,
     next: SubscriptionState,
@@ -276,9 +276,9 @@ fn finish(
     account: Option<AccountPatch>,
     now: DateTime<Utc>,
 ) -> Decision {
-    let before = state.map(|s| s.desired(now));
-    let after = next.desired(now);
-    if before.is_some_and(|b| b != after) || (before.is_none() && after != crate::model::DesiredInstance::Absent) {
+    // A new aggregate is reconciled whatever it wants: an instance billing never recorded may exist
+    // (one adopted from the service billing took over), and absent is then news to it.
+    if state.is_none_or(|s| s.desired(now) != next.desired(now)) {
         jobs.insert(0, reconcile_job(&next.subscription_id, &event.id, now));
     }
     let changed = state != Some(&next);

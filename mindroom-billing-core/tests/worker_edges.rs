@@ -44,6 +44,10 @@ struct FakeProvisioner {
     other_name: Mutex<Option<String>>,
     /// How long each call takes.
     delay: Mutex<StdDuration>,
+    /// The next this many provisions answer 503 without doing anything.
+    unavailable: Mutex<u32>,
+    /// Provisions do the work and then never answer (the worker making the call dies meanwhile).
+    hang: Mutex<bool>,
 }
 
 impl FakeProvisioner {
@@ -64,7 +68,17 @@ impl Provisioner for FakeProvisioner {
     async fn provision(&self, request: &ProvisionRequest) -> Result<ProvisionedInstance, ProvisionError> {
         let call =
             Call::Provision { app: request.app_name.clone(), tier: request.tier, key: request.idempotency_key.clone() };
+        {
+            let mut unavailable = self.unavailable.lock().unwrap();
+            if *unavailable > 0 {
+                *unavailable -= 1;
+                return Err(ProvisionError::retryable("503 Service Unavailable"));
+            }
+        }
         self.calls.lock().unwrap().push(call);
+        if *self.hang.lock().unwrap() {
+            std::future::pending::<()>().await;
+        }
         self.pause().await;
         let app_name = self.other_name.lock().unwrap().clone().unwrap_or_else(|| request.app_name.clone());
         Ok(ProvisionedInstance { app_name, subdomain: None, frontend_url: None, backend_url: None })
@@ -442,24 +456,24 @@ async fn a_verified_event_that_does_not_parse_is_stored_as_failed_not_lost() {
 }
 
 /// A starter subscription whose provisioning job's first attempt made its provision call and then
-/// lost its worker (nothing recorded the instance; the 30 s lease still holds). Returns the app.
+/// lost its worker (the call never answered; the 120 s lease still holds). Returns the app.
 async fn provisioned_by_an_interrupted_attempt(w: &World) -> String {
     let created = subscription("evt_1", "customer.subscription.created", T0, "active", STARTER, "{}");
     assert_eq!(w.send(&created).await, Disposition::Applied);
-    let claim = mindroom_billing_core::Claim { now: w.clock.now(), lease: Duration::seconds(30), limit: 10 };
-    let claimed = w.store.claim_jobs(&claim).await.unwrap();
-    assert_eq!(claimed.len(), 1, "{claimed:?}");
+    interrupt_the_next_provision(w).await
+}
+
+/// Runs due jobs until the provisioner has seen a provision call, then drops the worker mid-call.
+async fn interrupt_the_next_provision(w: &World) -> String {
+    let seen = w.provisioner.calls().len();
+    *w.provisioner.hang.lock().unwrap() = true;
+    tokio::select! {
+        _ = w.billing.run_due_jobs(10) => panic!("the hanging provision answered"),
+        () = async { while w.provisioner.calls().len() == seen { tokio::task::yield_now().await } } => {}
+    }
+    *w.provisioner.hang.lock().unwrap() = false;
     let app = mindroom_billing_core::service::app_name_for(SUB);
-    let request = mindroom_billing_core::ports::ProvisionRequest {
-        subscription_id: SUB.into(),
-        customer_id: CUS.into(),
-        account_id: mindroom_billing_core::account_id_for_customer(CUS),
-        app_name: app.clone(),
-        tier: Tier::Starter,
-        limits: Tier::Starter.limits(),
-        idempotency_key: format!("provision:{SUB}:1:starter:{}", claimed[0].id),
-    };
-    w.provisioner.provision(&request).await.unwrap();
+    assert!(matches!(&w.provisioner.calls()[seen..], [Call::Provision { app: a, .. }] if *a == app));
     app
 }
 
@@ -471,7 +485,7 @@ async fn a_retried_job_removes_the_app_an_interrupted_attempt_created_when_the_s
     let app = provisioned_by_an_interrupted_attempt(&w).await;
     let deleted = subscription("evt_2", "customer.subscription.deleted", T0 + 60, "canceled", STARTER, "{}");
     assert_eq!(w.send(&deleted).await, Disposition::Applied);
-    w.clock.advance(Duration::seconds(31));
+    w.clock.advance(Duration::seconds(121));
     w.drain().await;
     let removed = w.provisioner.calls().iter().any(|c| matches!(c, Call::Deprovision { app: a, .. } if *a == app));
     assert!(removed, "the app the interrupted attempt created is left running: {:?}", w.provisioner.calls());
@@ -486,7 +500,7 @@ async fn a_retried_provision_sets_the_limits_of_a_tier_changed_meanwhile() {
     let app = provisioned_by_an_interrupted_attempt(&w).await;
     let upgraded = subscription("evt_2", "customer.subscription.updated", T0 + 60, "active", PRO, "{}");
     assert_eq!(w.send(&upgraded).await, Disposition::Applied);
-    w.clock.advance(Duration::seconds(31));
+    w.clock.advance(Duration::seconds(121));
     w.drain().await;
     let pro = Tier::Professional.limits();
     let calls = w.provisioner.calls();
@@ -495,4 +509,30 @@ async fn a_retried_provision_sets_the_limits_of_a_tier_changed_meanwhile() {
         calls.iter().position(|c| matches!(c, Call::Update { app: a, limits, .. } if *a == app && *limits == pro));
     assert!(provision.is_some() && update > provision, "provision, then the new tier's limits: {calls:?}");
     assert_eq!(w.store.load_instance(SUB).await.unwrap().unwrap().limits, Some(pro));
+}
+
+/// Attempt 1 of the provisioning job gets a 503; attempt 2 creates the app and its worker dies before
+/// the answer; the subscription ends meanwhile. Attempt 3 must remove the app attempt 2 created, although
+/// an earlier attempt recorded an error.
+#[tokio::test]
+async fn a_provision_after_a_503_whose_worker_died_is_removed_when_the_subscription_ends() {
+    let w = world_with(Arc::new(MemoryStore::new()), WorkerConfig { max_attempts: 5, ..WorkerConfig::default() });
+    *w.provisioner.unavailable.lock().unwrap() = 1;
+    let created = subscription("evt_1", "customer.subscription.created", T0, "active", STARTER, "{}");
+    assert_eq!(w.send(&created).await, Disposition::Applied);
+    assert_eq!(w.billing.run_due_jobs(10).await.unwrap(), 1, "attempt 1: a 503");
+    assert!(w.provisioner.calls().is_empty());
+
+    // Attempt 2 creates the app; its worker dies before the answer (the future is dropped mid-call).
+    w.clock.advance(Duration::minutes(15));
+    let app = interrupt_the_next_provision(&w).await;
+
+    let deleted = subscription("evt_2", "customer.subscription.deleted", T0 + 60, "canceled", STARTER, "{}");
+    assert_eq!(w.send(&deleted).await, Disposition::Applied);
+    w.clock.advance(Duration::minutes(15));
+    w.drain().await;
+    let removed = w.provisioner.calls().iter().any(|c| matches!(c, Call::Deprovision { app: a, .. } if *a == app));
+    assert!(removed, "the app attempt 2 created is left running: {:?}", w.provisioner.calls());
+    let instance = w.store.load_instance(SUB).await.unwrap();
+    assert_eq!(instance.map(|i| i.status), Some(InstanceStatus::Deprovisioned));
 }

@@ -76,6 +76,11 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../migrations/20261206000000_billing_console.sql"),
     },
     Migration {
+        version: "20261208000000",
+        name: "billing_instance_intent",
+        sql: include_str!("../migrations/20261208000000_billing_instance_intent.sql"),
+    },
+    Migration {
         version: "20261209000000",
         name: "billing_email_key_retention",
         sql: include_str!("../migrations/20261209000000_billing_email_key_retention.sql"),

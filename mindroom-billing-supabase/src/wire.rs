@@ -387,11 +387,7 @@ pub(crate) async fn finish_job<R: Rpc + ?Sized>(rpc: &R, finish: &JobFinish) -> 
     };
     let instance = match &finish.instance {
         None => Value::Null,
-        Some(record) => json!({
-            "subscription_id": record.subscription_id,
-            "record": encode("instance record", record)?,
-            "public": instance_public(record),
-        }),
+        Some(record) => instance_json(record)?,
     };
     let p = json!({
         "job_id": finish.job_id.to_string(),
@@ -400,6 +396,32 @@ pub(crate) async fn finish_job<R: Rpc + ?Sized>(rpc: &R, finish: &JobFinish) -> 
         "resolution": resolution,
         "instance": instance,
         "enqueue": jobs_json(&finish.enqueue)?,
+    });
+    let out = rpc.call(F, p).await?;
+    out.as_bool().ok_or_else(|| decode_err(F, format!("bad result {out}")))
+}
+
+/// An instance record as `billing_finish_job` and `billing_record_instance_intent` store it.
+fn instance_json(record: &InstanceRecord) -> Result<Value, StoreError> {
+    Ok(json!({
+        "subscription_id": record.subscription_id,
+        "record": encode("instance record", record)?,
+        "public": instance_public(record),
+    }))
+}
+
+pub(crate) async fn record_instance_intent<R: Rpc + ?Sized>(
+    rpc: &R,
+    job_id: i64,
+    attempt: u32,
+    instance: &InstanceRecord,
+) -> Result<bool, StoreError> {
+    const F: &str = "billing_record_instance_intent";
+    let p = json!({
+        "job_id": job_id.to_string(),
+        "attempt": attempt.to_string(),
+        "now": instance.updated_at,
+        "instance": instance_json(instance)?,
     });
     let out = rpc.call(F, p).await?;
     out.as_bool().ok_or_else(|| decode_err(F, format!("bad result {out}")))
@@ -588,6 +610,14 @@ macro_rules! impl_store_via_rpc {
                 finish: &mindroom_billing_core::JobFinish,
             ) -> Result<bool, mindroom_billing_core::StoreError> {
                 crate::wire::finish_job(self, finish).await
+            }
+            async fn record_instance_intent(
+                &self,
+                job_id: i64,
+                attempt: u32,
+                instance: &mindroom_billing_core::InstanceRecord,
+            ) -> Result<bool, mindroom_billing_core::StoreError> {
+                crate::wire::record_instance_intent(self, job_id, attempt, instance).await
             }
             async fn extend_lease(
                 &self,

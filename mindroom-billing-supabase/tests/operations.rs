@@ -231,3 +231,67 @@ async fn database_down_answers_unavailable_writes_nothing_and_the_retry_succeeds
     store.close().await;
     fresh.db.drop_db().await.unwrap();
 }
+
+/// On a database the Node service wrote, `load_instance` (and the console's `instance_by_app`) answers
+/// its `instances` row as an adopted record and writes nothing; the first intent a job records adopts
+/// that same row (same id), through the direct store and through PostgREST alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adoptable_instance_is_read_without_a_write_and_adopted_by_the_first_intent() {
+    let fresh = common::fresh().await;
+    adopted_by_the_first_intent(&fresh.db, Arc::clone(&fresh.store)).await;
+    fresh.store.close().await;
+    fresh.db.drop_db().await.unwrap();
+
+    let fresh = common::fresh().await;
+    let (gateway, store) = common::via_gateway(&fresh.db, false).await;
+    adopted_by_the_first_intent(&fresh.db, store).await;
+    drop(gateway);
+    fresh.store.close().await;
+    fresh.db.drop_db().await.unwrap();
+}
+
+async fn adopted_by_the_first_intent<S: Store + mindroom_billing_core::OperatorStore>(db: &TestDb, store: Arc<S>) {
+    use mindroom_billing_core::{Claim, InstanceRecord, InstanceStatus, JobKind, NewJob};
+    let pool = db.pool();
+    let node_id: uuid::Uuid = sqlx::query_scalar(
+        "with a as (insert into public.accounts (id, stripe_customer_id) values (gen_random_uuid(), 'cus_node')
+                    returning id),
+              s as (insert into public.subscriptions (account_id, stripe_subscription_id, status)
+                    select id, $1, 'active' from a returning id)
+         insert into public.instances (subscription_id, dokku_app_name, status, memory_limit_mb)
+         select id, 'mindroom-node', 'running', 512 from s returning id",
+    )
+    .bind(SUB)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    let adopted = store.load_instance(SUB).await.unwrap().expect("the Node row is answered");
+    assert!(adopted.adopted, "{adopted:?}");
+    assert_eq!(
+        (adopted.app_name.as_str(), adopted.status, adopted.limits),
+        ("mindroom-node", InstanceStatus::Running, None)
+    );
+    assert_eq!(store.instance_by_app("mindroom-node").await.unwrap().as_ref(), Some(&adopted), "found by its name");
+    let billing_rows = || sqlx::query_scalar::<_, i64>("select count(*) from public.billing_instances").fetch_one(pool);
+    assert_eq!(billing_rows().await.unwrap(), 0, "a read writes nothing");
+
+    let job = NewJob {
+        key: "reconcile:adopt".into(),
+        group: Some(SUB.into()),
+        kind: JobKind::Reconcile { subscription_id: SUB.into() },
+        run_after: at(T0),
+    };
+    store.enqueue(&[job]).await.unwrap();
+    let claim = Claim { now: at(T0), lease: chrono::Duration::seconds(30), limit: 1 };
+    let claimed = store.claim_jobs(&claim).await.unwrap().remove(0);
+    let intent = InstanceRecord { status: InstanceStatus::Deprovisioning, ..adopted };
+    assert!(store.record_instance_intent(claimed.id, claimed.attempts, &intent).await.unwrap());
+    let stored: uuid::Uuid =
+        sqlx::query_scalar("select instance_id from public.billing_instances").fetch_one(pool).await.unwrap();
+    assert_eq!(stored, node_id, "the Node service's row is billing's record");
+    let public: Vec<(uuid::Uuid, String)> =
+        sqlx::query_as("select id, status from public.instances").fetch_all(pool).await.unwrap();
+    assert_eq!(public, [(node_id, "deprovisioning".to_owned())]);
+    assert_eq!(store.load_instance(SUB).await.unwrap(), Some(intent.clone()));
+    assert_eq!(store.instance_by_app("mindroom-node").await.unwrap(), Some(intent));
+}

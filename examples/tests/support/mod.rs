@@ -200,6 +200,8 @@ struct StubState {
     reject_updates: bool,
     /// Answers `POST /provision` with this app name instead of the requested one.
     answer_app_name: Option<String>,
+    /// The next this many `POST /provision` calls do their work and then answer this late.
+    late_provisions: (u32, Duration),
 }
 
 /// A local HTTP server speaking the Dokku provisioner's wire contract; it records every call.
@@ -268,26 +270,48 @@ impl StubProvisioner {
             return json(400, serde_json::json!({"error": "invalid json"}));
         };
         let app = v["appName"].as_str().unwrap_or_default().to_owned();
-        let mut s = state.lock().unwrap();
+        let (answer, late) = Self::apply(&mut state.lock().unwrap(), &parts, &v, app, key);
+        if let Some(late) = late {
+            tokio::time::sleep(late).await;
+        }
+        answer
+    }
+
+    /// Does what one authenticated call asks; returns the answer and how late to send it.
+    fn apply(
+        s: &mut StubState,
+        parts: &hyper::http::request::Parts,
+        v: &serde_json::Value,
+        app: String,
+        key: String,
+    ) -> (Response<Full<Bytes>>, Option<Duration>) {
         let op = format!("{} {}", parts.method, parts.uri.path());
-        s.log.push(StubCall { op, app: app.clone(), limits: limits_of(&v), key: key.clone() });
-        match (parts.method.as_str(), parts.uri.path()) {
+        s.log.push(StubCall { op, app: app.clone(), limits: limits_of(v), key: key.clone() });
+        let answer = match (parts.method.as_str(), parts.uri.path()) {
             ("POST", "/provision") => {
                 let record = s.apps.entry(app.clone()).or_default();
                 record.provision_keys.insert(key);
-                record.alive = true;
-                record.limits = limits_of(&v);
+                if !record.alive {
+                    // A new app gets the requested limits; an existing one is returned as it is.
+                    record.alive = true;
+                    record.limits = limits_of(v);
+                }
                 let answered = s.answer_app_name.clone().unwrap_or(app);
-                json(
-                    200,
-                    serde_json::json!({"appName": answered, "subdomain": format!("{answered}.test"),
-                    "frontendUrl": format!("https://{answered}.test"), "backendUrl": format!("https://api.{answered}.test")}),
-                )
+                let late = match &mut s.late_provisions {
+                    (0, _) => None,
+                    (n, by) => {
+                        *n -= 1;
+                        Some(*by)
+                    }
+                };
+                let body = serde_json::json!({"appName": answered, "subdomain": format!("{answered}.test"),
+                    "frontendUrl": format!("https://{answered}.test"), "backendUrl": format!("https://api.{answered}.test")});
+                return (json(200, body), late);
             }
             ("PUT", "/update") if s.reject_updates => json(400, serde_json::json!({"error": "limits rejected"})),
             ("PUT", "/update") => match s.apps.get_mut(&app) {
                 Some(r) if r.alive => {
-                    r.limits = limits_of(&v);
+                    r.limits = limits_of(v);
                     json(200, serde_json::json!({"ok": true}))
                 }
                 _ => json(404, serde_json::json!({"error": "no such app"})),
@@ -301,7 +325,8 @@ impl StubProvisioner {
                 _ => json(404, serde_json::json!({"error": "no such app"})),
             },
             _ => json(404, serde_json::json!({"error": "not found"})),
-        }
+        };
+        (answer, None)
     }
 
     /// Registers an app that exists already (provisioned before billing took over).
@@ -328,6 +353,12 @@ impl StubProvisioner {
 
     pub fn reject_updates(&self, reject: bool) {
         self.state.lock().unwrap().reject_updates = reject;
+    }
+
+    /// The next `times` `POST /provision` calls create the app and then answer only after `by` (a
+    /// caller whose timeout is shorter never learns that the app exists).
+    pub fn answer_provisions_late(&self, times: u32, by: Duration) {
+        self.state.lock().unwrap().late_provisions = (times, by);
     }
 
     pub fn answer_app_name(&self, name: Option<&str>) {
@@ -392,6 +423,8 @@ pub struct ClusterOptions {
     pub db_cutter: bool,
     /// More environment for every replica (e.g. `STRIPE_SECRET_KEY`).
     pub env: Vec<(String, String)>,
+    /// Each replica keeps its state in memory (`DATABASE_URL=memory:`) instead of the test database.
+    pub memory_store: bool,
 }
 
 impl ClusterOptions {
@@ -402,6 +435,7 @@ impl ClusterOptions {
             prices: prices.iter().map(|p| (*p).to_owned()).collect(),
             db_cutter: false,
             env: Vec::new(),
+            memory_store: false,
         }
     }
 }
@@ -441,7 +475,9 @@ impl Cluster {
     /// Migrates `db` (which may hold tables already, e.g. the Node service's) and starts the replicas.
     pub async fn start_on(db: TestDb, options: ClusterOptions) -> Self {
         migrate(db.url());
-        let (cutter, replica_db_url) = if options.db_cutter {
+        let (cutter, replica_db_url) = if options.memory_store {
+            (None, String::new())
+        } else if options.db_cutter {
             let (s, e) = host_port(db.url());
             let cutter = TcpCutter::start(db.url()[s..e].to_owned()).await;
             let url = format!("{}{}{}", &db.url()[..s], cutter.addr, &db.url()[e..]);
@@ -473,7 +509,7 @@ impl Cluster {
                 .env_clear()
                 .env("PATH", std::env::var("PATH").unwrap_or_default())
                 .env("PORT", port.to_string())
-                .env("DATABASE_URL", &self.replica_db_url)
+                .envs((!options.memory_store).then_some(("DATABASE_URL", &self.replica_db_url)))
                 .env("STRIPE_WEBHOOK_SECRET", SECRET)
                 .env("STRIPE_PRICE_STARTER", &options.prices[0])
                 .env("STRIPE_PRICE_PRO", &options.prices[1])
@@ -694,6 +730,23 @@ pub fn binary(dir: &std::path::Path) -> Command {
     command
 }
 
+/// The binary running `args` against the database `db_url` and the Stripe API (stub) at `api_base`,
+/// with the starter and professional prices; returns its stdout, asserting that it succeeded.
+pub fn stripe_cli(args: &[&str], db_url: &str, key: &str, api_base: &str, prices: [&str; 2]) -> String {
+    let output = binary(&std::env::temp_dir())
+        .args(args)
+        .env("DATABASE_URL", db_url)
+        .env("STRIPE_SECRET_KEY", key)
+        .env("STRIPE_API_BASE", api_base)
+        .env("STRIPE_PRICE_STARTER", prices[0])
+        .env("STRIPE_PRICE_PRO", prices[1])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 /// A fresh empty directory for one child.
 pub fn scratch_dir(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("mrb-{name}-{}-{}", std::process::id(), rand::random::<u32>()));
@@ -764,4 +817,28 @@ impl Drop for Logged {
             let _ = std::fs::remove_file(&self.log);
         }
     }
+}
+
+/// Every row of every table in schema `public`, as text, table by table, so that two dumps compare
+/// equal exactly when nothing was written (sequences aside) — but for the `(table, column)` pairs in
+/// `ignore`, left out of their rows.
+pub async fn dump_rows(db: &TestDb, ignore: &[(&str, &str)]) -> Vec<(String, Vec<String>)> {
+    let tables: Vec<String> = sqlx::query_scalar(
+        "select table_name::text from information_schema.tables
+         where table_schema = 'public' and table_type = 'BASE TABLE' order by 1",
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    let mut dump = Vec::new();
+    for table in tables {
+        let mut row = "to_jsonb(t)".to_owned();
+        for (_, column) in ignore.iter().filter(|(t, _)| *t == table) {
+            row = format!("({row} - '{column}')");
+        }
+        let sql = format!("select {row}::text from public.\"{table}\" t order by 1");
+        let rows: Vec<String> = sqlx::query_scalar(&sql).fetch_all(db.pool()).await.unwrap();
+        dump.push((table, rows));
+    }
+    dump
 }

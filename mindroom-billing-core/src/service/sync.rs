@@ -11,7 +11,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use super::{Billing, Disposition, MAX_COMMIT_ATTEMPTS, error_chain};
 use crate::event::{self, Event, EventObject, EventType, LatestInvoice, ParseError};
-use crate::model::{Commit, DesiredInstance, EventSource, JobKind, NewJob, Outcome, SubscriptionState, SyncCursor};
+use crate::model::{Commit, EventSource, InstanceRecord, JobKind, NewJob, Outcome, SubscriptionState, SyncCursor};
 use crate::operator::DriftRecord;
 use crate::ports::StoreError;
 use crate::stripe_api::{ApiEvent, EventsQuery, RawObject, StripeApi, StripeApiError};
@@ -447,7 +447,7 @@ impl Billing {
                 account = decision.account.or(account);
             }
             let Some(after_state) = &after else { return Ok(()) };
-            let drift = compare(&sub, before.as_ref(), after_state, instance_desired(instance.as_ref()), now);
+            let drift = compare(&sub, before.as_ref(), after_state, &InstanceRecord::describe(instance.as_ref()), now);
             let instance_drift = drift.iter().any(|d| d.field == DriftField::Instance);
             let changed = after != before;
             if dry_run || (!changed && !instance_drift) {
@@ -678,34 +678,17 @@ fn invoice_fact(subscription_id: &str, invoice: &LatestInvoice) -> Option<Event>
 }
 
 /// What the recorded instance is, as a desired-instance value (for drift).
-fn instance_desired(instance: Option<&crate::model::InstanceRecord>) -> DesiredInstance {
-    use crate::model::InstanceStatus;
-    match instance {
-        Some(i) if matches!(i.status, InstanceStatus::Running | InstanceStatus::Provisioning) => {
-            match (i.tier, i.limits) {
-                (Some(tier), Some(limits)) => DesiredInstance::Running { tier, limits },
-                _ => DesiredInstance::Absent,
-            }
-        }
-        _ => DesiredInstance::Absent,
-    }
-}
-
 fn compare(
     sub: &str,
     before: Option<&SubscriptionState>,
     after: &SubscriptionState,
-    recorded_instance: DesiredInstance,
+    recorded_instance: &str,
     now: DateTime<Utc>,
 ) -> Vec<Drift> {
     let show = |v: Option<String>| v.unwrap_or_else(|| "-".to_owned());
     let tier = |s: Option<&SubscriptionState>| s.and_then(SubscriptionState::tier).map(|t| t.to_string());
     let status = |s: Option<&SubscriptionState>| s.and_then(SubscriptionState::status).map(|t| t.as_str().to_owned());
     let grace = |s: Option<&SubscriptionState>| s.and_then(|s| s.grace).map(|g| g.ends_at.to_rfc3339());
-    let instance = |d: DesiredInstance| match d {
-        DesiredInstance::Running { tier, .. } => format!("running {tier}"),
-        DesiredInstance::Absent => "absent".to_owned(),
-    };
     let mut drift = Vec::new();
     let mut push = |field, b: Option<String>, a: Option<String>| {
         if b != a {
@@ -715,6 +698,7 @@ fn compare(
     push(DriftField::Tier, tier(before), tier(Some(after)));
     push(DriftField::Status, status(before), status(Some(after)));
     push(DriftField::Grace, grace(before), grace(Some(after)));
-    push(DriftField::Instance, Some(instance(recorded_instance)), Some(instance(after.desired(now))));
+    // A record that may have an app (provisioning, failed, adopted at unknown limits) is not absent.
+    push(DriftField::Instance, Some(recorded_instance.to_owned()), Some(after.desired(now).describe()));
     drift
 }

@@ -14,7 +14,7 @@ use crate::model::{
     SubscriptionState,
 };
 use crate::ports::{Message, Notification, NotifyError, ProvisionError, ProvisionRequest, StoreError};
-use crate::tier::Tier;
+use crate::tier::{Limits, Tier};
 
 /// The deterministic Dokku app name of a subscription: readable and traceable to Stripe, unique.
 pub fn app_name_for(subscription_id: &str) -> String {
@@ -134,14 +134,6 @@ impl JobOutput {
     }
 }
 
-/// Whether an earlier attempt of `job` ended without recording anything (its worker died or lost the
-/// lease mid-call), so a provision call it made may have reached the provisioner. An attempt that
-/// failed with an answer recorded its error; a call that timed out is not covered (its outcome is
-/// unknown too, but it is recorded like an answer).
-fn earlier_attempt_unaccounted(job: &Job) -> bool {
-    job.attempts > 1 && job.last_error.is_none()
-}
-
 impl Billing {
     /// Claims and runs up to `limit` due jobs. Returns how many ran.
     pub async fn run_due_jobs(&self, limit: u32) -> Result<usize, StoreError> {
@@ -259,6 +251,7 @@ impl Billing {
                     backend_url: None,
                     deprovisioned_at: None,
                     updated_at: now,
+                    adopted: false,
                 });
                 instance.status = InstanceStatus::Failed;
                 instance.updated_at = now;
@@ -294,6 +287,13 @@ impl Billing {
         Ok(JobOutput { instance, enqueue: vec![alert], skipped: None })
     }
 
+    /// Compares the desired instance with the recorded one and calls the provisioner as needed.
+    ///
+    /// An outcome never learnt (a timeout, a reset connection, a worker that died mid-call) is not a
+    /// failure: before each call the intent is recorded, so every later attempt or job converges from
+    /// "the app may exist". A record in any status but `deprovisioned` may have an app (removed when
+    /// absent is wanted; provisioned again, which answers the existing app, and its limits set unless
+    /// they are known to be the wanted ones, when running is wanted).
     async fn reconcile(&self, job: &Job, subscription_id: &str) -> Result<JobOutput, JobFailure> {
         let Some(state) = self.store.load_subscription(subscription_id).await? else {
             return Ok(JobOutput::default());
@@ -311,104 +311,133 @@ impl Billing {
                 if current.limits == Some(limits) {
                     return Ok(JobOutput::default());
                 }
+                // While the update is in flight (and after it, until an answer says) its limits are unknown.
+                current.limits = None;
+                current.updated_at = now;
+                self.record_intent(job, &current).await?;
                 let key = format!("update:{subscription_id}:{}:{tier}:{}", current.generation, job.id);
                 let call = self.provisioner.update_limits(&current.app_name, &limits, &key);
                 self.provisioner_call(job, Operation::Update, call).await?;
                 info!(app = %current.app_name, %tier, "instance limits updated");
                 current.tier = Some(tier);
                 current.limits = Some(limits);
-                current.updated_at = now;
                 JobOutput { instance: Some(current), ..JobOutput::default() }
             }
             (DesiredInstance::Running { tier, limits }, current) => {
-                let (generation, app_name) = match &current {
-                    Some(c) if c.status == InstanceStatus::Deprovisioned => {
-                        (c.generation + 1, app_name_for(subscription_id))
-                    }
-                    Some(c) => (c.generation, c.app_name.clone()),
-                    None => (1, app_name_for(subscription_id)),
-                };
-                let request = ProvisionRequest {
-                    subscription_id: subscription_id.to_owned(),
-                    customer_id: state.customer_id.clone(),
-                    account_id: state.account_id,
-                    app_name,
-                    tier,
-                    limits,
-                    idempotency_key: format!("provision:{subscription_id}:{generation}:{tier}:{}", job.id),
-                };
-                let call = self.provisioner.provision(&request);
-                let created = self.provisioner_call(job, Operation::Provision, call).await?;
-                if created.app_name == request.app_name && current.is_none() && earlier_attempt_unaccounted(job) {
-                    // An earlier attempt of this job may have created the app (its worker died before
-                    // recording it) when another tier was wanted: the provisioner answers the existing
-                    // app, so its limits are set too.
-                    let key = format!("update:{subscription_id}:{generation}:{tier}:{}", job.id);
-                    let call = self.provisioner.update_limits(&request.app_name, &limits, &key);
-                    self.provisioner_call(job, Operation::Update, call).await?;
-                }
-                if created.app_name != request.app_name {
-                    // Recording another name would leak the app we asked for (nothing would ever
-                    // remove it) and point billing at one it did not ask for.
-                    let error = format!(
-                        "contract violation: the provisioner answered appName {:?} to a request for {:?}; \
-                         check both apps on the Dokku host",
-                        created.app_name, request.app_name
-                    );
-                    return Err(JobFailure::during(Operation::Provision, JobError::Permanent(error)));
-                }
-                info!(app = %created.app_name, %tier, generation, "instance provisioned");
-                let welcome = NewJob {
-                    key: format!("email:welcome:{subscription_id}:{generation}"),
-                    group: None,
-                    kind: JobKind::Email {
-                        customer_id: state.customer_id.clone(),
-                        subscription_id: Some(subscription_id.to_owned()),
-                        email: EmailKind::Welcome,
-                        late: None,
-                    },
-                    run_after: now,
-                };
-                let record = InstanceRecord {
-                    subscription_id: subscription_id.to_owned(),
-                    app_name: created.app_name,
-                    status: InstanceStatus::Running,
-                    generation,
-                    tier: Some(tier),
-                    limits: Some(limits),
-                    subdomain: created.subdomain,
-                    frontend_url: created.frontend_url,
-                    backend_url: created.backend_url,
-                    deprovisioned_at: None,
-                    updated_at: now,
-                };
-                JobOutput { instance: Some(record), enqueue: vec![welcome], skipped: None }
+                self.provision(job, &state, current, tier, limits, now).await?
             }
-            (DesiredInstance::Absent, Some(mut current)) if current.status != InstanceStatus::Deprovisioned => {
+            (DesiredInstance::Absent, Some(mut current)) if current.may_exist() => {
+                current.status = InstanceStatus::Deprovisioning;
+                current.updated_at = now;
+                self.record_intent(job, &current).await?;
                 let key = format!("deprovision:{subscription_id}:{}:{}", current.generation, job.id);
                 let call = self.provisioner.deprovision(&current.app_name, &key);
                 self.provisioner_call(job, Operation::Deprovision, call).await?;
                 info!(app = %current.app_name, "instance deprovisioned");
                 current.status = InstanceStatus::Deprovisioned;
                 current.deprovisioned_at = Some(now);
-                current.updated_at = now;
                 JobOutput { instance: Some(current), ..JobOutput::default() }
-            }
-            (DesiredInstance::Absent, None) if earlier_attempt_unaccounted(job) => {
-                // An earlier attempt of this job may have created the app before its worker died
-                // (nothing recorded it) and the subscription ended since: remove it, or it is left
-                // running for ever. The provisioner answers "already gone" when it never existed.
-                let app_name = app_name_for(subscription_id);
-                let key = format!("deprovision:{subscription_id}:1:{}", job.id);
-                let call = self.provisioner.deprovision(&app_name, &key);
-                self.provisioner_call(job, Operation::Deprovision, call).await?;
-                info!(app = %app_name, "possibly orphaned instance of an interrupted attempt deprovisioned");
-                JobOutput::default()
             }
             (DesiredInstance::Absent, _) => JobOutput::default(),
         };
         debug!(elapsed_ms = op_started.elapsed().as_millis(), "reconciled");
         Ok(output)
+    }
+
+    /// Provisions the instance `current` records (none, removed, or one that may exist) at `tier`.
+    async fn provision(
+        &self,
+        job: &Job,
+        state: &SubscriptionState,
+        current: Option<InstanceRecord>,
+        tier: Tier,
+        limits: Limits,
+        now: DateTime<Utc>,
+    ) -> Result<JobOutput, JobFailure> {
+        let subscription_id = state.subscription_id.as_str();
+        let (generation, app_name, may_exist) = match current {
+            Some(c) if c.may_exist() => (c.generation, c.app_name.clone(), Some(c)),
+            Some(c) => (c.generation + 1, app_name_for(subscription_id), None),
+            None => (1, app_name_for(subscription_id), None),
+        };
+        let intent = InstanceRecord {
+            subscription_id: subscription_id.to_owned(),
+            app_name,
+            status: InstanceStatus::Provisioning,
+            generation,
+            tier: Some(tier),
+            // A new app gets the limits it is asked for; an existing one keeps its own, known only
+            // when they are recorded.
+            limits: match &may_exist {
+                Some(c) => c.limits.filter(|l| *l == limits),
+                None => Some(limits),
+            },
+            subdomain: may_exist.as_ref().and_then(|c| c.subdomain.clone()),
+            frontend_url: may_exist.as_ref().and_then(|c| c.frontend_url.clone()),
+            backend_url: may_exist.as_ref().and_then(|c| c.backend_url.clone()),
+            deprovisioned_at: None,
+            updated_at: now,
+            adopted: may_exist.as_ref().is_some_and(|c| c.adopted),
+        };
+        self.record_intent(job, &intent).await?;
+        let request = ProvisionRequest {
+            subscription_id: subscription_id.to_owned(),
+            customer_id: state.customer_id.clone(),
+            account_id: state.account_id,
+            app_name: intent.app_name.clone(),
+            tier,
+            limits,
+            idempotency_key: format!("provision:{subscription_id}:{generation}:{tier}:{}", job.id),
+        };
+        let call = self.provisioner.provision(&request);
+        let created = self.provisioner_call(job, Operation::Provision, call).await?;
+        if created.app_name != request.app_name {
+            // Recording another name would leak the app we asked for (nothing would ever
+            // remove it) and point billing at one it did not ask for.
+            let error = format!(
+                "contract violation: the provisioner answered appName {:?} to a request for {:?}; \
+                 check both apps on the Dokku host",
+                created.app_name, request.app_name
+            );
+            return Err(JobFailure::during(Operation::Provision, JobError::Permanent(error)));
+        }
+        if intent.limits != Some(limits) {
+            // The provisioner answered the existing app, which keeps the limits it has.
+            let key = format!("update:{subscription_id}:{generation}:{tier}:{}", job.id);
+            let call = self.provisioner.update_limits(&request.app_name, &limits, &key);
+            self.provisioner_call(job, Operation::Update, call).await?;
+        }
+        info!(app = %created.app_name, %tier, generation, "instance provisioned");
+        let welcome = NewJob {
+            key: format!("email:welcome:{subscription_id}:{generation}"),
+            group: None,
+            kind: JobKind::Email {
+                customer_id: state.customer_id.clone(),
+                subscription_id: Some(subscription_id.to_owned()),
+                email: EmailKind::Welcome,
+                late: None,
+            },
+            run_after: now,
+        };
+        let record = InstanceRecord {
+            status: InstanceStatus::Running,
+            limits: Some(limits),
+            subdomain: created.subdomain.or(intent.subdomain),
+            frontend_url: created.frontend_url.or(intent.frontend_url),
+            backend_url: created.backend_url.or(intent.backend_url),
+            ..intent
+        };
+        Ok(JobOutput { instance: Some(record), enqueue: vec![welcome], skipped: None })
+    }
+
+    /// Records `intent` before a provisioner call; a job that lost its lease makes no call.
+    async fn record_intent(&self, job: &Job, intent: &InstanceRecord) -> Result<(), JobFailure> {
+        if self.store.record_instance_intent(job.id, job.attempts, intent).await? {
+            Ok(())
+        } else {
+            Err(JobError::Retryable("lease lost before the provisioner call; another worker owns the job".into(), None)
+                .into())
+        }
     }
 
     /// Runs one provisioner call, renewing the job's lease while it is in flight (so a slow call is
@@ -523,9 +552,12 @@ fn still_true(
 ) -> Result<(), String> {
     let status = state.and_then(SubscriptionState::status);
     match email {
-        EmailKind::Welcome => match instance.map(|i| i.status) {
-            Some(InstanceStatus::Running) => Ok(()),
-            other => Err(format!("the instance is not running ({})", other.map_or("none", InstanceStatus::as_str))),
+        EmailKind::Welcome => match instance {
+            Some(i) if i.adopted => Err("the instance was adopted from the service billing took over, not \
+                                         provisioned by billing"
+                .into()),
+            Some(i) if i.status == InstanceStatus::Running => Ok(()),
+            other => Err(format!("the instance is not running ({})", other.map_or("none", |i| i.status.as_str()))),
         },
         EmailKind::PaymentFailed { invoice_id, .. } => {
             let Some(state) = state else { return Err("the subscription is unknown".into()) };
