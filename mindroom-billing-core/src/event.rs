@@ -282,6 +282,9 @@ pub struct SubscriptionSnapshot {
     pub cancel_at_period_end: bool,
     /// `metadata.email`: the address the platform put on the subscription (Checkout / the seed).
     pub email: Option<String>,
+    /// `metadata.user_id` (else `metadata.app_user_id`): the platform's own reference of the
+    /// customer (MindRoom user id), for accounts that never went through Checkout.
+    pub reference: Option<String>,
 }
 
 /// What an invoice event tells billing.
@@ -597,7 +600,11 @@ fn parse_subscription(raw: RawSubscription<'_>) -> Result<SubscriptionSnapshot, 
         canceled_at: opt_timestamp("data.object.canceled_at", raw.canceled_at)?,
         ended_at: opt_timestamp("data.object.ended_at", raw.ended_at)?,
         cancel_at_period_end: raw.cancel_at_period_end.unwrap_or(false),
-        email: raw.metadata.and_then(|m| m.email).map(Cow::into_owned).filter(|e| !e.trim().is_empty()),
+        email: raw.metadata.as_ref().and_then(|m| non_blank(m.email.as_deref())),
+        reference: raw
+            .metadata
+            .as_ref()
+            .and_then(|m| non_blank(m.user_id.as_deref()).or_else(|| non_blank(m.app_user_id.as_deref()))),
     })
 }
 
@@ -758,11 +765,20 @@ struct RawSubscription<'a> {
     metadata: Option<RawEmailMetadata<'a>>,
 }
 
-/// `metadata.email` (Stripe metadata values are strings).
+/// `metadata.email` and the platform's user id (Stripe metadata values are strings).
 #[derive(Deserialize)]
 struct RawEmailMetadata<'a> {
     #[serde(borrow)]
     email: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    user_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    app_user_id: Option<Cow<'a, str>>,
+}
+
+/// The value, unless it is missing or blank.
+fn non_blank(value: Option<&str>) -> Option<String> {
+    value.filter(|v| !v.trim().is_empty()).map(str::to_owned)
 }
 
 #[derive(Deserialize)]

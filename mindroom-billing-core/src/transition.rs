@@ -214,10 +214,10 @@ fn apply_snapshot(
     }
     recompute_grace(&mut next, policy);
     let outcome = if apply { Outcome::Applied } else { Outcome::Stale };
-    let account = snapshot.email.as_ref().map(|email| AccountPatch {
+    let account = (snapshot.email.is_some() || snapshot.reference.is_some()).then(|| AccountPatch {
         stripe_customer_id: snapshot.customer.clone(),
-        email: Some(email.clone()),
-        reference: None,
+        email: snapshot.email.clone(),
+        reference: snapshot.reference.clone(),
         observed_at: created,
     });
     finish(state, next, event, outcome, jobs, account, now)

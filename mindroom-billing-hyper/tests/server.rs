@@ -765,6 +765,20 @@ fn checkout_of(customer: &str, event_id: &str) -> Vec<u8> {
     serde_json::to_vec(&event).unwrap()
 }
 
+/// A subscription created outside Checkout (the API, the dashboard, a migration) names the
+/// platform's user in its metadata (`user_id`, or `app_user_id` as in the fixtures): that is the
+/// account reference too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reference_comes_from_the_subscriptions_metadata_without_a_checkout() {
+    let h = Harness::start().await;
+    assert_eq!(h.deliver(fixture("2026-07-29.dahlia", "customer.subscription.created")).await.0, 200);
+    let (status, body) = h.get("/v1/entitlements?reference=user_123", Some(API_KEY)).await;
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["tier"], "starter", "{body}");
+    assert_eq!(answer["account_id"], mindroom_billing_core::account_id_for_customer(CUSTOMER).to_string(), "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entitlements_and_usage_by_stripe_customer_and_by_reference() {
     let h = Harness::start().await;
