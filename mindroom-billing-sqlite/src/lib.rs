@@ -29,7 +29,9 @@
 //! an [`OpenError`] naming the path.
 //!
 //! [`Store::watch_changes`](mindroom_billing_core::Store::watch_changes) reports this store's own
-//! commits: one process owns the file (see [`ServeLock`]).
+//! commits as they happen (one process serves the file, see [`ServeLock`]); a commit of another
+//! process (an operator command run beside `serve`) is noticed within half a second and drops
+//! everything cached.
 
 mod operator;
 mod rows;
@@ -47,6 +49,9 @@ const APPLICATION_ID: i32 = 0x4d52_4231;
 
 /// The embedded migrations, in order; migration `i` brings the schema to version `i + 1`.
 const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_schema.sql")];
+
+/// How often a watched store checks for commits of other processes.
+const FOREIGN_COMMIT_POLL: Duration = Duration::from_millis(500);
 
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -138,7 +143,7 @@ pub enum OpenError {
     #[error("{0} is already served by another mindroom-billing process")]
     Locked(PathBuf),
     /// Anything else SQLite or the file system answered.
-    #[error("cannot open {path}: {source}")]
+    #[error("cannot open {path}")]
     Io {
         /// The file.
         path: PathBuf,
@@ -211,6 +216,8 @@ struct Shared {
     readers: Mutex<Vec<Connection>>,
     /// Told about every committed account change (see `Store::watch_changes`).
     watchers: Mutex<Vec<Weak<dyn ChangeListener>>>,
+    /// Whether the thread that notices other processes' commits runs.
+    watching_others: std::sync::atomic::AtomicBool,
 }
 
 /// The store on one SQLite file. Cheap to clone (shares its connections).
@@ -278,6 +285,7 @@ impl SqliteStore {
                 writer: Mutex::new(writer),
                 readers: Mutex::new(Vec::new()),
                 watchers: Mutex::new(Vec::new()),
+                watching_others: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -344,6 +352,40 @@ impl SqliteStore {
             value
         })
         .await
+    }
+
+    /// Starts (once) a thread that notices commits of other processes on the file (a `replay` or a
+    /// `stripe catch-up` run from a shell while `serve` runs): the writer's `data_version` changes
+    /// only with other connections' commits, and this store's readers never write. Then everything
+    /// the watchers cached may be stale: they are told to start over ([`ChangeListener::listening`]
+    /// clears a cache). It checks every [`FOREIGN_COMMIT_POLL`] and ends with the store.
+    fn watch_other_processes(&self) {
+        if self.shared.watching_others.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let data_version = |shared: &Shared| {
+            lock(&shared.writer).query_row("pragma data_version", [], |r| r.get::<_, i64>(0)).ok()
+        };
+        let mut last = data_version(&self.shared);
+        let shared = Arc::downgrade(&self.shared);
+        let spawned = std::thread::Builder::new().name("sqlite-changes".into()).spawn(move || {
+            loop {
+                std::thread::sleep(FOREIGN_COMMIT_POLL);
+                let Some(shared) = shared.upgrade() else { return };
+                let version = data_version(&shared);
+                if version.is_some() && last.is_some() && version != last {
+                    tracing::debug!("another process committed to the store: cached reads dropped");
+                    let watchers = lock(&shared.watchers).clone();
+                    for watcher in watchers.iter().filter_map(Weak::upgrade) {
+                        watcher.listening();
+                    }
+                }
+                last = version.or(last);
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot watch for other processes' commits");
+        }
     }
 
     /// Tells the watchers that `accounts` changed (after the commit).

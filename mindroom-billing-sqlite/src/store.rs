@@ -647,6 +647,7 @@ impl Store for SqliteStore {
         let Some(strong) = listener.upgrade() else { return true };
         lock(&self.shared.watchers).push(listener);
         strong.listening();
+        self.watch_other_processes();
         true
     }
 }

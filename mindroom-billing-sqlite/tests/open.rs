@@ -131,3 +131,55 @@ async fn a_full_disk_is_unavailable_and_commits_nothing() {
     assert_eq!(store.record_event(&new_event("evt_big", &big, t0())).await.unwrap(), Recorded::Fresh, "room again");
     drop(store);
 }
+
+/// Change notifications: this store's own commits name their account at once; a commit of another
+/// connection (another process on the same file) drops everything cached.
+#[tokio::test(flavor = "multi_thread")]
+async fn own_commits_are_reported_and_other_processes_commits_clear_the_cache() {
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use mindroom_billing_core::{ChangeListener, Commit, Outcome, SubscriptionState};
+
+    #[derive(Default)]
+    struct Heard(Mutex<Vec<String>>);
+    impl ChangeListener for Heard {
+        fn listening(&self) {
+            self.0.lock().unwrap().push("listening".into());
+        }
+        fn account_changed(&self, account_id: uuid::Uuid) {
+            self.0.lock().unwrap().push(account_id.to_string());
+        }
+        fn lost(&self) {
+            self.0.lock().unwrap().push("lost".into());
+        }
+    }
+
+    let d = dir();
+    let path = d.0.join("billing.db");
+    let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+    let heard = Arc::new(Heard::default());
+    let listener: Arc<dyn ChangeListener> = heard.clone();
+    assert!(store.watch_changes(Arc::downgrade(&listener)));
+    let sub = SubscriptionState::new("sub_w", "cus_w");
+    let account = sub.account_id.to_string();
+    let commit = Commit {
+        now: t0(),
+        event_id: None,
+        outcome: Outcome::Applied,
+        subscription: Some(sub),
+        account: None,
+        jobs: vec![],
+    };
+    store.commit(&commit).await.unwrap();
+    assert_eq!(*heard.0.lock().unwrap(), ["listening".to_owned(), account]);
+
+    let other = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+    other.record_event(&new_event("evt_other", "{}", t0())).await.unwrap();
+    let started = Instant::now();
+    while heard.0.lock().unwrap().len() < 3 {
+        assert!(started.elapsed() < Duration::from_secs(10), "the other commit was never noticed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(heard.0.lock().unwrap()[2], "listening", "everything cached is dropped");
+}
