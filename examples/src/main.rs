@@ -103,14 +103,15 @@ enum Command {
         #[arg(long)]
         new_id: bool,
     },
-    /// Apply the SQL migrations to `DATABASE_URL` (idempotent).
+    /// Apply the migrations to the store (`DATABASE_URL`; idempotent). A SQLite file is created.
     Migrate,
-    /// Inspect and replay stored events (in the server's database: `DATABASE_URL` or `SUPABASE_URL`).
+    /// Inspect and replay stored events (in the server's database: the SQLite file, `DATABASE_URL` or
+    /// `SUPABASE_URL`).
     Events {
         #[command(subcommand)]
         command: EventsCommand,
     },
-    /// Inspect jobs (in the server's database: `DATABASE_URL` or `SUPABASE_URL`).
+    /// Inspect jobs (in the server's database: the SQLite file, `DATABASE_URL` or `SUPABASE_URL`).
     Jobs {
         #[command(subcommand)]
         command: JobsCommand,
@@ -472,15 +473,21 @@ async fn run(command: Command, config: Config) -> Result<()> {
             Ok(())
         }
         Command::Migrate => {
-            let report = wiring::migrate(&config).await?;
-            say!(
-                "migrations: {} applied, {} already present ({} ms)",
-                report.applied.len(),
-                report.skipped.len(),
-                report.elapsed.as_millis()
-            );
-            for version in &report.applied {
-                say!("  applied {version}");
+            match wiring::migrate(&config).await? {
+                wiring::Migrated::Postgres(report) => {
+                    say!(
+                        "migrations: {} applied, {} already present ({} ms)",
+                        report.applied.len(),
+                        report.skipped.len(),
+                        report.elapsed.as_millis()
+                    );
+                    for version in &report.applied {
+                        say!("  applied {version}");
+                    }
+                }
+                wiring::Migrated::Sqlite(path) => {
+                    say!("SQLite {}: schema version {}", path.display(), mindroom_billing_sqlite::SCHEMA_VERSION);
+                }
             }
             Ok(())
         }
@@ -718,6 +725,11 @@ fn load_event(event: &str, new_id: bool) -> Result<Vec<u8>> {
 
 async fn run_serve(config: Config, host: Option<IpAddr>, migrate: bool) -> Result<()> {
     config.require_serve()?;
+    // One server per SQLite file, for the life of this process (PostgreSQL is the store for several).
+    let _serve_lock = match config.store_target() {
+        config::StoreTarget::Sqlite { path, .. } => Some(mindroom_billing_sqlite::ServeLock::acquire(path)?),
+        _ => None,
+    };
     let loopback = IpAddr::from([127, 0, 0, 1]);
     let host = host.unwrap_or(if config.dev_secret { loopback } else { IpAddr::from([0, 0, 0, 0]) });
     if config.dev_secret {

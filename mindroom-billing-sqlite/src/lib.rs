@@ -191,14 +191,17 @@ impl ServeLock {
         if let Some(parent) = lock_path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| OpenError::io(path, e))?;
         }
-        let conn = Connection::open(&lock_path).map_err(|e| OpenError::sqlite(&lock_path, e))?;
-        conn.busy_timeout(Duration::ZERO).map_err(|e| OpenError::sqlite(&lock_path, e))?;
-        conn.pragma_update(None, "locking_mode", "EXCLUSIVE").map_err(|e| OpenError::sqlite(&lock_path, e))?;
-        match conn.execute_batch("begin exclusive") {
-            Ok(()) => Ok(Self { _conn: conn }),
-            Err(e) if e.sqlite_error_code() == Some(ErrorCode::DatabaseBusy) => Err(OpenError::Locked(path.to_owned())),
-            Err(e) => Err(OpenError::sqlite(&lock_path, e)),
-        }
+        let locked = |e: rusqlite::Error| match e.sqlite_error_code() {
+            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => OpenError::Locked(path.to_owned()),
+            _ => OpenError::sqlite(&lock_path, e),
+        };
+        let conn = Connection::open(&lock_path).map_err(locked)?;
+        conn.busy_timeout(Duration::ZERO).map_err(locked)?;
+        conn.pragma_update(None, "locking_mode", "EXCLUSIVE").map_err(locked)?;
+        // Nothing is ever written to it: no journal file beside it.
+        conn.pragma_update(None, "journal_mode", "OFF").map_err(locked)?;
+        conn.execute_batch("begin exclusive").map_err(locked)?;
+        Ok(Self { _conn: conn })
     }
 }
 
@@ -363,9 +366,8 @@ impl SqliteStore {
         if self.shared.watching_others.swap(true, std::sync::atomic::Ordering::SeqCst) {
             return;
         }
-        let data_version = |shared: &Shared| {
-            lock(&shared.writer).query_row("pragma data_version", [], |r| r.get::<_, i64>(0)).ok()
-        };
+        let data_version =
+            |shared: &Shared| lock(&shared.writer).query_row("pragma data_version", [], |r| r.get::<_, i64>(0)).ok();
         let mut last = data_version(&self.shared);
         let shared = Arc::downgrade(&self.shared);
         let spawned = std::thread::Builder::new().name("sqlite-changes".into()).spawn(move || {
@@ -466,7 +468,11 @@ fn migrate(path: &Path, conn: &mut Connection) -> Result<(), OpenError> {
         tx.pragma_update(None, "application_id", APPLICATION_ID).map_err(sqlite)?;
         tx.pragma_update(None, "user_version", i64::try_from(index + 1).unwrap_or(i64::MAX)).map_err(sqlite)?;
         tx.commit().map_err(sqlite)?;
-        tracing::info!(path = %path.display(), version = index + 1, "SQLite schema migrated");
+        if version == 0 {
+            tracing::debug!(path = %path.display(), version = index + 1, "SQLite schema created");
+        } else {
+            tracing::info!(path = %path.display(), version = index + 1, "SQLite schema migrated");
+        }
     }
     Ok(())
 }
