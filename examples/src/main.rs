@@ -105,6 +105,12 @@ enum Command {
     },
     /// Apply the migrations to the store (`DATABASE_URL`; idempotent). A SQLite file is created.
     Migrate,
+    /// Write a consistent copy of the SQLite store to a new file, also while `serve` runs (for
+    /// PostgreSQL use its own tools, e.g. `pg_dump`).
+    Backup {
+        /// The copy (must not exist).
+        file: PathBuf,
+    },
     /// Inspect and replay stored events (in the server's database: the SQLite file, `DATABASE_URL` or
     /// `SUPABASE_URL`).
     Events {
@@ -489,6 +495,26 @@ async fn run(command: Command, config: Config) -> Result<()> {
                     say!("SQLite {}: schema version {}", path.display(), mindroom_billing_sqlite::SCHEMA_VERSION);
                 }
             }
+            Ok(())
+        }
+        Command::Backup { file } => {
+            let config::StoreTarget::Sqlite { path, .. } = config.store_target() else {
+                return Err(ConfigError {
+                    var: "DATABASE_URL",
+                    message: "`backup` copies a SQLite store (sqlite://…, or the default file); back PostgreSQL up \
+                              with pg_dump"
+                        .into(),
+                }
+                .into());
+            };
+            config.require_database("backup")?;
+            let store = wiring::open_sqlite(path, false).await?;
+            store
+                .backup(&file)
+                .await
+                .with_context(|| format!("backing up {} to {}", path.display(), file.display()))?;
+            let size = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+            say!("backed up {} to {} ({size} bytes)", path.display(), file.display());
             Ok(())
         }
         Command::Events { command } => {

@@ -306,3 +306,28 @@ fn a_file_that_is_not_a_database_stops_the_start_naming_it() {
     assert_eq!(std::fs::read(db_path(&dir)).unwrap(), vec![0x42_u8; 8192], "the file is left as it was");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_while_serving_is_a_store_of_its_own() {
+    let stub = StubProvisioner::start().await;
+    let dir = scratch_dir("sqlite-backup");
+    let server = Server::start(&dir, &stub).await;
+    let events = life_events(&life("sub_sqlite_backup", false));
+    for event in &events {
+        assert_eq!(server.post(event).await, 200);
+    }
+    let (code, out) = run(&dir, &["backup", "copy.db"], &[]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("backed up ./data/mindroom-billing.db to copy.db"), "{out}");
+    let (code, out) = run(&dir, &["backup", "copy.db"], &[]);
+    assert_eq!(code, Some(1), "an existing file is not overwritten: {out}");
+    let copy = SqliteStore::open(dir.join("copy.db"), SqliteOptions::default().with_create(false)).unwrap();
+    for event in &events {
+        let stored = copy.load_event(&event.id).await.unwrap().expect("in the copy");
+        assert_eq!(stored.payload, event.body, "byte for byte");
+    }
+    let (code, out) = run(&dir, &["backup", "x.db"], &[("DATABASE_URL", "memory:")]);
+    assert_eq!(code, Some(2), "{out}");
+    server.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}

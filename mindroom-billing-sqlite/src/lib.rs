@@ -298,8 +298,9 @@ impl SqliteStore {
         &self.shared.path
     }
 
-    /// Writes an online, consistent copy of the database to `target` (SQLite's backup API, in
-    /// steps, so the writer is held only briefly at a time). `target` must not exist.
+    /// Writes an online, consistent copy of the database to `target` (`VACUUM INTO`: one read
+    /// transaction, so the copy is the store as of one instant; the writer is never held, and a
+    /// server keeps answering meanwhile). `target` must not exist.
     pub async fn backup(&self, target: impl AsRef<Path>) -> Result<(), StoreError> {
         let target = target.as_ref().to_owned();
         let shared = Arc::clone(&self.shared);
@@ -310,14 +311,9 @@ impl SqliteStore {
                     format!("{} exists", target.display()),
                 ))));
             }
-            let source = shared.reader()?;
-            let mut copy = Connection::open(&target).map_err(store_error)?;
-            {
-                let backup = rusqlite::backup::Backup::new(&source, &mut copy).map_err(store_error)?;
-                backup.run_to_completion(256, Duration::from_millis(5), None).map_err(store_error)?;
-            }
-            copy.pragma_update(None, "journal_mode", "DELETE").map_err(store_error)?;
-            shared.give_back(source);
+            let target = target.to_str().ok_or_else(|| undecodable("a backup path that is not UTF-8"))?;
+            let conn = connect(&shared.path, &shared.options, false).map_err(|e| StoreError::Other(Box::new(e)))?;
+            conn.execute("vacuum into ?1", [target]).map_err(store_error)?;
             Ok(())
         })
         .await

@@ -183,3 +183,23 @@ async fn own_commits_are_reported_and_other_processes_commits_clear_the_cache() 
     }
     assert_eq!(heard.0.lock().unwrap()[2], "listening", "everything cached is dropped");
 }
+
+/// A backup is a consistent copy that opens as a store of its own, taken while the store is open;
+/// an existing file is never overwritten.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_is_a_store_of_its_own() {
+    let d = dir();
+    let store = SqliteStore::open(d.0.join("billing.db"), SqliteOptions::default()).unwrap();
+    for i in 0..50 {
+        let id = format!("evt_{i}");
+        store.record_event(&new_event(&id, "{\"k\":\"v\"}", t0())).await.unwrap();
+    }
+    let copy = d.0.join("backup.db");
+    store.backup(&copy).await.unwrap();
+    store.record_event(&new_event("evt_after", "{}", t0())).await.unwrap();
+    let restored = SqliteStore::open(&copy, SqliteOptions::default().with_create(false)).unwrap();
+    assert_eq!(restored.load_event("evt_49").await.unwrap().unwrap().payload, "{\"k\":\"v\"}");
+    assert!(restored.load_event("evt_after").await.unwrap().is_none(), "the copy is the store as of the backup");
+    let e = store.backup(&copy).await.unwrap_err();
+    assert!(e.to_string().contains("store error"), "{e}");
+}
