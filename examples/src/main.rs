@@ -111,6 +111,12 @@ enum Command {
         /// The copy (must not exist).
         file: PathBuf,
     },
+    /// Move the store: `store copy --to postgres://…` copies everything in the SQLite file into an
+    /// empty PostgreSQL database (migrated first) and checks the counts.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
     /// Inspect and replay stored events (in the server's database: the SQLite file, `DATABASE_URL` or
     /// `SUPABASE_URL`).
     Events {
@@ -155,6 +161,17 @@ enum CutoverCommand {
         /// Print one JSON document (rows and counts) instead of the table.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// Copy everything (events with their raw payloads, aggregates, accounts, instances, jobs,
+    /// usage, cursors, audit, drift) into PostgreSQL; `serve` must be stopped meanwhile.
+    Copy {
+        /// The PostgreSQL database (empty; its migrations are applied first).
+        #[arg(long)]
+        to: String,
     },
 }
 
@@ -515,6 +532,22 @@ async fn run(command: Command, config: Config) -> Result<()> {
                 .with_context(|| format!("backing up {} to {}", path.display(), file.display()))?;
             let size = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
             say!("backed up {} to {} ({size} bytes)", path.display(), file.display());
+            Ok(())
+        }
+        Command::Store { command: StoreCommand::Copy { to } } => {
+            let (expected, copied) = wiring::copy_store(&config, &to).await?;
+            say!("{:<16} {:>10} {:>10}", "", "SQLITE", "POSTGRES");
+            let mut differ = Vec::new();
+            for ((kind, from), (_, into)) in expected.named().into_iter().zip(copied.named()) {
+                say!("{kind:<16} {from:>10} {into:>10}");
+                if from != into {
+                    differ.push(kind);
+                }
+            }
+            if !differ.is_empty() {
+                bail!("the copy differs in: {}", differ.join(", "));
+            }
+            say!("copied; point DATABASE_URL at the PostgreSQL database and start `serve` there");
             Ok(())
         }
         Command::Events { command } => {

@@ -4,16 +4,17 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow, bail};
 use mindroom_billing_core::dryrun::{DryRunProvisioner, LogNotifier};
 use mindroom_billing_core::stripe_api::StripeApi;
+use mindroom_billing_core::transfer::TransferCounts;
 use mindroom_billing_core::{
     Billing, BillingConfig, MemoryLimits, MemoryStore, Notifier, OperatorStore, Policy, Provisioner, RetentionPolicy,
     Store, Verifier, WebhookSecret,
 };
 use mindroom_billing_dokku::{DokkuConfig, DokkuProvisioner};
 use mindroom_billing_resend::{ResendConfig, ResendNotifier};
-use mindroom_billing_sqlite::{OpenError, SqliteOptions, SqliteStore};
+use mindroom_billing_sqlite::{OpenError, ServeLock, SqliteOptions, SqliteStore};
 use mindroom_billing_stripe::{StripeClient, StripeConfig};
 use mindroom_billing_supabase::{PgStore, PgStoreOptions, PostgrestOptions, PostgrestStore};
 use secrecy::ExposeSecret;
@@ -283,4 +284,55 @@ pub(crate) async fn migrate(cfg: &Config) -> Result<Migrated> {
     let report = store.migrate().await.context("applying migrations")?;
     store.close().await;
     Ok(Migrated::Postgres(report))
+}
+
+/// Copies everything in the SQLite store into the (empty) PostgreSQL database at `to`, migrating
+/// it first, and checks that each kind of row arrived: the counts of both. The server must be
+/// stopped (the file's serve lock is held meanwhile), so the copy is the store as it was left.
+pub(crate) async fn copy_store(cfg: &Config, to: &str) -> Result<(TransferCounts, TransferCounts)> {
+    const PAGE: u32 = 1_000;
+    let StoreTarget::Sqlite { path, .. } = cfg.store_target() else {
+        return Err(ConfigError {
+            var: "DATABASE_URL",
+            message: "`store copy` copies a SQLite store (sqlite://…, or the default file) into PostgreSQL".into(),
+        }
+        .into());
+    };
+    cfg.require_database("store copy")?;
+    if !(to.starts_with("postgres://") || to.starts_with("postgresql://")) {
+        bail!("--to: expected a PostgreSQL URL (postgres://…)");
+    }
+    let _lock = ServeLock::acquire(path).map_err(|e| match e {
+        OpenError::Locked(path) => anyhow!("{} is being served: stop `serve` first, then copy", path.display()),
+        other => anyhow::Error::new(other),
+    })?;
+    let source = open_sqlite(path, false).await?;
+    let target = PgStore::connect(to, PgStoreOptions::default().with_max_connections(2))
+        .await
+        .context("--to: cannot connect")?;
+    target.migrate().await.context("--to: applying migrations")?;
+    target.ensure_empty().await.context("--to")?;
+    let expected = source.transfer_counts().await?;
+    let mut after = None;
+    loop {
+        let events = source.export_events(after.clone(), PAGE).await?;
+        target.import_events(&events).await.context("copying events")?;
+        match events.last() {
+            Some(last) if events.len() == PAGE as usize => after = Some(last.event.id.clone()),
+            _ => break,
+        }
+    }
+    let mut after = 0;
+    loop {
+        let jobs = source.export_jobs(after, PAGE).await?;
+        target.import_jobs(&jobs).await.context("copying jobs")?;
+        match jobs.last() {
+            Some(last) if jobs.len() == PAGE as usize => after = last.id,
+            _ => break,
+        }
+    }
+    target.import_state(&source.export_state().await?).await.context("copying the rest")?;
+    let copied = target.transfer_counts().await?;
+    target.close().await;
+    Ok((expected, copied))
 }

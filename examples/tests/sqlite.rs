@@ -30,6 +30,11 @@ struct Server {
 
 impl Server {
     async fn start(dir: &Path, stub: &StubProvisioner) -> Self {
+        Self::start_with(dir, stub, &[]).await
+    }
+
+    /// With more variables (e.g. a `DATABASE_URL`).
+    async fn start_with(dir: &Path, stub: &StubProvisioner, env: &[(&str, &str)]) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let mut command = binary(dir);
         command
@@ -46,7 +51,8 @@ impl Server {
             .env("BILLING_JOB_MAX_ATTEMPTS", "100")
             .env("BILLING_UNAPPLIED_AFTER_SECS", "2")
             .env("BILLING_JOB_LEASE_SECS", "10")
-            .env("PROVISIONER_TIMEOUT_SECS", "4");
+            .env("PROVISIONER_TIMEOUT_SECS", "4")
+            .envs(env.iter().copied());
         let server = Self {
             child: std::sync::Mutex::new(Logged::spawn(command, "sqlite-serve")),
             port,
@@ -329,5 +335,72 @@ async fn backup_while_serving_is_a_store_of_its_own() {
     let (code, out) = run(&dir, &["backup", "x.db"], &[("DATABASE_URL", "memory:")]);
     assert_eq!(code, Some(2), "{out}");
     server.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `store copy` moves everything into PostgreSQL; `serve` there has the same state: the same
+/// aggregates, instances and raw payloads, and every redelivery is a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_copy_moves_everything_to_postgres_and_serve_goes_on_there() {
+    let stub = StubProvisioner::start().await;
+    let dir = scratch_dir("sqlite-copy");
+    let lives: Vec<Life> = (0..3).map(|i| life(&format!("sub_copy{i}"), i == 0)).collect();
+    let events: Vec<SentEvent> = lives.iter().flat_map(life_events).collect();
+    let server = Server::start(&dir, &stub).await;
+    for event in &events {
+        assert_eq!(server.post(event).await, 200, "{}", event.id);
+    }
+    wait_quiet(&dir).await;
+    let calls = stub.calls().len();
+
+    let db = mindroom_billing_supabase::testing::TestDb::create().await.unwrap();
+    let (code, out) = run(&dir, &["store", "copy", "--to", db.url()], &[]);
+    assert_eq!(code, Some(1), "refused while serve runs: {out}");
+    assert!(out.contains("stop `serve` first"), "{out}");
+    server.kill();
+    let (code, out) = run(&dir, &["store", "copy", "--to", db.url()], &[]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("copied"), "{out}");
+    let (code, out) = run(&dir, &["store", "copy", "--to", db.url()], &[]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("already holds billing data"), "not copied twice: {out}");
+
+    let sqlite = read_store(&dir);
+    let pg =
+        mindroom_billing_supabase::PgStore::connect(db.url(), mindroom_billing_supabase::PgStoreOptions::default())
+            .await
+            .unwrap();
+    for life in &lives {
+        let (a, b) =
+            (sqlite.load_subscription(&life.sub).await.unwrap(), pg.load_subscription(&life.sub).await.unwrap());
+        assert!(a.is_some() && a == b, "{}: {a:?} vs {b:?}", life.sub);
+        assert_eq!(sqlite.load_instance(&life.sub).await.unwrap(), pg.load_instance(&life.sub).await.unwrap());
+    }
+    for event in &events {
+        let (a, b) = (sqlite.load_event(&event.id).await.unwrap(), pg.load_event(&event.id).await.unwrap());
+        assert!(a.is_some() && a == b, "{}: {a:?} vs {b:?}", event.id);
+        assert_eq!(b.unwrap().payload, event.body, "byte for byte");
+    }
+    let jobs = |s: Arc<dyn Store>| async move {
+        let filter = mindroom_billing_core::ports::JobFilter { state: None, limit: 1000 };
+        let mut jobs = s.list_jobs(&filter).await.unwrap();
+        jobs.sort_by_key(|j| j.id);
+        jobs
+    };
+    let pg: Arc<dyn Store> = Arc::new(pg);
+    assert_eq!(jobs(Arc::clone(&sqlite)).await, jobs(Arc::clone(&pg)).await);
+
+    let server = Server::start_with(&dir, &stub, &[("DATABASE_URL", db.url())]).await;
+    for event in &events {
+        assert_eq!(server.post(event).await, 200, "redelivered {}", event.id);
+    }
+    support::wait_quiet(&*pg, Duration::from_secs(60)).await;
+    assert_eq!(stub.calls().len(), calls, "every redelivery is a duplicate: {:?}", stub.calls());
+    for event in &events {
+        assert_eq!(pg.load_event(&event.id).await.unwrap().unwrap().deliveries, 2, "{}", event.id);
+    }
+    server.kill();
+    drop(pg);
+    db.drop_db().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -92,11 +92,13 @@ create table usage (
     primary key (account_id, metric, day)
 ) without rowid;
 
--- Allowed usage calls with an idempotency key, and their answer.
+-- Allowed usage calls with an idempotency key: what they counted, and their answer.
 create table usage_requests (
     account_id text not null,
     day text not null,
     key text not null,
+    metric text not null,
+    count integer not null,
     used integer not null,
     primary key (account_id, day, key)
 ) without rowid;

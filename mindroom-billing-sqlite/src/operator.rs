@@ -8,7 +8,9 @@ use mindroom_billing_core::{
 use rusqlite::params;
 
 use crate::SqliteStore;
-use crate::rows::{self, EVENT_COLUMNS, JOB_COLUMNS, SUBSCRIPTION_COLUMNS, collect, instant, micros, sql};
+use crate::rows::{
+    self, AUDIT_COLUMNS, DRIFT_COLUMNS, EVENT_COLUMNS, JOB_COLUMNS, SUBSCRIPTION_COLUMNS, collect, micros, sql,
+};
 use crate::store::{ACCOUNT_COLUMNS, account};
 
 #[async_trait]
@@ -131,22 +133,11 @@ impl OperatorStore for SqliteStore {
         let customer = customer_id.map(str::to_owned);
         self.read(move |conn| {
             let mut stmt = conn
-                .prepare_cached(
-                    "select at, actor, action, target, customer_id, ok, result from audit \
-                     where ?1 is null or customer_id = ?1 order by id desc limit ?2",
-                )
+                .prepare_cached(&format!(
+                    "select {AUDIT_COLUMNS} from audit where ?1 is null or customer_id = ?1 order by id desc limit ?2"
+                ))
                 .map_err(sql)?;
-            collect(&mut stmt, params![customer, limit], |r| {
-                Ok(AuditEntry {
-                    at: instant(r.get(0).map_err(sql)?)?,
-                    actor: r.get(1).map_err(sql)?,
-                    action: r.get(2).map_err(sql)?,
-                    target: r.get(3).map_err(sql)?,
-                    customer_id: r.get(4).map_err(sql)?,
-                    ok: r.get(5).map_err(sql)?,
-                    result: r.get(6).map_err(sql)?,
-                })
-            })
+            collect(&mut stmt, params![customer, limit], rows::audit)
         })
         .await
     }
@@ -176,21 +167,12 @@ impl OperatorStore for SqliteStore {
         let id = subscription_id.map(str::to_owned);
         self.read(move |conn| {
             let mut stmt = conn
-                .prepare_cached(
-                    "select subscription_id, field, before, after, found_at from drift \
-                     where ?1 is null or subscription_id = ?1 \
-                     order by found_at desc, subscription_id, field limit ?2",
-                )
+                .prepare_cached(&format!(
+                    "select {DRIFT_COLUMNS} from drift where ?1 is null or subscription_id = ?1 \
+                     order by found_at desc, subscription_id, field limit ?2"
+                ))
                 .map_err(sql)?;
-            collect(&mut stmt, params![id, limit], |r| {
-                Ok(DriftRecord {
-                    subscription_id: r.get(0).map_err(sql)?,
-                    field: r.get(1).map_err(sql)?,
-                    before: r.get(2).map_err(sql)?,
-                    after: r.get(3).map_err(sql)?,
-                    found_at: instant(r.get(4).map_err(sql)?)?,
-                })
-            })
+            collect(&mut stmt, params![id, limit], rows::drift)
         })
         .await
     }

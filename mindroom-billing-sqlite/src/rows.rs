@@ -3,7 +3,8 @@
 
 use chrono::{DateTime, Utc};
 use mindroom_billing_core::{
-    EventSource, EventStatus, InstanceRecord, Job, JobKind, JobState, StoreError, StoredEvent, SubscriptionState,
+    AuditEntry, DriftRecord, EventSource, EventStatus, InstanceRecord, Job, JobKind, JobState, StoreError, StoredEvent,
+    SubscriptionState,
 };
 use rusqlite::Row;
 use serde::Serialize;
@@ -128,4 +129,32 @@ pub(crate) fn collect<T>(
         out.push(map(row)?);
     }
     Ok(out)
+}
+
+/// The columns [`audit`] reads.
+pub(crate) const AUDIT_COLUMNS: &str = "at, actor, action, target, customer_id, ok, result";
+
+pub(crate) fn audit(r: &Row<'_>) -> Result<AuditEntry, StoreError> {
+    Ok(AuditEntry {
+        at: instant(r.get(0).map_err(sql)?)?,
+        actor: r.get(1).map_err(sql)?,
+        action: r.get(2).map_err(sql)?,
+        target: r.get(3).map_err(sql)?,
+        customer_id: r.get(4).map_err(sql)?,
+        ok: r.get(5).map_err(sql)?,
+        result: r.get(6).map_err(sql)?,
+    })
+}
+
+/// The columns [`drift`] reads.
+pub(crate) const DRIFT_COLUMNS: &str = "subscription_id, field, before, after, found_at";
+
+pub(crate) fn drift(r: &Row<'_>) -> Result<DriftRecord, StoreError> {
+    Ok(DriftRecord {
+        subscription_id: r.get(0).map_err(sql)?,
+        field: r.get(1).map_err(sql)?,
+        before: r.get(2).map_err(sql)?,
+        after: r.get(3).map_err(sql)?,
+        found_at: instant(r.get(4).map_err(sql)?)?,
+    })
 }

@@ -611,10 +611,13 @@ impl Store for SqliteStore {
             .execute(params![account, metric, day, to_i64(next)])
             .map_err(sql)?;
             if let Some(request) = &idempotency_key {
-                tx.prepare_cached("insert into usage_requests (account_id, day, key, used) values (?1, ?2, ?3, ?4)")
-                    .map_err(sql)?
-                    .execute(params![account, day, request, to_i64(next)])
-                    .map_err(sql)?;
+                tx.prepare_cached(
+                    "insert into usage_requests (account_id, day, key, metric, count, used) \
+                     values (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .map_err(sql)?
+                .execute(params![account, day, request, metric, to_i64(count), to_i64(next)])
+                .map_err(sql)?;
             }
             Ok(UsageResult { allowed: true, used: next })
         })
