@@ -92,6 +92,20 @@ impl OperatorStore for SqliteStore {
         .await
     }
 
+    async fn list_subscriptions(&self, after: Option<&str>, limit: u32) -> Result<Vec<SubscriptionState>, StoreError> {
+        let after = after.map(str::to_owned);
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "select {SUBSCRIPTION_COLUMNS} from subscriptions where ?1 is null or subscription_id > ?1 \
+                     order by subscription_id limit ?2"
+                ))
+                .map_err(sql)?;
+            collect(&mut stmt, params![after, limit], rows::subscription)
+        })
+        .await
+    }
+
     async fn retry_dead_job(&self, job_id: i64, now: DateTime<Utc>) -> Result<Option<Job>, StoreError> {
         let now = micros(now);
         self.write(move |tx| {

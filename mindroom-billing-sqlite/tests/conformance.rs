@@ -68,6 +68,7 @@ operator_checks!(
     events_of_a_customer_newest_first,
     jobs_of_a_subscription,
     grace_by_deadline,
+    every_subscription_by_id_a_page_at_a_time,
     retry_is_fenced_on_dead,
     audit_rows_by_customer,
     drift_is_replaced_per_checked_subscription,
