@@ -404,3 +404,57 @@ async fn store_copy_moves_everything_to_postgres_and_serve_goes_on_there() {
     db.drop_db().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A tiny tmpfs mounted for one test (needs root; `None` where mounting is not allowed).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: PathBuf, size: &str) -> Option<Self> {
+        std::fs::create_dir_all(&at).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&at)
+            .status()
+            .is_ok_and(|s| s.success());
+        mounted.then_some(Self(at))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A full disk answers 503 (Stripe retries) and acknowledges nothing it did not commit; once there
+/// is room the redelivery is recorded, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_answers_503_and_acknowledges_nothing_it_did_not_commit() {
+    let stub = StubProvisioner::start().await;
+    let dir = scratch_dir("sqlite-full");
+    let Some(fs) = Tmpfs::mount(dir.join("small"), "2m") else {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (not root?)");
+        return;
+    };
+    let url = format!("sqlite://{}", fs.0.join("billing.db").display());
+    let server = Server::start_with(&dir, &stub, &[("DATABASE_URL", &url)]).await;
+    let events = life_events(&life("sub_sqlite_full", false));
+    assert_eq!(server.post(&events[0]).await, 200);
+
+    let filler = fs.0.join("filler");
+    let mut file = std::fs::File::create(&filler).unwrap();
+    while std::io::Write::write_all(&mut file, &[0_u8; 4096]).is_ok() {}
+    drop(file);
+    let padding = format!("\"livemode\":false,\"padding\":\"{}\"", "x".repeat(300_000));
+    let big = SentEvent { id: events[1].id.clone(), body: events[1].body.replacen("\"livemode\":false", &padding, 1) };
+    assert_eq!(server.post(&big).await, 503, "the disk is full");
+    std::fs::remove_file(&filler).unwrap();
+    assert_eq!(server.post(&big).await, 200, "room again: Stripe's retry is accepted");
+    server.kill();
+    let store = SqliteStore::open(fs.0.join("billing.db"), SqliteOptions::default().with_create(false)).unwrap();
+    let stored = store.load_event(&big.id).await.unwrap().expect("recorded");
+    assert_eq!((stored.deliveries, stored.payload.len()), (1, big.body.len()), "the 503 stored nothing");
+    drop(store);
+    drop(fs);
+    let _ = std::fs::remove_dir_all(&dir);
+}
