@@ -19,7 +19,7 @@
 //! - Reads go through their own connections (WAL readers never wait on the writer).
 //! - A busy timeout covers other processes (a `backup`, a read command) holding the file briefly.
 //! - Errors that a retry can cure (busy/locked, disk full, I/O error, read-only file, cannot open)
-//!   map to [`StoreError::Unavailable`](mindroom_billing_core::StoreError::Unavailable): the webhook
+//!   map to [`StoreError::Unavailable`]: the webhook
 //!   answers 503, Stripe retries, and nothing is acknowledged that was not committed.
 //!
 //! # Schema
