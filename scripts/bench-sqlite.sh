@@ -29,12 +29,12 @@ bin="$root/target/release/mindroom-billing"
 serve() { # serve <label> [DATABASE_URL]
     local dir="$work/$1"
     mkdir -p "$dir"
-    (cd "$dir" && env PORT="$port" RUST_LOG=warn ${2:+DATABASE_URL="$2"} "$bin" serve --host 127.0.0.1 >"$dir/log" 2>&1) &
+    (cd "$dir" && exec env PORT="$port" RUST_LOG=warn ${2:+DATABASE_URL="$2"} "$bin" serve --host 127.0.0.1 >"$dir/log" 2>&1) &
     server=$!
     for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$port/health" >/dev/null 2>&1 && return; sleep 0.1; done
     cat "$dir/log"; exit 1
 }
-stop() { kill "$server"; wait "$server" 2>/dev/null || true; server=""; }
+stop() { kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; server=""; }
 load() { # load <label> <senders>
     echo "== $1, $2 sender(s)"
     URL="http://127.0.0.1:$port/webhooks/stripe" THREADS=1 CONNECTIONS="$2" SERVER_PID="$server" \
