@@ -4,7 +4,7 @@
 //! each other. Everything is copied as it is: events with their raw payloads, statuses and
 //! delivery counts, aggregates with their versions, jobs with their ids, states and attempts.
 
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::model::{Account, InstanceRecord, StoredEvent, SubscriptionState, SyncCursor, UsageKey};
@@ -40,17 +40,17 @@ pub struct UsageRecord {
     pub count: u64,
 }
 
-/// An allowed usage call remembered by its idempotency key.
+/// An allowed usage call remembered by its idempotency key (per account, metric and key).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UsageRequestRecord {
+pub struct UsageKeyRecord {
     /// Account.
     pub account_id: Uuid,
-    /// UTC day.
-    pub day: NaiveDate,
-    /// The idempotency key.
-    pub key: String,
     /// The metric it counted.
     pub metric: Metric,
+    /// The idempotency key.
+    pub key: String,
+    /// When the first call was made (the key is remembered from then).
+    pub requested_at: DateTime<Utc>,
     /// What it counted.
     pub count: u64,
     /// The counter after it (its answer).
@@ -69,7 +69,7 @@ pub struct StateRecords {
     /// Usage counters.
     pub usage: Vec<UsageRecord>,
     /// Remembered usage calls.
-    pub usage_requests: Vec<UsageRequestRecord>,
+    pub usage_keys: Vec<UsageKeyRecord>,
     /// Named cursors (singleton leases are not moved: they expire).
     pub cursors: Vec<(String, SyncCursor)>,
     /// Operator actions, oldest first.
@@ -94,7 +94,7 @@ pub struct TransferCounts {
     /// Usage counters.
     pub usage: u64,
     /// Remembered usage calls.
-    pub usage_requests: u64,
+    pub usage_keys: u64,
     /// Cursors.
     pub cursors: u64,
     /// Audit rows.
@@ -113,7 +113,7 @@ impl TransferCounts {
             ("instances", self.instances),
             ("jobs", self.jobs),
             ("usage counters", self.usage),
-            ("usage requests", self.usage_requests),
+            ("usage keys", self.usage_keys),
             ("cursors", self.cursors),
             ("audit rows", self.audit),
             ("drift rows", self.drift),

@@ -50,6 +50,7 @@ create table accounts (
     reference text
 ) without rowid;
 create index accounts_email_idx on accounts (email_lower) where email_lower is not null;
+create index accounts_reference_idx on accounts (reference) where reference is not null;
 
 -- The instance record as the reconcile jobs last wrote it.
 create table instances (
@@ -82,6 +83,7 @@ create index jobs_state_created_idx on jobs (state, created_at);
 create index jobs_created_idx on jobs (created_at);
 create index jobs_about_idx on jobs (about) where about is not null;
 create index jobs_grp_all_idx on jobs (grp) where grp is not null;
+create index jobs_done_idx on jobs (updated_at) where state = 'done';
 
 -- Usage counters per account, metric and UTC day (`day` as YYYY-MM-DD).
 create table usage (
@@ -92,16 +94,18 @@ create table usage (
     primary key (account_id, metric, day)
 ) without rowid;
 
--- Allowed usage calls with an idempotency key: what they counted, and their answer.
-create table usage_requests (
+-- Allowed usage calls with an idempotency key, per account, metric and key: when the first was made
+-- (remembered for 48 hours from then), what it counted, and its answer.
+create table usage_keys (
     account_id text not null,
-    day text not null,
-    key text not null,
     metric text not null,
+    key text not null,
+    requested_at integer not null,
     count integer not null,
     used integer not null,
-    primary key (account_id, day, key)
+    primary key (account_id, metric, key)
 ) without rowid;
+create index usage_keys_account_requested_idx on usage_keys (account_id, requested_at);
 
 -- Named cursors (Stripe catch-up) and singleton leases.
 create table cursors (

@@ -9,8 +9,8 @@ use mindroom_billing_core::ports::{EventFilter, JobFilter};
 use mindroom_billing_core::{
     Account, ChangeListener, Claim, Commit, CommitResult, EventSource, EventStatus, Expected, InstanceRecord, Job,
     JobCounts, JobFinish, JobResolution, Limit, NewEvent, NewJob, Outcome, PruneReport, PruneRequest, Recorded,
-    RecordedCommit, Store, StoreError, StoredEvent, SubscriptionState, SyncCursor, UsageKey, UsageResult,
-    account_id_for_customer,
+    RecordedCommit, Store, StoreError, StoredEvent, SubscriptionState, SyncCursor, USAGE_KEY_HOURS, UsageKey,
+    UsageRequestKey, UsageResult, account_id_for_customer,
 };
 use rusqlite::{OptionalExtension, Transaction, params};
 use uuid::Uuid;
@@ -221,14 +221,17 @@ fn prune_in(tx: &Transaction<'_>, request: &PruneRequest) -> Result<PruneReport,
     let events_before = micros(request.events_before);
     let payloads_before = micros(request.payloads_before);
     let jobs_before = micros(request.jobs_before);
+    let email_jobs_before = micros(request.email_jobs_before);
     let old_events = format!("from events where {DONE} and received_at < ?1");
     let old_payloads = format!("from events where {DONE} and received_at < ?1 and received_at >= ?2 and payload <> ''");
-    let old_jobs = "from jobs where state = 'done' and created_at < ?1 and updated_at < ?1";
+    // Done e-mail jobs keep their keys until `email_jobs_before` too (a fact told again is not mailed twice).
+    let old_jobs = "from jobs where state = 'done' and created_at < ?1 and updated_at < ?1 \
+                    and (json_extract(kind, '$.kind') is not 'email' or (created_at < ?2 and updated_at < ?2))";
     if request.dry_run {
         return Ok(PruneReport {
             events: count(tx, &format!("select count(*) {old_events}"), [events_before])?,
             payloads: count(tx, &format!("select count(*) {old_payloads}"), [payloads_before, events_before])?,
-            jobs: count(tx, &format!("select count(*) {old_jobs}"), [jobs_before])?,
+            jobs: count(tx, &format!("select count(*) {old_jobs}"), [jobs_before, email_jobs_before])?,
         });
     }
     let limit = i64::from(request.limit);
@@ -245,7 +248,10 @@ fn prune_in(tx: &Transaction<'_>, request: &PruneRequest) -> Result<PruneReport,
         )
         .map_err(sql)?;
     let jobs = tx
-        .execute(&format!("delete from jobs where id in (select id {old_jobs} limit ?2)"), params![jobs_before, limit])
+        .execute(
+            &format!("delete from jobs where id in (select id {old_jobs} limit ?3)"),
+            params![jobs_before, email_jobs_before, limit],
+        )
         .map_err(sql)?;
     let n = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
     Ok(PruneReport { events: n(events), payloads: n(payloads), jobs: n(jobs) })
@@ -405,6 +411,19 @@ impl Store for SqliteStore {
                 .prepare_cached(&format!("select {ACCOUNT_COLUMNS} from accounts where stripe_customer_id = ?1"))
                 .map_err(sql)?;
             Ok(collect(&mut stmt, [customer], account)?.pop())
+        })
+        .await
+    }
+
+    async fn accounts_by_reference(&self, reference: &str, limit: u32) -> Result<Vec<Account>, StoreError> {
+        let reference = reference.to_owned();
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "select {ACCOUNT_COLUMNS} from accounts where reference = ?1 order by stripe_customer_id limit ?2"
+                ))
+                .map_err(sql)?;
+            collect(&mut stmt, params![reference, limit], account)
         })
         .await
     }
@@ -579,17 +598,23 @@ impl Store for SqliteStore {
         key: UsageKey,
         count: u64,
         limit: Limit,
-        idempotency_key: Option<&str>,
+        idempotency: Option<UsageRequestKey<'_>>,
     ) -> Result<UsageResult, StoreError> {
-        let idempotency_key = idempotency_key.map(str::to_owned);
+        let request = idempotency.map(|r| (r.key.to_owned(), micros(r.at)));
+        let remembered = chrono::Duration::hours(USAGE_KEY_HOURS).num_microseconds().unwrap_or(i64::MAX);
         let (account, metric, day) = (key.account_id.to_string(), key.metric.as_str(), key.day.to_string());
         self.write(move |tx| {
-            if let Some(request) = &idempotency_key {
+            if let Some((request, at)) = &request {
+                // The account's expired keys go on the way; a live one answers what it answered.
+                tx.prepare_cached("delete from usage_keys where account_id = ?1 and requested_at <= ?2")
+                    .map_err(sql)?
+                    .execute(params![account, at.saturating_sub(remembered)])
+                    .map_err(sql)?;
                 let mut stmt = tx
-                    .prepare_cached("select used from usage_requests where account_id = ?1 and day = ?2 and key = ?3")
+                    .prepare_cached("select used from usage_keys where account_id = ?1 and metric = ?2 and key = ?3")
                     .map_err(sql)?;
                 let done: Option<i64> =
-                    stmt.query_row(params![account, day, request], |r| r.get(0)).optional().map_err(sql)?;
+                    stmt.query_row(params![account, metric, request], |r| r.get(0)).optional().map_err(sql)?;
                 if let Some(used) = done {
                     return Ok(UsageResult { allowed: true, used: to_u64(used) });
                 }
@@ -610,13 +635,13 @@ impl Store for SqliteStore {
             .map_err(sql)?
             .execute(params![account, metric, day, to_i64(next)])
             .map_err(sql)?;
-            if let Some(request) = &idempotency_key {
+            if let Some((request, at)) = &request {
                 tx.prepare_cached(
-                    "insert into usage_requests (account_id, day, key, metric, count, used) \
+                    "insert into usage_keys (account_id, metric, key, requested_at, count, used) \
                      values (?1, ?2, ?3, ?4, ?5, ?6)",
                 )
                 .map_err(sql)?
-                .execute(params![account, day, request, metric, to_i64(count), to_i64(next)])
+                .execute(params![account, metric, request, at, to_i64(count), to_i64(next)])
                 .map_err(sql)?;
             }
             Ok(UsageResult { allowed: true, used: next })

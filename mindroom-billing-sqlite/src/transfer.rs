@@ -3,7 +3,7 @@
 
 use chrono::NaiveDate;
 use mindroom_billing_core::transfer::{
-    AccountRecord, EventRecord, StateRecords, TransferCounts, UsageRecord, UsageRequestRecord,
+    AccountRecord, EventRecord, StateRecords, TransferCounts, UsageKeyRecord, UsageRecord,
 };
 use mindroom_billing_core::{Job, Metric, StoreError, SyncCursor, UsageKey};
 use rusqlite::{Connection, params};
@@ -93,17 +93,20 @@ impl SqliteStore {
                 };
                 Ok(UsageRecord { key, count: to_u64(r.get(3).map_err(sql)?) })
             })?;
-            let usage_requests =
-                collect(&mut all("select account_id, day, key, metric, count, used from usage_requests")?, [], |r| {
-                    Ok(UsageRequestRecord {
+            let usage_keys = collect(
+                &mut all("select account_id, metric, key, requested_at, count, used from usage_keys")?,
+                [],
+                |r| {
+                    Ok(UsageKeyRecord {
                         account_id: uuid(&r.get::<_, String>(0).map_err(sql)?)?,
-                        day: day(&r.get::<_, String>(1).map_err(sql)?)?,
+                        metric: metric(&r.get::<_, String>(1).map_err(sql)?)?,
                         key: r.get(2).map_err(sql)?,
-                        metric: metric(&r.get::<_, String>(3).map_err(sql)?)?,
+                        requested_at: instant(r.get(3).map_err(sql)?)?,
                         count: to_u64(r.get(4).map_err(sql)?),
                         used: to_u64(r.get(5).map_err(sql)?),
                     })
-                })?;
+                },
+            )?;
             let cursors = collect(&mut all("select name, created, saved_at from cursors order by name")?, [], |r| {
                 let cursor = SyncCursor {
                     created: instant(r.get(1).map_err(sql)?)?,
@@ -113,7 +116,7 @@ impl SqliteStore {
             })?;
             let audit = collect(&mut all(&format!("select {AUDIT_COLUMNS} from audit order by id"))?, [], rows::audit)?;
             let drift = collect(&mut all(&format!("select {DRIFT_COLUMNS} from drift"))?, [], rows::drift)?;
-            Ok(StateRecords { subscriptions, accounts, instances, usage, usage_requests, cursors, audit, drift })
+            Ok(StateRecords { subscriptions, accounts, instances, usage, usage_keys, cursors, audit, drift })
         })
         .await
     }
@@ -128,7 +131,7 @@ impl SqliteStore {
                 instances: count(conn, "instances")?,
                 jobs: count(conn, "jobs")?,
                 usage: count(conn, "usage")?,
-                usage_requests: count(conn, "usage_requests")?,
+                usage_keys: count(conn, "usage_keys")?,
                 cursors: count(conn, "cursors")?,
                 audit: count(conn, "audit")?,
                 drift: count(conn, "drift")?,

@@ -61,6 +61,8 @@ store_checks!(
     record_and_commit_is_one_atomic_step,
     leases_renew_and_skipped_jobs_keep_their_reason,
     retention_prunes_only_old_done_history,
+    retention_keeps_email_keys_for_stripes_retry_horizon,
+    accounts_are_found_by_reference,
 );
 
 operator_checks!(

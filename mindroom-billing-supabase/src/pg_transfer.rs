@@ -206,20 +206,20 @@ impl PgStore {
             usage,
         )
         .await?;
-        let requests = state
-            .usage_requests
+        let keys = state
+            .usage_keys
             .iter()
             .map(|u| {
-                json!({"account_id": u.account_id, "day": u.day, "key": u.key, "metric": u.metric.as_str(),
-                       "count": u.count, "used": u.used})
+                json!({"account_id": u.account_id, "metric": u.metric.as_str(), "key": u.key,
+                       "requested_at": u.requested_at, "count": u.count, "used": u.used})
             })
             .collect();
         self.insert_rows(
-            "insert into public.billing_usage_requests (account_id, day, key, metric, count, used) \
-             select r.account_id, r.day, r.key, r.metric, r.count, r.used \
-             from jsonb_to_recordset($ROWS) as r(account_id uuid, day date, key text, metric text, count bigint, \
-             used bigint)",
-            requests,
+            "insert into public.billing_usage_keys (account_id, metric, key, requested_at, count, used) \
+             select r.account_id, r.metric, r.key, r.requested_at, r.count, r.used \
+             from jsonb_to_recordset($ROWS) as r(account_id uuid, metric text, key text, requested_at timestamptz, \
+             count bigint, used bigint)",
+            keys,
         )
         .await?;
         let cursors = state
@@ -261,7 +261,7 @@ impl PgStore {
              (select count(*) from public.billing_subscription_state), \
              (select count(*) from public.accounts where stripe_customer_id is not null), \
              (select count(*) from public.billing_instances), (select count(*) from public.billing_jobs), \
-             (select count(*) from public.billing_usage), (select count(*) from public.billing_usage_requests), \
+             (select count(*) from public.billing_usage), (select count(*) from public.billing_usage_keys), \
              (select count(*) from public.billing_sync_state where cursor_created is not null), \
              (select count(*) from public.billing_audit), (select count(*) from public.billing_drift)",
         )
@@ -279,7 +279,7 @@ impl PgStore {
             instances: n(3)?,
             jobs: n(4)?,
             usage: n(5)?,
-            usage_requests: n(6)?,
+            usage_keys: n(6)?,
             cursors: n(7)?,
             audit: n(8)?,
             drift: n(9)?,
