@@ -372,7 +372,7 @@ fn read_password_hash() -> Result<String> {
 
 /// The `console` operator commands, on the server's store.
 async fn operators(config: &Config, command: ConsoleCommand) -> Result<()> {
-    let ops = wiring::build_store(config, false).await?.ops;
+    let ops = wiring::build_store(config, false, true).await?.ops;
     let now = chrono::Utc::now();
     let valid_name = |name: &str| {
         let ok = !name.is_empty()

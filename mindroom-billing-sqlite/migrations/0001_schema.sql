@@ -47,7 +47,8 @@ create table accounts (
     email text,
     email_lower text,
     email_observed_at integer,
-    reference text
+    reference text,
+    reference_lower text
 ) without rowid;
 create index accounts_email_idx on accounts (email_lower) where email_lower is not null;
 create index accounts_reference_idx on accounts (reference) where reference is not null;
@@ -139,3 +140,20 @@ create table drift (
     found_at integer not null
 );
 create index drift_subscription_idx on drift (subscription_id);
+
+-- Console operators and their sessions.
+create table operators (
+    name text primary key,
+    role text not null,
+    password_hash text not null,
+    created_at integer not null
+) without rowid;
+create table sessions (
+    id text primary key,
+    operator text not null,
+    role text not null,
+    created_at integer not null,
+    last_seen integer not null,
+    ended_at integer
+) without rowid;
+create index sessions_live_idx on sessions (operator) where ended_at is null;

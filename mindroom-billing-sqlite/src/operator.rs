@@ -2,12 +2,14 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use mindroom_billing_core::operator::{Operator, OperatorRole, OperatorSession, SessionCutoff};
 use mindroom_billing_core::{
     Account, AuditEntry, DriftRecord, InstanceRecord, Job, OperatorStore, StoreError, StoredEvent, SubscriptionState,
 };
 use rusqlite::params;
 
 use crate::SqliteStore;
+use crate::rows::instant;
 use crate::rows::{
     self, AUDIT_COLUMNS, DRIFT_COLUMNS, EVENT_COLUMNS, JOB_COLUMNS, SUBSCRIPTION_COLUMNS, collect, micros, sql,
 };
@@ -190,4 +192,199 @@ impl OperatorStore for SqliteStore {
         })
         .await
     }
+    async fn search_customers(&self, text: &str, limit: u32) -> Result<Vec<String>, StoreError> {
+        if text.is_empty() {
+            return Ok(vec![]);
+        }
+        let (text, needle) = (text.to_owned(), text.to_lowercase());
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "select stripe_customer_id from accounts \
+                     where instr(email_lower, ?1) > 0 or instr(reference_lower, ?1) > 0",
+                )
+                .map_err(sql)?;
+            let mut found: std::collections::BTreeSet<String> =
+                collect(&mut stmt, [&needle], |r| r.get(0).map_err(sql))?.into_iter().collect();
+            if text.starts_with("in_") {
+                let mut stmt = conn
+                    .prepare_cached(&format!(
+                        "select {SUBSCRIPTION_COLUMNS} from subscriptions where instr(state, ?1) > 0"
+                    ))
+                    .map_err(sql)?;
+                for s in collect(&mut stmt, [&text], rows::subscription)? {
+                    let names = s.failures.iter().any(|f| f.invoice_id.as_deref() == Some(text.as_str()))
+                        || s.paid_invoices.iter().any(|p| p.invoice_id == text);
+                    if names {
+                        found.insert(s.customer_id);
+                    }
+                }
+            }
+            Ok(found.into_iter().take(usize::try_from(limit).unwrap_or(usize::MAX)).collect())
+        })
+        .await
+    }
+
+    async fn load_job(&self, job_id: i64) -> Result<Option<Job>, StoreError> {
+        self.read(move |conn| {
+            let mut stmt =
+                conn.prepare_cached(&format!("select {JOB_COLUMNS} from jobs where id = ?1")).map_err(sql)?;
+            Ok(collect(&mut stmt, [job_id], rows::job)?.pop())
+        })
+        .await
+    }
+
+    async fn add_operator(&self, operator: &Operator) -> Result<bool, StoreError> {
+        let operator = operator.clone();
+        self.write(move |tx| {
+            let added = tx
+                .execute(
+                    "insert into operators (name, role, password_hash, created_at) values (?1, ?2, ?3, ?4) \
+                     on conflict (name) do nothing",
+                    params![operator.name, operator.role.as_str(), operator.password_hash, micros(operator.created_at)],
+                )
+                .map_err(sql)?;
+            Ok(added == 1)
+        })
+        .await
+    }
+
+    async fn load_operator(&self, name: &str) -> Result<Option<Operator>, StoreError> {
+        let name = name.to_owned();
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached("select name, role, password_hash, created_at from operators where name = ?1")
+                .map_err(sql)?;
+            Ok(collect(&mut stmt, [name], operator)?.pop())
+        })
+        .await
+    }
+
+    async fn list_operators(&self) -> Result<Vec<Operator>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn
+                .prepare_cached("select name, role, password_hash, created_at from operators order by name")
+                .map_err(sql)?;
+            collect(&mut stmt, [], operator)
+        })
+        .await
+    }
+
+    async fn set_operator_password(
+        &self,
+        name: &str,
+        password_hash: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let (name, hash, now) = (name.to_owned(), password_hash.to_owned(), micros(now));
+        self.write(move |tx| {
+            let changed = tx
+                .execute("update operators set password_hash = ?2 where name = ?1", params![name, hash])
+                .map_err(sql)?;
+            if changed == 1 {
+                end_sessions_of(tx, &name, now)?;
+            }
+            Ok(changed == 1)
+        })
+        .await
+    }
+
+    async fn remove_operator(&self, name: &str, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        let (name, now) = (name.to_owned(), micros(now));
+        self.write(move |tx| {
+            let removed = tx.execute("delete from operators where name = ?1", [&name]).map_err(sql)?;
+            if removed == 1 {
+                end_sessions_of(tx, &name, now)?;
+            }
+            Ok(removed == 1)
+        })
+        .await
+    }
+
+    async fn create_session(&self, session: &OperatorSession) -> Result<(), StoreError> {
+        let s = session.clone();
+        self.write(move |tx| {
+            tx.execute(
+                "insert into sessions (id, operator, role, created_at, last_seen, ended_at) \
+                 values (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    s.id,
+                    s.operator,
+                    s.role.as_str(),
+                    micros(s.created_at),
+                    micros(s.last_seen),
+                    s.ended_at.map(micros)
+                ],
+            )
+            .map_err(sql)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn touch_session(&self, id: &str, cutoff: &SessionCutoff) -> Result<Option<OperatorSession>, StoreError> {
+        let (id, cutoff) = (id.to_owned(), *cutoff);
+        self.write(move |tx| {
+            let mut stmt = tx
+                .prepare_cached(
+                    "select id, operator, role, created_at, last_seen, ended_at from sessions \
+                     where id = ?1 and ended_at is null",
+                )
+                .map_err(sql)?;
+            let Some(mut session) = collect(&mut stmt, [&id], session)?.pop() else { return Ok(None) };
+            if session.last_seen < cutoff.idle_since || session.created_at < cutoff.opened_since {
+                tx.execute("update sessions set ended_at = ?2 where id = ?1", params![id, micros(cutoff.now)])
+                    .map_err(sql)?;
+                return Ok(None);
+            }
+            session.last_seen = session.last_seen.max(cutoff.now);
+            tx.execute("update sessions set last_seen = ?2 where id = ?1", params![id, micros(session.last_seen)])
+                .map_err(sql)?;
+            Ok(Some(session))
+        })
+        .await
+    }
+
+    async fn end_session(&self, id: &str, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        let (id, now) = (id.to_owned(), micros(now));
+        self.write(move |tx| {
+            let ended = tx
+                .execute("update sessions set ended_at = ?2 where id = ?1 and ended_at is null", params![id, now])
+                .map_err(sql)?;
+            Ok(ended == 1)
+        })
+        .await
+    }
+}
+
+/// Ends the live sessions of operator `name` at `now`.
+fn end_sessions_of(tx: &rusqlite::Transaction<'_>, name: &str, now: i64) -> Result<(), StoreError> {
+    tx.execute("update sessions set ended_at = ?2 where operator = ?1 and ended_at is null", params![name, now])
+        .map_err(sql)?;
+    Ok(())
+}
+
+fn role(text: &str) -> Result<OperatorRole, StoreError> {
+    OperatorRole::parse(text).ok_or_else(|| crate::undecodable(text))
+}
+
+fn operator(r: &rusqlite::Row<'_>) -> Result<Operator, StoreError> {
+    Ok(Operator {
+        name: r.get(0).map_err(sql)?,
+        role: role(&r.get::<_, String>(1).map_err(sql)?)?,
+        password_hash: r.get(2).map_err(sql)?,
+        created_at: instant(r.get(3).map_err(sql)?)?,
+    })
+}
+
+fn session(r: &rusqlite::Row<'_>) -> Result<OperatorSession, StoreError> {
+    let ended: Option<i64> = r.get(5).map_err(sql)?;
+    Ok(OperatorSession {
+        id: r.get(0).map_err(sql)?,
+        operator: r.get(1).map_err(sql)?,
+        role: role(&r.get::<_, String>(2).map_err(sql)?)?,
+        created_at: instant(r.get(3).map_err(sql)?)?,
+        last_seen: instant(r.get(4).map_err(sql)?)?,
+        ended_at: ended.map(instant).transpose()?,
+    })
 }

@@ -190,9 +190,12 @@ fn commit_in(tx: &Transaction<'_>, commit: &Commit) -> Result<(CommitResult, Vec
                 .map_err(sql)?;
         }
         if let Some(reference) = &patch.reference {
-            let mut stmt =
-                tx.prepare_cached("update accounts set reference = ?2 where stripe_customer_id = ?1").map_err(sql)?;
-            stmt.execute(params![patch.stripe_customer_id, reference]).map_err(sql)?;
+            let mut stmt = tx
+                .prepare_cached(
+                    "update accounts set reference = ?2, reference_lower = ?3 where stripe_customer_id = ?1",
+                )
+                .map_err(sql)?;
+            stmt.execute(params![patch.stripe_customer_id, reference, reference.to_lowercase()]).map_err(sql)?;
         }
     }
     enqueue_in(tx, &commit.jobs, commit.now)?;

@@ -74,6 +74,9 @@ operator_checks!(
     retry_is_fenced_on_dead,
     audit_rows_by_customer,
     drift_is_replaced_per_checked_subscription,
+    operators_are_named_and_unique,
+    searches_by_part_of_an_email_a_reference_or_an_invoice,
+    sessions_end_by_logout_password_removal_and_time,
 );
 
 /// The whole suites in one run too, as the other stores run them (a check added to `run_all` and
