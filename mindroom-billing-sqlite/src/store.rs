@@ -500,6 +500,26 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn record_instance_intent(
+        &self,
+        job_id: i64,
+        attempt: u32,
+        instance: &InstanceRecord,
+    ) -> Result<bool, StoreError> {
+        let instance = instance.clone();
+        self.write(move |tx| {
+            let mut stmt = tx
+                .prepare_cached("select 1 from jobs where id = ?1 and state = 'running' and attempts = ?2")
+                .map_err(sql)?;
+            if stmt.query_row(params![job_id, attempt], |_| Ok(())).optional().map_err(sql)?.is_none() {
+                return Ok(false);
+            }
+            put_instance(tx, &instance)?;
+            Ok(true)
+        })
+        .await
+    }
+
     async fn extend_lease(&self, job_id: i64, attempt: u32, locked_until: DateTime<Utc>) -> Result<bool, StoreError> {
         let until = micros(locked_until);
         self.write(move |tx| {

@@ -53,6 +53,7 @@ store_checks!(
     jobs_dedup_order_and_lease,
     concurrent_claimers_run_each_job_once,
     finish_job_records_instance_and_dead,
+    instance_intent_is_fenced_by_the_lease,
     usage_is_atomic_and_limited,
     usage_idempotency_key_counts_once,
     grace_and_unapplied_queries,
