@@ -1,6 +1,7 @@
 //! Configuration from environment variables (DESIGN §4), validated with messages naming the variable.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mindroom_billing_core::signature::DEFAULT_TOLERANCE_SECS;
@@ -55,8 +56,12 @@ pub(crate) struct Config {
     pub(crate) api_key: Option<SecretString>,
     /// `LOG_FORMAT`.
     pub(crate) log_format: LogFormat,
-    /// `DATABASE_URL`.
+    /// `DATABASE_URL` when it names PostgreSQL (`postgres://…`).
     pub(crate) database_url: Option<SecretString>,
+    /// `DATABASE_URL` when it names a SQLite file (`sqlite://path`).
+    pub(crate) sqlite_path: Option<PathBuf>,
+    /// `DATABASE_URL=memory:`: the in-memory store (tests and demos).
+    pub(crate) memory_store: bool,
     /// `SUPABASE_URL`.
     pub(crate) supabase_url: Option<String>,
     /// `SUPABASE_SERVICE_KEY`.
@@ -330,6 +335,8 @@ impl fmt::Debug for Config {
             .field("api_key", &set(&self.api_key))
             .field("log_format", &self.log_format)
             .field("database_url", &set(&self.database_url))
+            .field("sqlite_path", &self.sqlite_path)
+            .field("memory_store", &self.memory_store)
             .field("supabase_url", &self.supabase_url)
             .field("supabase_service_key", &set(&self.supabase_service_key))
             .field("provisioner_url", &self.provisioner_url)
@@ -468,17 +475,7 @@ impl Config {
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&log_filter) {
             return Err(ConfigError { var: "RUST_LOG", message: format!("invalid filter {log_filter:?}: {e}") });
         }
-        let database_url = secret("DATABASE_URL")?;
-        if let Some(url) = &database_url {
-            let url = url.expose_secret();
-            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-                let scheme = url.split_once("://").map_or("no scheme", |(scheme, _)| scheme);
-                return Err(ConfigError {
-                    var: "DATABASE_URL",
-                    message: format!("expected a PostgreSQL URL (postgres://… or postgresql://…), got {scheme}"),
-                });
-            }
-        }
+        let (database_url, sqlite_path, memory_store) = database_from_env()?;
         let port = parse("PORT", 3005_u16, "a TCP port")?;
         let config = Self {
             port,
@@ -491,6 +488,8 @@ impl Config {
             api_key: secret("BILLING_API_KEY")?,
             log_format,
             database_url,
+            sqlite_path,
+            memory_store,
             supabase_url: url("SUPABASE_URL")?,
             supabase_service_key: secret("SUPABASE_SERVICE_KEY")?,
             provisioner_url: url("DOKKU_PROVISIONER_URL")?,
@@ -559,6 +558,8 @@ impl Config {
     /// forged event can reach nothing real.
     pub(crate) fn embedded(&self) -> bool {
         self.database_url.is_none()
+            && self.sqlite_path.is_none()
+            && !self.memory_store
             && self.supabase_url.is_none()
             && self.provisioner_url.is_none()
             && self.resend_api_key.is_none()
@@ -577,18 +578,96 @@ impl Config {
         })
     }
 
-    /// What the operator commands (`events`, `jobs`) need: the server's database. Without one they
-    /// would open an empty in-memory store of their own, which shows nothing of a running server.
-    pub(crate) fn require_database(&self, command: &str) -> Result<(), ConfigError> {
-        if self.database_url.is_some() || self.supabase_url.is_some() {
-            return Ok(());
+    /// Where the store is: `DATABASE_URL` (PostgreSQL, a SQLite file or memory), else `SUPABASE_URL`,
+    /// else the default SQLite file ([`DEFAULT_SQLITE_PATH`]).
+    pub(crate) fn store_target(&self) -> StoreTarget<'_> {
+        if let Some(url) = &self.database_url {
+            return StoreTarget::Postgres(url);
         }
-        Err(ConfigError {
-            var: "DATABASE_URL",
-            message: format!(
-                "`{command}` reads the server's database: set DATABASE_URL (or SUPABASE_URL) as the server has it \
-                 (an in-memory server keeps its events and jobs to itself)"
-            ),
-        })
+        if let Some(path) = &self.sqlite_path {
+            return StoreTarget::Sqlite { path, default: false };
+        }
+        if self.memory_store {
+            return StoreTarget::Memory;
+        }
+        if let (Some(url), Some(key)) = (&self.supabase_url, &self.supabase_service_key) {
+            return StoreTarget::Supabase { url, key };
+        }
+        StoreTarget::Sqlite { path: Path::new(DEFAULT_SQLITE_PATH), default: true }
     }
+
+    /// What the operator commands (`events`, `jobs`, `stripe`) need: the server's database, as it
+    /// is. They never create a SQLite file (an empty one shows nothing of a server), and an
+    /// in-memory server keeps its state to itself.
+    pub(crate) fn require_database(&self, command: &str) -> Result<(), ConfigError> {
+        let err = |message: String| Err(ConfigError { var: "DATABASE_URL", message });
+        match self.store_target() {
+            StoreTarget::Postgres(_) | StoreTarget::Supabase { .. } => Ok(()),
+            StoreTarget::Sqlite { path, .. } if path.exists() => Ok(()),
+            StoreTarget::Sqlite { path, .. } => err(format!(
+                "`{command}` reads the server's database: no SQLite file at {} (run it where the server runs, or \
+                 set DATABASE_URL as the server has it)",
+                path.display()
+            )),
+            StoreTarget::Memory => err(format!(
+                "`{command}` reads the server's database: an in-memory server (DATABASE_URL=memory:) keeps its \
+                 events and jobs to itself"
+            )),
+        }
+    }
+}
+
+/// The SQLite file `serve` uses when no store is configured (relative to the working directory).
+pub(crate) const DEFAULT_SQLITE_PATH: &str = "./data/mindroom-billing.db";
+
+/// Where the store is (see [`Config::store_target`]).
+pub(crate) enum StoreTarget<'a> {
+    /// `DATABASE_URL=postgres://…`.
+    Postgres(&'a SecretString),
+    /// `DATABASE_URL=sqlite://path`, or the default file (`default`).
+    Sqlite {
+        /// The file.
+        path: &'a Path,
+        /// Whether nothing chose it.
+        default: bool,
+    },
+    /// `DATABASE_URL=memory:`.
+    Memory,
+    /// `SUPABASE_URL` with its service key.
+    Supabase {
+        /// The project URL.
+        url: &'a str,
+        /// The service key.
+        key: &'a SecretString,
+    },
+}
+
+/// `DATABASE_URL`: `postgres://…` (or `postgresql://…`), `sqlite://path` or `memory:`.
+#[allow(clippy::type_complexity)]
+fn database_from_env() -> Result<(Option<SecretString>, Option<PathBuf>, bool), ConfigError> {
+    let Some(url) = secret("DATABASE_URL")? else { return Ok((None, None, false)) };
+    let value = url.expose_secret();
+    if value.starts_with("postgres://") || value.starts_with("postgresql://") {
+        return Ok((Some(url), None, false));
+    }
+    if let Some(path) = value.strip_prefix("sqlite://") {
+        if path.is_empty() {
+            return Err(ConfigError {
+                var: "DATABASE_URL",
+                message: "sqlite:// names no file (e.g. sqlite://./data/mindroom-billing.db)".into(),
+            });
+        }
+        return Ok((None, Some(PathBuf::from(path)), false));
+    }
+    if value == "memory:" || value == "memory://" {
+        return Ok((None, None, true));
+    }
+    let scheme = value.split_once("://").map_or("no scheme", |(scheme, _)| scheme);
+    Err(ConfigError {
+        var: "DATABASE_URL",
+        message: format!(
+            "expected a PostgreSQL URL (postgres://… or postgresql://…), a SQLite file (sqlite://path) or memory:, \
+             got {scheme}"
+        ),
+    })
 }

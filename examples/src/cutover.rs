@@ -49,7 +49,7 @@ async fn read_and_compare(config: &Config, node_url: &str) -> Result<Report> {
     let node = NodeDatabase::connect(node_url).await.context("cannot connect").context(NODE)?;
     let node_rows = node.subscriptions().await.context("reading accounts, subscriptions, instances").context(NODE)?;
     node.close().await;
-    let ops = wiring::build_store(config, false).await.context(BILLING)?.ops;
+    let ops = wiring::build_store(config, false, false).await.context(BILLING)?.ops;
     let mut billing: Vec<SubscriptionState> = Vec::new();
     loop {
         let after = billing.last().map(|s| s.subscription_id.clone());

@@ -103,14 +103,27 @@ enum Command {
         #[arg(long)]
         new_id: bool,
     },
-    /// Apply the SQL migrations to `DATABASE_URL` (idempotent).
+    /// Apply the migrations to the store (`DATABASE_URL`; idempotent). A SQLite file is created.
     Migrate,
-    /// Inspect and replay stored events (in the server's database: `DATABASE_URL` or `SUPABASE_URL`).
+    /// Write a consistent copy of the SQLite store to a new file, also while `serve` runs (for
+    /// PostgreSQL use its own tools, e.g. `pg_dump`).
+    Backup {
+        /// The copy (must not exist).
+        file: PathBuf,
+    },
+    /// Move the store: `store copy --to postgres://…` copies everything in the SQLite file into an
+    /// empty PostgreSQL database (migrated first) and checks the counts.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
+    /// Inspect and replay stored events (in the server's database: the SQLite file, `DATABASE_URL` or
+    /// `SUPABASE_URL`).
     Events {
         #[command(subcommand)]
         command: EventsCommand,
     },
-    /// Inspect jobs (in the server's database: `DATABASE_URL` or `SUPABASE_URL`).
+    /// Inspect jobs (in the server's database: the SQLite file, `DATABASE_URL` or `SUPABASE_URL`).
     Jobs {
         #[command(subcommand)]
         command: JobsCommand,
@@ -148,6 +161,17 @@ enum CutoverCommand {
         /// Print one JSON document (rows and counts) instead of the table.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// Copy everything (events with their raw payloads, aggregates, accounts, instances, jobs,
+    /// usage, cursors, audit, drift) into PostgreSQL; `serve` must be stopped meanwhile.
+    Copy {
+        /// The PostgreSQL database (empty; its migrations are applied first).
+        #[arg(long)]
+        to: String,
     },
 }
 
@@ -348,7 +372,7 @@ fn read_password_hash() -> Result<String> {
 
 /// The `console` operator commands, on the server's store.
 async fn operators(config: &Config, command: ConsoleCommand) -> Result<()> {
-    let ops = wiring::build_store(config, false).await?.ops;
+    let ops = wiring::build_store(config, false, true).await?.ops;
     let now = chrono::Utc::now();
     let valid_name = |name: &str| {
         let ok = !name.is_empty()
@@ -472,16 +496,58 @@ async fn run(command: Command, config: Config) -> Result<()> {
             Ok(())
         }
         Command::Migrate => {
-            let report = wiring::migrate(&config).await?;
-            say!(
-                "migrations: {} applied, {} already present ({} ms)",
-                report.applied.len(),
-                report.skipped.len(),
-                report.elapsed.as_millis()
-            );
-            for version in &report.applied {
-                say!("  applied {version}");
+            match wiring::migrate(&config).await? {
+                wiring::Migrated::Postgres(report) => {
+                    say!(
+                        "migrations: {} applied, {} already present ({} ms)",
+                        report.applied.len(),
+                        report.skipped.len(),
+                        report.elapsed.as_millis()
+                    );
+                    for version in &report.applied {
+                        say!("  applied {version}");
+                    }
+                }
+                wiring::Migrated::Sqlite(path) => {
+                    say!("SQLite {}: schema version {}", path.display(), mindroom_billing_sqlite::SCHEMA_VERSION);
+                }
             }
+            Ok(())
+        }
+        Command::Backup { file } => {
+            let config::StoreTarget::Sqlite { path, .. } = config.store_target() else {
+                return Err(ConfigError {
+                    var: "DATABASE_URL",
+                    message: "`backup` copies a SQLite store (sqlite://…, or the default file); back PostgreSQL up \
+                              with pg_dump"
+                        .into(),
+                }
+                .into());
+            };
+            config.require_database("backup")?;
+            let store = wiring::open_sqlite(path, false).await?;
+            store
+                .backup(&file)
+                .await
+                .with_context(|| format!("backing up {} to {}", path.display(), file.display()))?;
+            let size = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+            say!("backed up {} to {} ({size} bytes)", path.display(), file.display());
+            Ok(())
+        }
+        Command::Store { command: StoreCommand::Copy { to } } => {
+            let (expected, copied) = wiring::copy_store(&config, &to).await?;
+            say!("{:<16} {:>10} {:>10}", "", "SQLITE", "POSTGRES");
+            let mut differ = Vec::new();
+            for ((kind, from), (_, into)) in expected.named().into_iter().zip(copied.named()) {
+                say!("{kind:<16} {from:>10} {into:>10}");
+                if from != into {
+                    differ.push(kind);
+                }
+            }
+            if !differ.is_empty() {
+                bail!("the copy differs in: {}", differ.join(", "));
+            }
+            say!("copied; point DATABASE_URL at the PostgreSQL database and start `serve` there");
             Ok(())
         }
         Command::Events { command } => {
@@ -718,6 +784,11 @@ fn load_event(event: &str, new_id: bool) -> Result<Vec<u8>> {
 
 async fn run_serve(config: Config, host: Option<IpAddr>, migrate: bool) -> Result<()> {
     config.require_serve()?;
+    // One server per SQLite file, for the life of this process (PostgreSQL is the store for several).
+    let _serve_lock = match config.store_target() {
+        config::StoreTarget::Sqlite { path, .. } => Some(mindroom_billing_sqlite::ServeLock::acquire(path)?),
+        _ => None,
+    };
     let loopback = IpAddr::from([127, 0, 0, 1]);
     let host = host.unwrap_or(if config.dev_secret { loopback } else { IpAddr::from([0, 0, 0, 0]) });
     if config.dev_secret {

@@ -135,6 +135,8 @@ fn the_development_secret_only_when_nothing_real_is_configured() {
     let dir = scratch_dir("dev-secret");
     let real: &[&[(&str, &str)]] = &[
         &[("DATABASE_URL", REFUSED_DB)],
+        &[("DATABASE_URL", "sqlite://./billing.db")],
+        &[("DATABASE_URL", "memory:")],
         &[("SUPABASE_URL", "http://127.0.0.1:1"), ("SUPABASE_SERVICE_KEY", "sb_secret_0123456789")],
         &[("DOKKU_PROVISIONER_URL", "http://127.0.0.1:1"), ("PROVISIONER_API_KEY", "0123456789abcdef")],
         &[("RESEND_API_KEY", "re_0123456789abcdef"), ("EMAIL_FROM", "MindRoom <billing@example.com>")],
@@ -173,8 +175,12 @@ fn events_and_jobs_without_a_database_say_they_need_the_servers() {
     for args in [&["events", "list"][..], &["jobs", "list"], &["events", "replay", "evt_1"]] {
         let out = assert_config_error(args, &[], &dir, "DATABASE_URL");
         assert!(out.contains("server's database"), "{out}");
+        assert!(out.contains("data/mindroom-billing.db"), "names the file it looked for: {out}");
         assert!(!out.contains("provisioner") && !out.contains("RESEND"), "serve's set-up lines: {out}");
+        let out = assert_config_error(args, &[("DATABASE_URL", "memory:")], &dir, "DATABASE_URL");
+        assert!(out.contains("in-memory server"), "{out}");
     }
+    assert!(!dir.join("data").exists(), "a read command creates no database");
 }
 
 // ---- 4: send ---------------------------------------------------------------------------------------------
@@ -265,7 +271,7 @@ async fn database_connection_errors_are_one_clear_line() {
 #[test]
 fn configuration_errors_share_one_exit_code_and_rust_log_is_validated() {
     let dir = scratch_dir("exit-codes");
-    assert_config_error(&["migrate"], &[], &dir, "DATABASE_URL");
+    assert_config_error(&["migrate"], &[("DATABASE_URL", "memory:")], &dir, "DATABASE_URL");
     assert_config_error(&["serve"], &[("PORT", "eighty")], &dir, "PORT");
     assert_config_error(&["serve"], &[("LOG_FORMAT", "xml")], &dir, "LOG_FORMAT");
     let out = assert_config_error(&["serve"], &[("RUST_LOG", "info,mindroom_billing_core=loud")], &dir, "RUST_LOG");

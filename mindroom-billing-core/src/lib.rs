@@ -11,6 +11,7 @@ pub mod retention;
 pub mod signature;
 pub mod stripe_api;
 pub mod tier;
+pub mod transfer;
 pub mod transition;
 
 pub use event::{Event, EventObject, EventType, ParseError, SubscriptionStatus, parse, parse_str};

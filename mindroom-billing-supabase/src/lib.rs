@@ -18,6 +18,8 @@ pub mod node;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod pg;
+#[cfg(feature = "postgres")]
+pub mod pg_transfer;
 #[cfg(feature = "postgrest")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgrest")))]
 pub mod postgrest;

@@ -93,7 +93,7 @@ pub struct MigrationReport {
 /// The [`Store`](mindroom_billing_core::Store) on PostgreSQL, called directly.
 #[derive(Clone)]
 pub struct PgStore {
-    pool: PgPool,
+    pub(crate) pool: PgPool,
     query_timeout: Option<Duration>,
 }
 

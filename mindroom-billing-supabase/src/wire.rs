@@ -87,7 +87,7 @@ fn jobs_json(jobs: &[NewJob]) -> Result<Value, StoreError> {
 /// The public `subscriptions` row other services read, derived from the aggregate at `now`: `tier`
 /// and `status` are what the customer subscribed to (Stripe's), `max_*` the effective limits (what
 /// the entitlements answer says) and `entitlement_status` why.
-fn subscription_public(state: &SubscriptionState, now: DateTime<Utc>) -> Value {
+pub(crate) fn subscription_public(state: &SubscriptionState, now: DateTime<Utc>) -> Value {
     let snapshot = state.snapshot.as_ref();
     let entitlement = state.entitlement(now);
     json!({
@@ -110,7 +110,7 @@ fn cpu_decimal(cpu_millis: u32) -> String {
 }
 
 /// The public `instances` row other services read, derived from the instance record.
-fn instance_public(record: &InstanceRecord) -> Value {
+pub(crate) fn instance_public(record: &InstanceRecord) -> Value {
     json!({
         "dokku_app_name": record.app_name,
         "subdomain": record.subdomain,

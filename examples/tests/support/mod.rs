@@ -600,18 +600,7 @@ impl Cluster {
     async fn deliver(&self, event: &SentEvent) -> u16 {
         let live = self.live();
         let i = live[rand::thread_rng().gen_range(0..live.len())];
-        let header = self.sign(event.body.as_bytes(), now_secs());
-        match self
-            .client
-            .post(self.url(i, "/webhooks/stripe"))
-            .header("Stripe-Signature", header)
-            .body(event.body.clone())
-            .send()
-            .await
-        {
-            Ok(r) => r.status().as_u16(),
-            Err(_) => 0,
-        }
+        post_event(&self.client, &self.url(i, "/webhooks/stripe"), event).await
     }
 
     /// Sends one body, signed now, to replica `i`; returns the status and the body of the answer.
@@ -666,29 +655,43 @@ impl Cluster {
 
     /// Waits until no job is pending or running and no event waits to be applied.
     pub async fn wait_for_quiet(&self, timeout: Duration) {
-        let store = self.store().await;
-        let deadline = Instant::now() + timeout;
-        let mut quiet_polls = 0;
-        loop {
-            let counts = store.job_counts().await.unwrap();
-            let unapplied = store
-                .list_events(&mindroom_billing_core::ports::EventFilter {
-                    status: Some(mindroom_billing_core::EventStatus::Received),
-                    limit: 1,
-                })
-                .await
-                .unwrap();
-            if counts.pending == 0 && counts.running == 0 && unapplied.is_empty() {
-                quiet_polls += 1;
-                if quiet_polls >= 3 {
-                    return;
-                }
-            } else {
-                quiet_polls = 0;
+        wait_quiet(&*self.store().await, timeout).await;
+    }
+}
+
+/// Sends one event to `url`, signed now with [`SECRET`]; the HTTP status (0 on connection error).
+pub async fn post_event(client: &reqwest::Client, url: &str, event: &SentEvent) -> u16 {
+    let header = sign(&WebhookSecret::new(SECRET), event.body.as_bytes(), now_secs());
+    match client.post(url).header("Stripe-Signature", header).body(event.body.clone()).send().await {
+        Ok(r) => r.status().as_u16(),
+        Err(_) => 0,
+    }
+}
+
+/// Waits until `store` has no pending or running job and no event waiting to be applied (three polls
+/// in a row).
+pub async fn wait_quiet(store: &dyn Store, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    let mut quiet_polls = 0;
+    loop {
+        let counts = store.job_counts().await.unwrap();
+        let unapplied = store
+            .list_events(&mindroom_billing_core::ports::EventFilter {
+                status: Some(mindroom_billing_core::EventStatus::Received),
+                limit: 1,
+            })
+            .await
+            .unwrap();
+        if counts.pending == 0 && counts.running == 0 && unapplied.is_empty() {
+            quiet_polls += 1;
+            if quiet_polls >= 3 {
+                return;
             }
-            assert!(Instant::now() < deadline, "not quiet after {timeout:?}: {counts:?}");
-            tokio::time::sleep(Duration::from_millis(300)).await;
+        } else {
+            quiet_polls = 0;
         }
+        assert!(Instant::now() < deadline, "not quiet after {timeout:?}: {counts:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
 
