@@ -509,7 +509,7 @@ impl Cluster {
                 .env_clear()
                 .env("PATH", std::env::var("PATH").unwrap_or_default())
                 .env("PORT", port.to_string())
-                .envs((!options.memory_store).then_some(("DATABASE_URL", &self.replica_db_url)))
+                .env("DATABASE_URL", if options.memory_store { "memory:" } else { self.replica_db_url.as_str() })
                 .env("STRIPE_WEBHOOK_SECRET", SECRET)
                 .env("STRIPE_PRICE_STARTER", &options.prices[0])
                 .env("STRIPE_PRICE_PRO", &options.prices[1])
