@@ -14,8 +14,10 @@
 //! # Durability and concurrency
 //! - WAL journal; `synchronous=FULL` by default, so a call that answered is on disk when it returns
 //!   (`NORMAL` is an option: a power loss may then lose the last commits, never corrupt the file).
-//! - One writer connection behind a mutex: every write is one `BEGIN IMMEDIATE` transaction, so the
-//!   compare-and-swaps, leases and idempotency checks are serialized by SQLite itself.
+//! - One writer connection behind a mutex: writes run one after another in `BEGIN IMMEDIATE`
+//!   transactions, so the compare-and-swaps, leases and idempotency checks are serialized by SQLite
+//!   itself. Writes that queue while a commit syncs to disk share the next transaction, each in its
+//!   own savepoint (group commit): one `fsync` for all of them, and each answered after it.
 //! - Reads go through their own connections (WAL readers never wait on the writer).
 //! - A busy timeout covers other processes (a `backup`, a read command) holding the file briefly.
 //! - Errors that a retry can cure (busy/locked, disk full, I/O error, read-only file, cannot open)
@@ -33,6 +35,7 @@
 //! process (an operator command run beside `serve`) is noticed within half a second and drops
 //! everything cached.
 
+mod group;
 mod operator;
 mod rows;
 mod store;
@@ -217,6 +220,8 @@ struct Shared {
     path: PathBuf,
     options: SqliteOptions,
     writer: Mutex<Connection>,
+    /// Writes waiting for the writer (group commit, see `group`).
+    pending: Mutex<Vec<Box<dyn group::PendingWrite>>>,
     readers: Mutex<Vec<Connection>>,
     /// Told about every committed account change (see `Store::watch_changes`).
     watchers: Mutex<Vec<Weak<dyn ChangeListener>>>,
@@ -287,6 +292,7 @@ impl SqliteStore {
                 path,
                 options,
                 writer: Mutex::new(writer),
+                pending: Mutex::new(Vec::new()),
                 readers: Mutex::new(Vec::new()),
                 watchers: Mutex::new(Vec::new()),
                 watching_others: std::sync::atomic::AtomicBool::new(false),
@@ -320,22 +326,24 @@ impl SqliteStore {
         .await
     }
 
-    /// Runs `f` in one `BEGIN IMMEDIATE` transaction on the writer, off the async runtime; commits
-    /// when it answers `Ok`, rolls back otherwise.
+    /// Runs `f` on the writer, off the async runtime, in a `BEGIN IMMEDIATE` transaction that it
+    /// may share with writes queued beside it (group commit: one `fsync` for all of them, see
+    /// `group`). Answers once that transaction is committed; `f`'s own changes are rolled back
+    /// (to its savepoint) when it answers `Err`.
     pub(crate) async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Transaction<'_>) -> Result<T, StoreError> + Send + 'static,
     {
+        let (pending, answer) = group::Pending::new(f);
+        lock(&self.shared.pending).push(Box::new(pending));
         let shared = Arc::clone(&self.shared);
         blocking(move || {
-            let mut conn = lock(&shared.writer);
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(store_error)?;
-            let value = f(&tx)?;
-            tx.commit().map_err(store_error)?;
-            Ok(value)
+            shared.run_pending();
+            Ok(())
         })
-        .await
+        .await?;
+        answer.await.map_err(|_| StoreError::Other(Box::new(std::io::Error::other("a store write was dropped"))))?
     }
 
     /// Runs `f` on a reader connection, off the async runtime.
