@@ -58,6 +58,7 @@ struct State {
     events: Vec<Event>,
     subscriptions: Vec<Subscription>,
     customers: Vec<Value>,
+    charges: Vec<Value>,
     faults: VecDeque<Fault>,
 }
 
@@ -139,6 +140,13 @@ impl StripeStub {
         state.customers.push(object);
     }
 
+    /// Adds (or replaces, by id) a charge (`GET /v1/charges/{id}`).
+    pub(crate) fn add_charge(&self, object: Value) {
+        let mut state = self.state.lock().unwrap();
+        state.charges.retain(|c| c["id"] != object["id"]);
+        state.charges.push(object);
+    }
+
     /// Serves `fault` to the next `times` requests (after the faults already queued).
     pub(crate) fn fail_next(&self, fault: Fault, times: usize) {
         let mut state = self.state.lock().unwrap();
@@ -212,6 +220,10 @@ fn answer(state: &State, request: &Recorded) -> Reply {
         ["v1", "customers", id] => match state.customers.iter().find(|c| c["id"] == *id) {
             Some(c) => Reply::json(200, c.clone()),
             None => not_found("customer", id),
+        },
+        ["v1", "charges", id] => match state.charges.iter().find(|c| c["id"] == *id) {
+            Some(c) => Reply::json(200, c.clone()),
+            None => not_found("charge", id),
         },
         _ => error(404, "invalid_request_error", &format!("Unrecognized request URL (GET: {}).", url.path())),
     }

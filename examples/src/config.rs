@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use mindroom_billing_core::signature::DEFAULT_TOLERANCE_SECS;
 use mindroom_billing_core::{
-    CacheConfig, MemoryLimits, PriceCatalog, RetentionPolicy, StripeSyncConfig, Tier, WorkerConfig,
+    CacheConfig, DisputePolicy, MemoryLimits, PriceCatalog, RetentionPolicy, StripeSyncConfig, Tier, WorkerConfig,
 };
 use secrecy::{ExposeSecret, SecretString};
 
@@ -50,6 +50,10 @@ pub(crate) struct Config {
     pub(crate) any_price: bool,
     /// `GRACE_PERIOD_DAYS`.
     pub(crate) grace_period_days: i64,
+    /// `BILLING_DISPUTE_POLICY`: `alert` (default) or `suspend`.
+    pub(crate) dispute_policy: DisputePolicy,
+    /// `BILLING_CONSOLE_ORIGIN`: the console's public origin, for links in admin alerts.
+    pub(crate) console_origin: Option<String>,
     /// `ADMIN_EMAIL`.
     pub(crate) admin_email: Option<String>,
     /// `BILLING_API_KEY`.
@@ -331,6 +335,8 @@ impl fmt::Debug for Config {
             .field("tolerance_secs", &self.tolerance_secs)
             .field("prices", &self.prices)
             .field("grace_period_days", &self.grace_period_days)
+            .field("dispute_policy", &self.dispute_policy)
+            .field("console_origin", &self.console_origin)
             .field("admin_email", &self.admin_email)
             .field("api_key", &set(&self.api_key))
             .field("log_format", &self.log_format)
@@ -442,6 +448,13 @@ impl Config {
                 message: format!("must be 0..=365, got {grace_period_days}"),
             });
         }
+        let dispute_policy = match var("BILLING_DISPUTE_POLICY") {
+            None => DisputePolicy::default(),
+            Some(value) => DisputePolicy::parse(value.trim()).ok_or_else(|| ConfigError {
+                var: "BILLING_DISPUTE_POLICY",
+                message: format!("expected alert or suspend, got {value:?}"),
+            })?,
+        };
         let log_format = match var("LOG_FORMAT").as_deref() {
             None | Some("pretty") => LogFormat::Pretty,
             Some("json") => LogFormat::Json,
@@ -484,6 +497,8 @@ impl Config {
             prices,
             any_price,
             grace_period_days,
+            dispute_policy,
+            console_origin: url("BILLING_CONSOLE_ORIGIN")?,
             admin_email: var("ADMIN_EMAIL"),
             api_key: secret("BILLING_API_KEY")?,
             log_format,

@@ -237,9 +237,13 @@ fn billing_config(cfg: &Config) -> BillingConfig {
         None => Verifier::new(std::iter::empty::<WebhookSecret>()),
     }
     .with_tolerance_secs(cfg.tolerance_secs);
-    let policy = Policy::default()
+    let mut policy = Policy::default()
         .with_prices(cfg.prices.clone())
-        .with_grace_period(chrono::Duration::days(cfg.grace_period_days));
+        .with_grace_period(chrono::Duration::days(cfg.grace_period_days))
+        .with_dispute_policy(cfg.dispute_policy);
+    if let Some(origin) = &cfg.console_origin {
+        policy = policy.with_console_url(origin.as_str());
+    }
     let mut config = BillingConfig::new(verifier)
         .with_policy(policy)
         .with_worker(cfg.worker.clone())

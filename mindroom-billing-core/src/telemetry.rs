@@ -116,6 +116,12 @@ fn describe() {
     describe_gauge!("billing_jobs_pending", Unit::Count, "Jobs waiting to run (all replicas, sampled by the sweeper)");
     describe_gauge!("billing_jobs_running", Unit::Count, "Jobs currently leased by a worker (all replicas)");
     describe_gauge!("billing_jobs_dead", Unit::Count, "Jobs that exhausted their attempts and need an operator");
+    describe_gauge!("billing_disputes_open", Unit::Count, "Disputes (chargebacks) not yet won, lost or closed");
+    describe_gauge!(
+        "billing_disputes_evidence_due_timestamp_seconds",
+        Unit::Seconds,
+        "Earliest evidence deadline among open disputes, unix seconds (0: none)"
+    );
     describe_histogram!(
         "billing_provisioner_request_seconds",
         Unit::Seconds,

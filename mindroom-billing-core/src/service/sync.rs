@@ -18,7 +18,7 @@ use crate::stripe_api::{ApiEvent, EventsQuery, RawObject, StripeApi, StripeApiEr
 use crate::transition;
 
 /// The event types catch-up lists (`types[]`): every type billing acts on.
-pub const CATCH_UP_TYPES: [&str; 12] = [
+pub const CATCH_UP_TYPES: [&str; 16] = [
     "customer.subscription.created",
     "customer.subscription.updated",
     "customer.subscription.deleted",
@@ -28,6 +28,10 @@ pub const CATCH_UP_TYPES: [&str; 12] = [
     "invoice.paid",
     "invoice.payment_succeeded",
     "invoice.payment_failed",
+    "invoice.payment_action_required",
+    "charge.dispute.created",
+    "charge.dispute.updated",
+    "charge.dispute.closed",
     "customer.created",
     "customer.updated",
     "checkout.session.completed",
