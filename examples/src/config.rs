@@ -78,6 +78,8 @@ pub(crate) struct Config {
     pub(crate) resend_api_key: Option<SecretString>,
     /// `EMAIL_FROM`.
     pub(crate) email_from: Option<String>,
+    /// `RESEND_API_BASE` (default `https://api.resend.com`; tests point it at a local stub).
+    pub(crate) resend_api_base: Option<String>,
     /// `STRIPE_SECRET_KEY`: read access to the Stripe API for catch-up and reconciliation (DESIGN §8).
     pub(crate) stripe_secret_key: Option<SecretString>,
     /// `STRIPE_API_BASE` (default `https://api.stripe.com`; tests point it at a local stub).
@@ -349,6 +351,7 @@ impl fmt::Debug for Config {
             .field("provisioner_api_key", &set(&self.provisioner_api_key))
             .field("resend_api_key", &set(&self.resend_api_key))
             .field("email_from", &self.email_from)
+            .field("resend_api_base", &self.resend_api_base)
             .field("stripe_secret_key", &set(&self.stripe_secret_key))
             .field("worker", &self.worker)
             .field("request_timeout", &self.request_timeout)
@@ -511,6 +514,7 @@ impl Config {
             provisioner_api_key: secret("PROVISIONER_API_KEY")?,
             resend_api_key: secret("RESEND_API_KEY")?,
             email_from: var("EMAIL_FROM"),
+            resend_api_base: url("RESEND_API_BASE")?,
             stripe_secret_key: stripe_key()?,
             stripe_api_base: url("STRIPE_API_BASE")?,
             stripe_api_version: var("STRIPE_API_VERSION"),

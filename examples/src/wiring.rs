@@ -159,7 +159,10 @@ pub(crate) fn build_provisioner(cfg: &Config) -> Result<Arc<dyn Provisioner>> {
 /// The notifier: Resend when `RESEND_API_KEY` is set, else e-mails are only logged.
 pub(crate) fn build_notifier(cfg: &Config) -> Result<Arc<dyn Notifier>> {
     if let (Some(key), Some(from)) = (&cfg.resend_api_key, &cfg.email_from) {
-        let config = ResendConfig::new(key.expose_secret(), from.clone());
+        let mut config = ResendConfig::new(key.expose_secret(), from.clone());
+        if let Some(base) = &cfg.resend_api_base {
+            config = config.with_base_url(base.as_str());
+        }
         info!(from = %from, "e-mail through Resend");
         return Ok(Arc::new(ResendNotifier::new(config).context("RESEND_API_KEY: building the Resend client")?));
     }
