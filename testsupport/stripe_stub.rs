@@ -20,6 +20,9 @@ use serde_json::{Value, json};
 #[path = "stub_http.rs"]
 mod http;
 
+/// The bare recording server, for the other HTTP stubs a test needs next to Stripe's (e-mail).
+#[allow(unused_imports)]
+pub(crate) use http::Stub;
 pub(crate) use http::{Recorded, Reply};
 
 /// The API version the stub expects in `Stripe-Version`, the fixtures' version.

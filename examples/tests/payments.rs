@@ -8,8 +8,6 @@
 
 #[path = "../../testsupport/stripe_stub.rs"]
 mod stripe_stub;
-#[path = "../../testsupport/stub_http.rs"]
-mod stub_http;
 mod support;
 
 use std::time::{Duration, Instant};
@@ -17,8 +15,7 @@ use std::time::{Duration, Instant};
 use mindroom_billing_core::service::app_name_for;
 use serde_json::{Value, json};
 
-use stripe_stub::StripeStub;
-use stub_http::{Recorded, Reply, Stub};
+use stripe_stub::{Recorded, Reply, StripeStub, Stub};
 use support::{Cluster, ClusterOptions, Life, SentEvent, StubProvisioner, invoice_event, now_secs, subscription_event};
 
 const STARTER: &str = "price_pay_starter";

@@ -408,6 +408,23 @@ mod tests {
         assert!(e.text.contains("$1.00") && e.text.contains("for now"), "{}", e.text);
     }
 
+    /// docs/emails.md shows the confirm-your-payment e-mail exactly as rendered.
+    #[test]
+    fn the_docs_show_the_rendered_confirm_email() {
+        let e = render(&Message::PaymentActionRequired {
+            amount_due: 4900,
+            currency: "eur".into(),
+            grace_deadline: Some(at(1_785_604_800)),
+            confirm_url: Some(
+                "https://invoice.stripe.com/i/acct_1PgafEB7WZ01zgkW/test_1Pgd9kB7WZ01zgkWn4Tz2Yq8".into(),
+            ),
+        });
+        let docs =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/emails.md")).unwrap_or_default();
+        let sample = format!("Subject: {}\n\n```text\n{}```\n\n```html\n{}```\n", e.subject, e.text, e.html);
+        assert!(docs.contains(&sample), "docs/emails.md should contain:\n{sample}");
+    }
+
     #[test]
     fn other_customer_messages() {
         let e = render(&Message::GraceExpired);
