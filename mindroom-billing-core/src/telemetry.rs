@@ -45,9 +45,14 @@ fn register_at_zero() {
     for name in ["billing_webhook_processing_seconds", "billing_webhook_delivery_lag_seconds"] {
         drop(histogram!(name));
     }
-    for name in
-        ["billing_jobs_pending", "billing_jobs_running", "billing_jobs_dead", "billing_stripe_cursor_lag_seconds"]
-    {
+    for name in [
+        "billing_jobs_pending",
+        "billing_jobs_running",
+        "billing_jobs_dead",
+        "billing_stripe_cursor_lag_seconds",
+        "billing_disputes_open",
+        "billing_disputes_evidence_due_timestamp_seconds",
+    ] {
         gauge!(name).set(0.0);
     }
     for kind in JOB_KINDS {
