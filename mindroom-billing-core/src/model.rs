@@ -156,6 +156,10 @@ pub struct SubscriptionState {
     /// snapshot does not depend on delivery order.
     #[serde(default)]
     pub last_priced: Option<PricedAt>,
+    /// Invoices whose payment waits for the customer to authenticate it (`invoice.payment_action_required`),
+    /// while their failure is unresolved.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub awaiting_customer: Vec<String>,
     /// Disputes (chargebacks) of this subscription's charges, each as last reported.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disputes: Vec<DisputeRecord>,
@@ -188,6 +192,7 @@ impl SubscriptionState {
             grace: None,
             grace_expiry_handled: false,
             last_priced: None,
+            awaiting_customer: Vec::new(),
             disputes: Vec::new(),
             dispute_hold: None,
             version: 0,

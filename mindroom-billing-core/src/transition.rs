@@ -318,6 +318,9 @@ fn apply_invoice(
             // e-mail per invoice with the link where the customer confirms it.
             let relevant = add_failure(&mut next, Failure { at: created, invoice_id: Some(invoice.id.clone()) });
             if relevant {
+                if let Err(pos) = next.awaiting_customer.binary_search(&invoice.id) {
+                    next.awaiting_customer.insert(pos, invoice.id.clone());
+                }
                 let email = EmailKind::PaymentActionRequired {
                     invoice_id: invoice.id.clone(),
                     amount_due: invoice.amount_due,
@@ -375,7 +378,11 @@ fn apply_dispute(
     }
     match next.disputes.iter_mut().find(|d| d.id == record.id) {
         Some(existing) => *existing = record,
-        None => next.disputes.push(record),
+        None => {
+            // Kept by id, so the aggregate does not depend on the order disputes arrived in.
+            let pos = next.disputes.partition_point(|d| d.id < record.id);
+            next.disputes.insert(pos, record);
+        }
     }
     next.dispute_hold = match policy.disputes {
         DisputePolicy::Alert => None,
@@ -542,6 +549,8 @@ fn is_resolved(state: &SubscriptionState, failure: &Failure) -> bool {
 fn retain_unresolved(state: &mut SubscriptionState) {
     let failures = std::mem::take(&mut state.failures);
     state.failures = failures.into_iter().filter(|f| !is_resolved(state, f)).collect();
+    let failures = &state.failures;
+    state.awaiting_customer.retain(|invoice| failures.iter().any(|f| f.invoice_id.as_ref() == Some(invoice)));
 }
 
 /// The grace period starts at the earliest unresolved failure (or dispute hold) and is never extended.

@@ -148,3 +148,31 @@ fn a_lost_dispute_keeps_the_hold_and_alert_policy_never_holds() {
     let s2 = decide(&alert, Some(&s0), &lost, lost.created).subscription.unwrap();
     assert_eq!((s2.dispute_hold, s2.entitlement(lost.created).status), (None, EntitlementStatus::Active));
 }
+
+/// Whatever order Stripe delivers the reports in, the aggregate ends the same (the latest report
+/// wins, a decided dispute stays decided), and no status is alerted twice.
+#[test]
+fn dispute_reports_in_any_order_give_one_aggregate() {
+    let p = policy().with_dispute_policy(DisputePolicy::Suspend);
+    let names = ["charge.dispute.created", "charge.dispute.updated", "charge.dispute.closed"];
+    let orders = [[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]];
+    let mut finals = Vec::new();
+    for order in orders {
+        let mut s = active(&p, VERSIONS[1]);
+        let mut keys = Vec::new();
+        for i in order {
+            let e = booked(VERSIONS[1], names[i]);
+            let d = decide(&p, Some(&s), &e, e.created);
+            keys.extend(alerts(&d.jobs).into_iter().map(|(k, _, _)| k));
+            if let Some(next) = d.subscription {
+                s = next;
+            }
+        }
+        let unique: std::collections::BTreeSet<_> = keys.iter().collect();
+        assert_eq!(unique.len(), keys.len(), "{order:?}: {keys:?}");
+        assert_eq!(s.disputes[0].status, "won", "{order:?}");
+        assert_eq!((s.dispute_hold, s.grace), (None, None), "{order:?}");
+        finals.push(s);
+    }
+    assert!(finals.windows(2).all(|w| w[0] == w[1]), "{finals:#?}");
+}

@@ -277,6 +277,7 @@ fn payment_action_required_opens_the_grace_and_e_mails_the_link_once_per_invoice
         let d = decide(&p, Some(&s0), &action, action.created);
         assert_eq!(d.outcome, Outcome::Applied);
         let s1 = d.subscription.unwrap();
+        assert_eq!(s1.awaiting_customer, ["in_1Pgd9kB7WZ01zgkWn4Tz2Yq8"]);
         let grace = s1.grace.expect("grace opened");
         assert_eq!((grace.started_at, grace.ends_at), (action.created, action.created + Duration::days(7)));
         let emails: Vec<_> = d.jobs.iter().filter(|j| matches!(j.kind, JobKind::Email { .. })).collect();
@@ -304,6 +305,7 @@ fn payment_action_required_opens_the_grace_and_e_mails_the_link_once_per_invoice
         paid.created = action.created + Duration::days(1);
         let s3 = decide(&p, Some(&s2), &paid, paid.created).subscription.unwrap();
         assert_eq!(s3.grace, None, "{version}");
+        assert!(s3.awaiting_customer.is_empty(), "paid: nothing waits for the customer");
         assert!(matches!(s3.desired(paid.created + Duration::days(30)), DesiredInstance::Running { .. }));
     }
 }

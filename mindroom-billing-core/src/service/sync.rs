@@ -634,6 +634,8 @@ fn lanes(events: &[ApiEvent]) -> Vec<Vec<Listed<'_>>> {
                 (Some(sub), _) => sub.to_owned(),
                 (None, EventObject::Customer(c)) => c.id.clone(),
                 (None, EventObject::CheckoutSession(c)) => c.customer.clone().unwrap_or_else(|| api.id.clone()),
+                // The reports of one dispute in order (it is booked on its subscription when applied).
+                (None, EventObject::Dispute(d)) => d.id.clone(),
                 (None, _) => api.id.clone(),
             },
             Err(_) => api.id.clone(),
