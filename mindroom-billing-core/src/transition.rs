@@ -327,7 +327,9 @@ fn apply_invoice(
                     currency: invoice.currency.clone(),
                     hosted_invoice_url: invoice.hosted_invoice_url.clone(),
                 };
-                jobs.push(email_job(&next, email, format!("email:payment_action_required:{}", invoice.id), now));
+                let late = policy.late("authentication request", created, now);
+                let key = format!("email:payment_action_required:{}", invoice.id);
+                jobs.push(email_job(&next, email, key, late, now));
             }
             relevant
         }

@@ -306,6 +306,12 @@ fn payment_action_required_opens_the_grace_and_e_mails_the_link_once_per_invoice
         let s3 = decide(&p, Some(&s2), &paid, paid.created).subscription.unwrap();
         assert_eq!(s3.grace, None, "{version}");
         assert!(s3.awaiting_customer.is_empty(), "paid: nothing waits for the customer");
+        // Learnt past the news horizon (a long outage caught up): the grace still counts, the
+        // e-mail is queued as not news (recorded as skipped, never sent).
+        let late = decide(&p, Some(&s0), &action, action.created + Duration::days(8));
+        let late_email = late.jobs.iter().find(|j| matches!(j.kind, JobKind::Email { .. })).unwrap();
+        let JobKind::Email { late: reason, .. } = &late_email.kind else { unreachable!() };
+        assert!(reason.as_deref().is_some_and(|r| r.contains("authentication request")), "{reason:?}");
         assert!(matches!(s3.desired(paid.created + Duration::days(30)), DesiredInstance::Running { .. }));
     }
 }
