@@ -176,3 +176,34 @@ fn dispute_reports_in_any_order_give_one_aggregate() {
     }
     assert!(finals.windows(2).all(|w| w[0] == w[1]), "{finals:#?}");
 }
+
+/// The console's why sentence names an invoice waiting for the customer's confirmation, and a dispute
+/// that holds the entitlements.
+#[test]
+fn the_why_sentence_says_what_waits_for_the_customer_and_which_dispute_holds() {
+    use mindroom_billing_core::explain::explain;
+    let p = policy().with_dispute_policy(DisputePolicy::Suspend);
+    let s0 = active(&p, VERSIONS[1]);
+    let action = fixture(VERSIONS[1], "invoice.payment_action_required");
+    let s1 = decide(&p, Some(&s0), &action, action.created).subscription.unwrap();
+    let EventObject::Invoice(invoice) = &action.object else { unreachable!() };
+    let why = explain(&s1, None, &[], std::slice::from_ref(invoice), action.created);
+    let deadline = (action.created + Duration::days(7)).format("%-d %b %Y").to_string();
+    assert!(
+        why.contains(&format!(
+            "waiting for the customer to confirm the payment of {} ($50.00) by {deadline}",
+            invoice.id
+        )),
+        "{why}"
+    );
+    let late = explain(&s1, None, &[], &[], action.created + Duration::days(8));
+    assert!(
+        late.contains(&format!("the customer did not confirm the payment of {} by {deadline}", invoice.id)),
+        "{late}"
+    );
+
+    let opened = booked(VERSIONS[1], "charge.dispute.created");
+    let s2 = decide(&p, Some(&s0), &opened, opened.created).subscription.unwrap();
+    let why = explain(&s2, None, &[], &[], opened.created);
+    assert!(why.contains("a dispute opened on 14 Aug 2026 suspends the entitlements"), "{why}");
+}
