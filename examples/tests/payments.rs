@@ -382,6 +382,56 @@ async fn a_dispute_alerts_once_per_state_change_and_suspend_restores_when_won(ba
     assert!(stripe.requests().iter().any(|r| r.path == format!("/v1/charges/{charge}")));
 }
 
+/// With `suspend`, an open dispute keeps the instance for the grace period from its opening, then
+/// the instance is removed; winning the dispute provisions it again.
+async fn suspend_removes_the_instance_after_the_grace_and_a_win_brings_it_back(backend: Backend) {
+    let stub = StubProvisioner::start().await;
+    let mail = Mailbox::start().await;
+    let stripe = StripeStub::start(STRIPE_KEY).await;
+    let stripe_url = stripe.url.clone();
+    let env = [
+        ("BILLING_DISPUTE_POLICY", "suspend"),
+        ("STRIPE_SECRET_KEY", STRIPE_KEY),
+        ("STRIPE_API_BASE", stripe_url.as_str()),
+    ];
+    let cluster = serve(backend, &stub, &mail, &env).await;
+    let l = life(&format!("sub_dispute_grace_{backend:?}").to_lowercase());
+    let charge = format!("ch_{}", l.sub);
+    stripe.add_charge(json!({"id": charge, "object": "charge", "customer": l.customer}));
+    running(&cluster, &stub, &mail, &l).await;
+    let app = app_name_for(&l.sub);
+    // Opened 7 days minus 15 s ago: the instance is kept 15 s more.
+    let opened = now_secs() - 7 * DAY + 15;
+    let dp = format!("dp_{}", l.sub);
+    post_ok(
+        &cluster,
+        &dispute_event("evt_dg_created", "charge.dispute.created", opened, &dp, &charge, "needs_response", opened),
+    )
+    .await;
+    assert!(stub.apps()[&app].alive, "kept during the grace");
+    eventually("removed at the end of the grace", || stub.apps()[&app].deprovisions == 1).await;
+    assert!(now_secs() >= opened + 7 * DAY, "not before");
+    let won = dispute_event("evt_dg_won", "charge.dispute.closed", now_secs() - 5, &dp, &charge, "won", opened);
+    post_ok(&cluster, &won).await;
+    eventually("provisioned again", || stub.apps()[&app].alive).await;
+    let back = entitlements(&cluster, &l.customer).await;
+    assert_eq!(
+        (back["entitlement_status"].as_str(), back["tier"].as_str()),
+        (Some("active"), Some("starter")),
+        "{back}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn memory_suspend_removes_the_instance_after_the_grace_and_a_win_brings_it_back() {
+    suspend_removes_the_instance_after_the_grace_and_a_win_brings_it_back(Backend::Memory).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pg_suspend_removes_the_instance_after_the_grace_and_a_win_brings_it_back() {
+    suspend_removes_the_instance_after_the_grace_and_a_win_brings_it_back(Backend::Postgres).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn memory_action_required_e_mails_the_link_once_and_a_payment_keeps_the_instance() {
     action_required_e_mails_the_link_once_and_a_payment_keeps_the_instance(Backend::Memory).await;
