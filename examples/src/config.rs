@@ -52,8 +52,6 @@ pub(crate) struct Config {
     pub(crate) grace_period_days: i64,
     /// `BILLING_DISPUTE_POLICY`: `alert` (default) or `suspend`.
     pub(crate) dispute_policy: DisputePolicy,
-    /// `BILLING_CONSOLE_ORIGIN`: the console's public origin, for links in admin alerts.
-    pub(crate) console_origin: Option<String>,
     /// `ADMIN_EMAIL`.
     pub(crate) admin_email: Option<String>,
     /// `BILLING_API_KEY`.
@@ -338,7 +336,6 @@ impl fmt::Debug for Config {
             .field("prices", &self.prices)
             .field("grace_period_days", &self.grace_period_days)
             .field("dispute_policy", &self.dispute_policy)
-            .field("console_origin", &self.console_origin)
             .field("admin_email", &self.admin_email)
             .field("api_key", &set(&self.api_key))
             .field("log_format", &self.log_format)
@@ -501,7 +498,6 @@ impl Config {
             any_price,
             grace_period_days,
             dispute_policy,
-            console_origin: url("BILLING_CONSOLE_ORIGIN")?,
             admin_email: var("ADMIN_EMAIL"),
             api_key: secret("BILLING_API_KEY")?,
             log_format,

@@ -244,7 +244,8 @@ fn billing_config(cfg: &Config) -> BillingConfig {
         .with_prices(cfg.prices.clone())
         .with_grace_period(chrono::Duration::days(cfg.grace_period_days))
         .with_dispute_policy(cfg.dispute_policy);
-    if let Some(origin) = &cfg.console_origin {
+    // Admin alerts link to the console's customer page when the console is served.
+    if let Some(origin) = cfg.console.as_ref().map(|c| &c.origin) {
         policy = policy.with_console_url(origin.as_str());
     }
     let mut config = BillingConfig::new(verifier)

@@ -312,10 +312,15 @@ async fn a_dispute_alerts_once_per_state_change_and_suspend_restores_when_won(ba
     let mail = Mailbox::start().await;
     let stripe = StripeStub::start(STRIPE_KEY).await;
     let stripe_url = stripe.url.clone();
+    // The console is served (its origin is what admin alerts link to).
+    let console_addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let hash = mindroom_billing_console::hash_password("e2e console password").unwrap();
     let env = [
         ("BILLING_DISPUTE_POLICY", "suspend"),
         ("STRIPE_SECRET_KEY", STRIPE_KEY),
         ("STRIPE_API_BASE", stripe_url.as_str()),
+        ("BILLING_CONSOLE_ADDR", console_addr.as_str()),
+        ("BILLING_CONSOLE_PASSWORD_HASH", hash.as_str()),
         ("BILLING_CONSOLE_ORIGIN", "https://billing.example.com"),
     ];
     let cluster = serve(backend, &stub, &mail, &env).await;
