@@ -374,15 +374,15 @@ async fn a_dispute_alerts_once_per_state_change_and_suspend_restores_when_won(ba
     assert_eq!(
         subjects,
         [
-            format!("[mindroom-billing] Dispute opened: 49.00 USD of {}", l.customer),
-            format!("[mindroom-billing] Dispute {dp} is now under_review: 49.00 USD of {}", l.customer),
-            format!("[mindroom-billing] Dispute won: 49.00 USD of {}", l.customer),
+            format!("[mindroom-billing] Dispute opened: $49.00 of {}", l.customer),
+            format!("[mindroom-billing] Dispute {dp} is now under_review: $49.00 of {}", l.customer),
+            format!("[mindroom-billing] Dispute won: $49.00 of {}", l.customer),
         ],
         "{alerts:#?}"
     );
     let first = alerts[0]["text"].as_str().unwrap();
     let due = chrono::DateTime::from_timestamp(opened + 9 * DAY, 0).unwrap().format("%Y-%m-%d %H:%M UTC").to_string();
-    for part in ["49.00 USD", "reason fraudulent", &format!("Evidence due by {due}"), &l.sub, &l.customer, &charge] {
+    for part in ["$49.00", "reason fraudulent", &format!("Evidence due by {due}"), &l.sub, &l.customer, &charge] {
         assert!(first.contains(part), "{part}: {first}");
     }
     assert!(first.contains(&format!("https://billing.example.com/customers/{}", l.customer)), "{first}");

@@ -632,7 +632,7 @@ pub(crate) fn disputes(ctx: &Ctx, subs: &[SubscriptionState], now: DateTime<Utc>
                             tr {
                                 td { (opt_time(d.evidence_due_by)) }
                                 td { (d.id) }
-                                td { (mindroom_billing_core::transition::format_amount(d.amount, &d.currency)) }
+                                td { (mindroom_billing_core::explain::money(d.amount, &d.currency)) }
                                 td { (d.reason) }
                                 td { (d.status) }
                                 td { a href=(format!("/customers/{}", seg(&s.customer_id))) { (s.customer_id) } }

@@ -890,9 +890,7 @@ async fn open_disputes_are_listed_by_evidence_due_date() {
     let page = admin.page("/disputes").await;
     let (soon, late) = (page.find("dp_soon").unwrap(), page.find("dp_late").unwrap());
     assert!(soon < late, "earliest evidence deadline first:\n{page}");
-    for expected in
-        [SUB, CUS, "49.00 USD", "fraudulent", "needs_response", "warning_needs_response", "&lt;b&gt;general"]
-    {
+    for expected in [SUB, CUS, "$49.00", "fraudulent", "needs_response", "warning_needs_response", "&lt;b&gt;general"] {
         assert!(page.contains(expected), "{expected} on the disputes page:\n{page}");
     }
     assert!(!page.contains("<b>general"), "escaped");

@@ -402,7 +402,7 @@ fn dispute_alert(
     event: &Event,
     now: DateTime<Utc>,
 ) -> NewJob {
-    let amount = format_amount(dispute.amount, &dispute.currency);
+    let amount = crate::explain::money(dispute.amount, &dispute.currency);
     let customer = dispute.customer.as_deref().unwrap_or("unknown customer");
     let subject = match (dispute.status.as_str(), previous) {
         ("won", _) => format!("Dispute won: {amount} of {customer}"),
@@ -444,13 +444,6 @@ fn dispute_alert(
         kind: JobKind::AdminAlert { subject, detail },
         run_after: now,
     }
-}
-
-/// `12.34 USD` from minor units (two decimals; zero-decimal currencies are rare for subscriptions).
-pub fn format_amount(minor: i64, currency: &str) -> String {
-    let sign = if minor < 0 { "-" } else { "" };
-    let abs = minor.unsigned_abs();
-    format!("{sign}{}.{:02} {}", abs / 100, abs % 100, currency.to_uppercase())
 }
 
 /// Common tail: compare the desired instance before and after, queue a reconcile when it moved (or the

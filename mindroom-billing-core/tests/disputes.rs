@@ -54,7 +54,7 @@ fn a_dispute_alerts_once_per_state_change_with_the_details() {
         assert_eq!(a1.len(), 1, "{version}");
         let (key, subject, detail) = &a1[0];
         assert_eq!(key, "alert:dispute:dp_1PgdQ2B7WZ01zgkWc4Ka9Dsp:needs_response");
-        assert_eq!(subject, &format!("Dispute opened: 20.00 USD of {CUS}"));
+        assert_eq!(subject, &format!("Dispute opened: $20.00 of {CUS}"));
         for part in
             ["reason fraudulent", "Evidence due by 2026-08-23 23:59 UTC", SUB, CUS, "ch_3PgcA1B7WZ01zgkW0fdqL6I"]
         {
@@ -79,7 +79,7 @@ fn a_dispute_alerts_once_per_state_change_with_the_details() {
 
         let (s4, a4) = step(&p, &s3, &booked(version, "charge.dispute.closed"));
         assert_eq!(a4.len(), 1);
-        assert_eq!(a4[0].1, format!("Dispute won: 20.00 USD of {CUS}"));
+        assert_eq!(a4[0].1, format!("Dispute won: $20.00 of {CUS}"));
         assert!(s4.open_disputes().is_empty());
         // A late `updated` after the close is stale and reopens nothing.
         let late = decide(&p, Some(&s4), &updated, updated.created + Duration::days(30));
