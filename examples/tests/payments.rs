@@ -81,8 +81,7 @@ async fn serve(backend: Backend, stub: &StubProvisioner, mail: &Mailbox, extra: 
     .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
     .collect();
     if let Backend::Memory = backend {
-        // No DATABASE_URL (nor SUPABASE_URL): the in-memory store.
-        options.env.push(("DATABASE_URL".into(), String::new()));
+        options.env.push(("DATABASE_URL".into(), "memory:".into()));
     }
     Cluster::start(options).await
 }
