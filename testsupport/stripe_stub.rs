@@ -20,6 +20,9 @@ use serde_json::{Value, json};
 #[path = "stub_http.rs"]
 mod http;
 
+/// The bare recording server, for the other HTTP stubs a test needs next to Stripe's (e-mail).
+#[allow(unused_imports)]
+pub(crate) use http::Stub;
 pub(crate) use http::{Recorded, Reply};
 
 /// The API version the stub expects in `Stripe-Version`, the fixtures' version.
@@ -58,6 +61,7 @@ struct State {
     events: Vec<Event>,
     subscriptions: Vec<Subscription>,
     customers: Vec<Value>,
+    charges: Vec<Value>,
     faults: VecDeque<Fault>,
 }
 
@@ -139,6 +143,13 @@ impl StripeStub {
         state.customers.push(object);
     }
 
+    /// Adds (or replaces, by id) a charge (`GET /v1/charges/{id}`).
+    pub(crate) fn add_charge(&self, object: Value) {
+        let mut state = self.state.lock().unwrap();
+        state.charges.retain(|c| c["id"] != object["id"]);
+        state.charges.push(object);
+    }
+
     /// Serves `fault` to the next `times` requests (after the faults already queued).
     pub(crate) fn fail_next(&self, fault: Fault, times: usize) {
         let mut state = self.state.lock().unwrap();
@@ -212,6 +223,10 @@ fn answer(state: &State, request: &Recorded) -> Reply {
         ["v1", "customers", id] => match state.customers.iter().find(|c| c["id"] == *id) {
             Some(c) => Reply::json(200, c.clone()),
             None => not_found("customer", id),
+        },
+        ["v1", "charges", id] => match state.charges.iter().find(|c| c["id"] == *id) {
+            Some(c) => Reply::json(200, c.clone()),
+            None => not_found("charge", id),
         },
         _ => error(404, "invalid_request_error", &format!("Unrecognized request URL (GET: {}).", url.path())),
     }

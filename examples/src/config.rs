@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use mindroom_billing_core::signature::DEFAULT_TOLERANCE_SECS;
 use mindroom_billing_core::{
-    CacheConfig, MemoryLimits, PriceCatalog, RetentionPolicy, StripeSyncConfig, Tier, WorkerConfig,
+    CacheConfig, DisputePolicy, MemoryLimits, PriceCatalog, RetentionPolicy, StripeSyncConfig, Tier, WorkerConfig,
 };
 use secrecy::{ExposeSecret, SecretString};
 
@@ -50,6 +50,8 @@ pub(crate) struct Config {
     pub(crate) any_price: bool,
     /// `GRACE_PERIOD_DAYS`.
     pub(crate) grace_period_days: i64,
+    /// `BILLING_DISPUTE_POLICY`: `alert` (default) or `suspend`.
+    pub(crate) dispute_policy: DisputePolicy,
     /// `ADMIN_EMAIL`.
     pub(crate) admin_email: Option<String>,
     /// `BILLING_API_KEY`.
@@ -74,6 +76,8 @@ pub(crate) struct Config {
     pub(crate) resend_api_key: Option<SecretString>,
     /// `EMAIL_FROM`.
     pub(crate) email_from: Option<String>,
+    /// `RESEND_API_BASE` (default `https://api.resend.com`; tests point it at a local stub).
+    pub(crate) resend_api_base: Option<String>,
     /// `STRIPE_SECRET_KEY`: read access to the Stripe API for catch-up and reconciliation (DESIGN §8).
     pub(crate) stripe_secret_key: Option<SecretString>,
     /// `STRIPE_API_BASE` (default `https://api.stripe.com`; tests point it at a local stub).
@@ -331,6 +335,7 @@ impl fmt::Debug for Config {
             .field("tolerance_secs", &self.tolerance_secs)
             .field("prices", &self.prices)
             .field("grace_period_days", &self.grace_period_days)
+            .field("dispute_policy", &self.dispute_policy)
             .field("admin_email", &self.admin_email)
             .field("api_key", &set(&self.api_key))
             .field("log_format", &self.log_format)
@@ -343,6 +348,7 @@ impl fmt::Debug for Config {
             .field("provisioner_api_key", &set(&self.provisioner_api_key))
             .field("resend_api_key", &set(&self.resend_api_key))
             .field("email_from", &self.email_from)
+            .field("resend_api_base", &self.resend_api_base)
             .field("stripe_secret_key", &set(&self.stripe_secret_key))
             .field("worker", &self.worker)
             .field("request_timeout", &self.request_timeout)
@@ -442,6 +448,13 @@ impl Config {
                 message: format!("must be 0..=365, got {grace_period_days}"),
             });
         }
+        let dispute_policy = match var("BILLING_DISPUTE_POLICY") {
+            None => DisputePolicy::default(),
+            Some(value) => DisputePolicy::parse(value.trim()).ok_or_else(|| ConfigError {
+                var: "BILLING_DISPUTE_POLICY",
+                message: format!("expected alert or suspend, got {value:?}"),
+            })?,
+        };
         let log_format = match var("LOG_FORMAT").as_deref() {
             None | Some("pretty") => LogFormat::Pretty,
             Some("json") => LogFormat::Json,
@@ -484,6 +497,7 @@ impl Config {
             prices,
             any_price,
             grace_period_days,
+            dispute_policy,
             admin_email: var("ADMIN_EMAIL"),
             api_key: secret("BILLING_API_KEY")?,
             log_format,
@@ -496,6 +510,7 @@ impl Config {
             provisioner_api_key: secret("PROVISIONER_API_KEY")?,
             resend_api_key: secret("RESEND_API_KEY")?,
             email_from: var("EMAIL_FROM"),
+            resend_api_base: url("RESEND_API_BASE")?,
             stripe_secret_key: stripe_key()?,
             stripe_api_base: url("STRIPE_API_BASE")?,
             stripe_api_version: var("STRIPE_API_VERSION"),

@@ -16,6 +16,10 @@ pub(crate) const SAMPLES: &[(&str, &str)] = &[
     sample!("invoice.paid"),
     sample!("invoice.payment_failed"),
     sample!("invoice.payment_succeeded"),
+    sample!("invoice.payment_action_required"),
+    sample!("charge.dispute.created"),
+    sample!("charge.dispute.updated"),
+    sample!("charge.dispute.closed"),
 ];
 
 /// The bundled sample of `event_type`.

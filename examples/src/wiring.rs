@@ -159,7 +159,10 @@ pub(crate) fn build_provisioner(cfg: &Config) -> Result<Arc<dyn Provisioner>> {
 /// The notifier: Resend when `RESEND_API_KEY` is set, else e-mails are only logged.
 pub(crate) fn build_notifier(cfg: &Config) -> Result<Arc<dyn Notifier>> {
     if let (Some(key), Some(from)) = (&cfg.resend_api_key, &cfg.email_from) {
-        let config = ResendConfig::new(key.expose_secret(), from.clone());
+        let mut config = ResendConfig::new(key.expose_secret(), from.clone());
+        if let Some(base) = &cfg.resend_api_base {
+            config = config.with_base_url(base.as_str());
+        }
         info!(from = %from, "e-mail through Resend");
         return Ok(Arc::new(ResendNotifier::new(config).context("RESEND_API_KEY: building the Resend client")?));
     }
@@ -237,9 +240,14 @@ fn billing_config(cfg: &Config) -> BillingConfig {
         None => Verifier::new(std::iter::empty::<WebhookSecret>()),
     }
     .with_tolerance_secs(cfg.tolerance_secs);
-    let policy = Policy::default()
+    let mut policy = Policy::default()
         .with_prices(cfg.prices.clone())
-        .with_grace_period(chrono::Duration::days(cfg.grace_period_days));
+        .with_grace_period(chrono::Duration::days(cfg.grace_period_days))
+        .with_dispute_policy(cfg.dispute_policy);
+    // Admin alerts link to the console's customer page when the console is served.
+    if let Some(origin) = cfg.console.as_ref().map(|c| &c.origin) {
+        policy = policy.with_console_url(origin.as_str());
+    }
     let mut config = BillingConfig::new(verifier)
         .with_policy(policy)
         .with_worker(cfg.worker.clone())

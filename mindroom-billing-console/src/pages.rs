@@ -84,6 +84,7 @@ fn layout(title: &str, ctx: Option<&Ctx>, content: &Markup) -> Markup {
                             a href="/events/failed" { "Failed events" }
                             a href="/jobs/dead" { "Dead jobs" }
                             a href="/grace" { "Grace" }
+                            a href="/disputes" { "Disputes" }
                             a href="/drift" { "Drift" }
                             a href="/audit" { "Audit" }
                         }
@@ -608,6 +609,40 @@ pub(crate) fn grace(ctx: &Ctx, subs: &[SubscriptionState], now: DateTime<Utc>, p
                 }
             }
             (pager(pg))
+        },
+    )
+}
+
+/// Open disputes of every subscription, earliest evidence deadline first (none last).
+pub(crate) fn disputes(ctx: &Ctx, subs: &[SubscriptionState], now: DateTime<Utc>) -> Markup {
+    let mut open: Vec<(&SubscriptionState, &mindroom_billing_core::DisputeRecord)> =
+        subs.iter().flat_map(|s| s.open_disputes().into_iter().map(move |d| (s, d))).collect();
+    open.sort_by_key(|(s, d)| {
+        (d.evidence_due_by.is_none(), d.evidence_due_by, d.id.clone(), s.subscription_id.clone())
+    });
+    layout(
+        "Open disputes, by evidence due date",
+        Some(ctx),
+        &html! {
+            @if open.is_empty() { p.empty { "No dispute is open." } } @else {
+                table {
+                    thead { tr { th { "evidence due" } th { "dispute" } th { "amount" } th { "reason" } th { "status" } th { "customer" } th { "subscription" } th { "entitlement" } } }
+                    tbody {
+                        @for (s, d) in &open {
+                            tr {
+                                td { (opt_time(d.evidence_due_by)) }
+                                td { (d.id) }
+                                td { (mindroom_billing_core::explain::money(d.amount, &d.currency)) }
+                                td { (d.reason) }
+                                td { (d.status) }
+                                td { a href=(format!("/customers/{}", seg(&s.customer_id))) { (s.customer_id) } }
+                                td { (s.subscription_id) }
+                                td { (s.entitlement(now).status.as_str()) }
+                            }
+                        }
+                    }
+                }
+            }
         },
     )
 }

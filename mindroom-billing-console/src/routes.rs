@@ -363,6 +363,10 @@ where
             let (rows, pager) = paged(ops.subscriptions_in_grace(rows_for(n)).await.map_err(fail)?, n, "/grace");
             Ok(page(StatusCode::OK, &pages::grace(&ctx, &rows, now, &pager)))
         }
+        ["disputes"] => {
+            let subs = ops.open_disputes(LIST_LIMIT).await.map_err(fail)?;
+            Ok(page(StatusCode::OK, &pages::disputes(&ctx, &subs, now)))
+        }
         ["drift"] => {
             let n = page_number(&req);
             let (rows, pager) = paged(ops.list_drift(None, rows_for(n)).await.map_err(fail)?, n, "/drift");

@@ -21,6 +21,7 @@ const PAGES: &[&str] = &[
     "/events/evt_failed_1/raw",
     "/jobs/dead",
     "/grace",
+    "/disputes",
     "/drift",
     "/audit",
 ];
@@ -860,4 +861,44 @@ async fn behind_a_trusted_proxy_each_client_is_throttled_on_its_own_address() {
     assert_eq!(spoofed.status(), 401);
     let rows = direct.store.list_audit(None, 5).await.unwrap();
     assert_eq!(rows[0].actor, "admin from 127.0.0.1", "not a trusted proxy: the header is ignored");
+}
+
+/// Open disputes, earliest evidence deadline first, each with its customer, subscription, amount,
+/// reason and status; a won dispute leaves the list.
+#[tokio::test]
+async fn open_disputes_are_listed_by_evidence_due_date() {
+    let api = std::sync::Arc::new(mindroom_billing_core::stripe_api::FakeStripeApi::new());
+    for charge in ["ch_late", "ch_soon"] {
+        api.put_charge(mindroom_billing_core::stripe_api::RawObject {
+            id: charge.into(),
+            raw: format!(r#"{{"id":"{charge}","object":"charge","customer":"{CUS}"}}"#),
+        });
+    }
+    let h = start(Options { stripe: Some(api), ..Options::default() }).await;
+    let admin = Client::login(h.addr, ADMIN_PASSWORD).await;
+    assert!(admin.page("/disputes").await.contains("No dispute is open"));
+    let opened = support::t0().timestamp();
+    let dispute = |id: &str, charge: &str, status: &str, due_days: i64, reason: &str| {
+        let body = format!(
+            r#"{{"id":"evt_{id}_{status}","object":"event","created":{opened},"type":"charge.dispute.created","data":{{"object":{{"id":"{id}","object":"dispute","amount":4900,"currency":"usd","charge":"{charge}","created":{opened},"reason":"{reason}","status":"{status}","evidence_details":{{"due_by":{due}}}}}}}}}"#,
+            due = opened + due_days * 86_400
+        );
+        mindroom_billing_core::parse(body.as_bytes()).unwrap()
+    };
+    h.billing.apply(&dispute("dp_late", "ch_late", "needs_response", 9, "fraudulent")).await.unwrap();
+    h.billing.apply(&dispute("dp_soon", "ch_soon", "warning_needs_response", 2, "<b>general</b>")).await.unwrap();
+    let page = admin.page("/disputes").await;
+    let (soon, late) = (page.find("dp_soon").unwrap(), page.find("dp_late").unwrap());
+    assert!(soon < late, "earliest evidence deadline first:\n{page}");
+    for expected in [SUB, CUS, "$49.00", "fraudulent", "needs_response", "warning_needs_response", "&lt;b&gt;general"] {
+        assert!(page.contains(expected), "{expected} on the disputes page:\n{page}");
+    }
+    assert!(!page.contains("<b>general"), "escaped");
+    let due = (support::t0() + Duration::days(2)).format("%Y-%m-%d %H:%M").to_string();
+    assert!(page.contains(&due), "{due}:\n{page}");
+    let mut won = dispute("dp_soon", "ch_soon", "won", 2, "general");
+    won.created += Duration::days(1);
+    h.billing.apply(&won).await.unwrap();
+    let page = admin.page("/disputes").await;
+    assert!(!page.contains("dp_soon") && page.contains("dp_late"), "{page}");
 }

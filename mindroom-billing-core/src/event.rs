@@ -59,6 +59,14 @@ pub enum EventType {
     InvoicePaymentSucceeded,
     /// `invoice.payment_failed`
     InvoicePaymentFailed,
+    /// `invoice.payment_action_required`: the customer must authenticate the payment (3-D Secure).
+    InvoicePaymentActionRequired,
+    /// `charge.dispute.created`
+    DisputeCreated,
+    /// `charge.dispute.updated`
+    DisputeUpdated,
+    /// `charge.dispute.closed`
+    DisputeClosed,
     /// `customer.created`
     CustomerCreated,
     /// `customer.updated`
@@ -82,6 +90,10 @@ impl EventType {
             "invoice.paid" => Self::InvoicePaid,
             "invoice.payment_succeeded" => Self::InvoicePaymentSucceeded,
             "invoice.payment_failed" => Self::InvoicePaymentFailed,
+            "invoice.payment_action_required" => Self::InvoicePaymentActionRequired,
+            "charge.dispute.created" => Self::DisputeCreated,
+            "charge.dispute.updated" => Self::DisputeUpdated,
+            "charge.dispute.closed" => Self::DisputeClosed,
             "customer.created" => Self::CustomerCreated,
             "customer.updated" => Self::CustomerUpdated,
             "checkout.session.completed" => Self::CheckoutSessionCompleted,
@@ -101,6 +113,10 @@ impl EventType {
             Self::InvoicePaid => "invoice.paid",
             Self::InvoicePaymentSucceeded => "invoice.payment_succeeded",
             Self::InvoicePaymentFailed => "invoice.payment_failed",
+            Self::InvoicePaymentActionRequired => "invoice.payment_action_required",
+            Self::DisputeCreated => "charge.dispute.created",
+            Self::DisputeUpdated => "charge.dispute.updated",
+            Self::DisputeClosed => "charge.dispute.closed",
             Self::CustomerCreated => "customer.created",
             Self::CustomerUpdated => "customer.updated",
             Self::CheckoutSessionCompleted => "checkout.session.completed",
@@ -122,6 +138,10 @@ impl EventType {
                 "invoice.paid" => "invoice.paid",
                 "invoice.payment_succeeded" => "invoice.payment_succeeded",
                 "invoice.payment_failed" => "invoice.payment_failed",
+                "invoice.payment_action_required" => "invoice.payment_action_required",
+                "charge.dispute.created" => "charge.dispute.created",
+                "charge.dispute.updated" => "charge.dispute.updated",
+                "charge.dispute.closed" => "charge.dispute.closed",
                 "customer.created" => "customer.created",
                 "customer.updated" => "customer.updated",
                 _ => "checkout.session.completed",
@@ -228,6 +248,7 @@ impl Event {
             EventObject::Invoice(i) => Some(&i.customer),
             EventObject::Customer(c) => Some(&c.id),
             EventObject::CheckoutSession(c) => c.customer.as_deref(),
+            EventObject::Dispute(d) => d.customer.as_deref(),
             EventObject::Other => None,
         }
     }
@@ -237,6 +258,7 @@ impl Event {
         match &self.object {
             EventObject::Subscription(s) => Some(&s.id),
             EventObject::Invoice(i) => i.subscription.as_deref(),
+            EventObject::Dispute(d) => d.subscription.as_deref(),
             _ => None,
         }
     }
@@ -254,6 +276,8 @@ pub enum EventObject {
     Customer(CustomerInfo),
     /// A completed checkout session.
     CheckoutSession(CheckoutSession),
+    /// A dispute (chargeback) of a charge (`charge.dispute.*`).
+    Dispute(DisputeInfo),
     /// An event type billing does not act on.
     Other,
 }
@@ -317,6 +341,49 @@ pub struct CustomerInfo {
     pub email: Option<String>,
     /// Name.
     pub name: Option<String>,
+}
+
+/// A dispute as a `charge.dispute.*` event carries it. Stripe's dispute names the charge, not the
+/// customer: [`DisputeInfo::customer`] and [`DisputeInfo::subscription`] are `None` after parsing and
+/// are filled in by the orchestrator, which looks the charge up (the pure core never does I/O).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DisputeInfo {
+    /// `dp_…` (or `du_…`)
+    pub id: String,
+    /// The disputed charge, `ch_…`.
+    pub charge: String,
+    /// The payment intent of the charge, when Stripe names it.
+    pub payment_intent: Option<String>,
+    /// Disputed amount, in the currency's minor unit.
+    pub amount: i64,
+    /// ISO currency code.
+    pub currency: String,
+    /// Stripe's reason (`fraudulent`, `product_not_received`, `general`, …).
+    pub reason: String,
+    /// Stripe's status: `warning_needs_response`, `warning_under_review`, `warning_closed`,
+    /// `needs_response`, `under_review`, `won`, `lost` (newer versions add more; kept verbatim).
+    pub status: String,
+    /// `evidence_details.due_by`: the last moment evidence can be submitted.
+    pub evidence_due_by: Option<DateTime<Utc>>,
+    /// `created`: when the dispute was opened.
+    pub opened_at: DateTime<Utc>,
+    /// The customer of the charge, when known (filled in by the orchestrator).
+    pub customer: Option<String>,
+    /// The subscription the dispute is booked on, when known (filled in by the orchestrator).
+    pub subscription: Option<String>,
+}
+
+impl DisputeInfo {
+    /// Whether the dispute is decided (`won`, `lost`, or a closed inquiry).
+    pub fn is_closed(&self) -> bool {
+        dispute_status_is_closed(&self.status)
+    }
+}
+
+/// Whether a dispute status is final: `won`, `lost`, `warning_closed` (an inquiry that never became a
+/// chargeback) or `prevented`.
+pub fn dispute_status_is_closed(status: &str) -> bool {
+    matches!(status, "won" | "lost" | "warning_closed" | "prevented")
 }
 
 /// A completed Checkout session.
@@ -443,6 +510,17 @@ pub fn parse_customer_object(json: &str) -> Result<CustomerInfo, ParseError> {
     parse_customer(raw)
 }
 
+/// Reads the customer of a charge object as `GET /v1/charges/{id}` returns it (`None`: a charge
+/// without a customer, e.g. a guest payment).
+pub fn parse_charge_customer(json: &str) -> Result<Option<String>, ParseError> {
+    #[derive(Deserialize)]
+    struct RawCharge {
+        customer: Option<ExpandableId>,
+    }
+    let raw: RawCharge = serde_json::from_str(json).map_err(|e| ParseError::Json(e.to_string()))?;
+    Ok(raw.customer.map(|c| c.0))
+}
+
 #[derive(Deserialize)]
 struct RawApiSubscription<'a> {
     #[serde(borrow)]
@@ -489,6 +567,7 @@ fn parse_two_pass(payload: &str) -> Result<Event, ParseError> {
         ObjectKind::Invoice => object_json(object).map(RawObject::Invoice),
         ObjectKind::Customer => object_json(object).map(RawObject::Customer),
         ObjectKind::Checkout => object_json(object).map(RawObject::Checkout),
+        ObjectKind::Dispute => object_json(object).map(RawObject::Dispute),
         ObjectKind::Other => Ok(RawObject::Other),
     })
 }
@@ -500,6 +579,7 @@ enum ObjectKind {
     Invoice,
     Customer,
     Checkout,
+    Dispute,
     Other,
 }
 
@@ -508,6 +588,7 @@ enum RawObject<'a> {
     Invoice(RawInvoice<'a>),
     Customer(RawCustomer<'a>),
     Checkout(RawCheckout<'a>),
+    Dispute(RawDispute<'a>),
     Other,
 }
 
@@ -527,9 +608,11 @@ fn parse_envelope<'a, O>(
         | EventType::SubscriptionPaused
         | EventType::SubscriptionResumed
         | EventType::SubscriptionTrialWillEnd => ObjectKind::Subscription,
-        EventType::InvoicePaid | EventType::InvoicePaymentSucceeded | EventType::InvoicePaymentFailed => {
-            ObjectKind::Invoice
-        }
+        EventType::InvoicePaid
+        | EventType::InvoicePaymentSucceeded
+        | EventType::InvoicePaymentFailed
+        | EventType::InvoicePaymentActionRequired => ObjectKind::Invoice,
+        EventType::DisputeCreated | EventType::DisputeUpdated | EventType::DisputeClosed => ObjectKind::Dispute,
         EventType::CustomerCreated | EventType::CustomerUpdated => ObjectKind::Customer,
         EventType::CheckoutSessionCompleted => ObjectKind::Checkout,
         EventType::Other(_) => ObjectKind::Other,
@@ -539,6 +622,7 @@ fn parse_envelope<'a, O>(
         RawObject::Invoice(raw) => EventObject::Invoice(parse_invoice(raw)?),
         RawObject::Customer(raw) => EventObject::Customer(parse_customer(raw)?),
         RawObject::Checkout(raw) => EventObject::CheckoutSession(parse_checkout(raw)?),
+        RawObject::Dispute(raw) => EventObject::Dispute(parse_dispute(raw)?),
         RawObject::Other => EventObject::Other,
     };
     Ok(Event {
@@ -634,6 +718,30 @@ fn parse_customer(raw: RawCustomer<'_>) -> Result<CustomerInfo, ParseError> {
     })
 }
 
+fn parse_dispute(raw: RawDispute<'_>) -> Result<DisputeInfo, ParseError> {
+    let reason = raw.reason.map(Cow::into_owned).unwrap_or_default();
+    Ok(DisputeInfo {
+        id: raw.id.ok_or(ParseError::MissingField("data.object.id"))?.into_owned(),
+        charge: raw.charge.ok_or(ParseError::MissingField("data.object.charge"))?.0,
+        payment_intent: raw.payment_intent.map(|p| p.0),
+        amount: raw.amount.unwrap_or(0),
+        currency: raw.currency.map(Cow::into_owned).unwrap_or_default(),
+        reason,
+        status: raw.status.ok_or(ParseError::MissingField("data.object.status"))?.into_owned(),
+        // Stripe sends 0 when the network set no deadline.
+        evidence_due_by: opt_timestamp(
+            "data.object.evidence_details.due_by",
+            raw.evidence_details.and_then(|d| d.due_by).filter(|&t| t > 0),
+        )?,
+        opened_at: timestamp(
+            "data.object.created",
+            raw.created.ok_or(ParseError::MissingField("data.object.created"))?,
+        )?,
+        customer: None,
+        subscription: None,
+    })
+}
+
 fn parse_checkout(raw: RawCheckout<'_>) -> Result<CheckoutSession, ParseError> {
     let email = raw.customer_details.and_then(|d| d.email).or(raw.customer_email).map(Cow::into_owned);
     Ok(CheckoutSession {
@@ -703,6 +811,13 @@ struct RawAnyObject<'a> {
     client_reference_id: Option<Cow<'a, str>>,
     #[serde(borrow)]
     customer_details: Option<RawCustomerDetails<'a>>,
+    charge: Option<ExpandableId>,
+    payment_intent: Option<ExpandableId>,
+    amount: Option<i64>,
+    #[serde(borrow)]
+    reason: Option<Cow<'a, str>>,
+    evidence_details: Option<RawEvidenceDetails>,
+    created: Option<i64>,
 }
 
 impl<'a> RawAnyObject<'a> {
@@ -741,6 +856,17 @@ impl<'a> RawAnyObject<'a> {
                 client_reference_id: self.client_reference_id,
                 customer_email: self.customer_email,
                 customer_details: self.customer_details,
+            }),
+            ObjectKind::Dispute => RawObject::Dispute(RawDispute {
+                id: self.id,
+                charge: self.charge,
+                payment_intent: self.payment_intent,
+                amount: self.amount,
+                currency: self.currency,
+                reason: self.reason,
+                status: self.status,
+                evidence_details: self.evidence_details,
+                created: self.created,
             }),
             ObjectKind::Other => RawObject::Other,
         })
@@ -861,6 +987,28 @@ struct RawCheckout<'a> {
 }
 
 #[derive(Deserialize)]
+struct RawDispute<'a> {
+    #[serde(borrow)]
+    id: Option<Cow<'a, str>>,
+    charge: Option<ExpandableId>,
+    payment_intent: Option<ExpandableId>,
+    amount: Option<i64>,
+    #[serde(borrow)]
+    currency: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    reason: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    status: Option<Cow<'a, str>>,
+    evidence_details: Option<RawEvidenceDetails>,
+    created: Option<i64>,
+}
+
+#[derive(Deserialize)]
+struct RawEvidenceDetails {
+    due_by: Option<i64>,
+}
+
+#[derive(Deserialize)]
 struct RawCustomerDetails<'a> {
     #[serde(borrow)]
     email: Option<Cow<'a, str>>,
@@ -921,7 +1069,7 @@ mod tests {
                 seen += 1;
             }
         }
-        assert_eq!(seen, 16);
+        assert_eq!(seen, 24);
         // A field of another object kind with an odd shape: the one-pass read fails, the exact one works.
         let odd = br#"{"id":"e","type":"payout.paid","created":1,"data":{"object":{"items":[1],"email":{"x":1}}}}"#;
         assert_eq!(parse(odd).unwrap().object, EventObject::Other);

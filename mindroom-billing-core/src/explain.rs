@@ -125,6 +125,7 @@ fn email_label(email: &EmailKind) -> &'static str {
     match email {
         EmailKind::Welcome => "welcome",
         EmailKind::PaymentFailed { .. } => "payment failed",
+        EmailKind::PaymentActionRequired { .. } => "confirm your payment",
         EmailKind::GraceExpired => "grace expired",
         EmailKind::TrialEnding { .. } => "trial ending",
         EmailKind::Cancellation => "cancellation",
@@ -182,6 +183,35 @@ pub fn explain(
     let grace_part = |ended: bool| -> String {
         let Some(grace) = state.grace else { return String::new() };
         let days = (grace.ends_at - grace.started_at).num_days();
+        // The first unresolved failure waits for the customer to authenticate the payment (3-D Secure).
+        let awaiting = state
+            .failures
+            .first()
+            .and_then(|f| f.invoice_id.as_ref())
+            .filter(|id| state.awaiting_customer.contains(id));
+        if let Some(invoice) = awaiting {
+            let amount = invoices
+                .iter()
+                .find(|i| &i.id == invoice)
+                .map(|i| format!(" ({})", money(i.amount_due, &i.currency)))
+                .unwrap_or_default();
+            return if ended {
+                format!("the customer did not confirm the payment of {invoice}{amount} by {}", day(grace.ends_at))
+            } else {
+                format!(
+                    "waiting for the customer to confirm the payment of {invoice}{amount} by {}",
+                    day(grace.ends_at)
+                )
+            };
+        }
+        if let Some(since) = state.dispute_hold.filter(|&h| state.failures.first().is_none_or(|f| h <= f.at)) {
+            let verb = if ended { "ended" } else { "ends" };
+            return format!(
+                "a dispute opened on {} suspends the entitlements; the {days}-day grace {verb} on {}",
+                day(since),
+                day(grace.ends_at)
+            );
+        }
         let (what, at) = first_failure(state, invoices).unwrap_or_else(|| ("a payment".to_owned(), grace.started_at));
         let verb = if ended { "ended" } else { "ends" };
         format!("{what} failed on {}; the {days}-day grace {verb} on {}", day(at), day(grace.ends_at))

@@ -22,7 +22,7 @@ pub use ports::{ChangeListener, Clock, Notifier, Provisioner, Store, StoreError,
 pub use retention::{PruneReport, PruneRequest, RetentionPolicy};
 pub use signature::{SignatureError, Verifier, WebhookSecret};
 pub use tier::{Limit, Limits, Metric, PriceCatalog, PriceRef, Tier};
-pub use transition::{Decision, Policy, decide, expire_grace};
+pub use transition::{Decision, DisputePolicy, Policy, decide, expire_grace};
 pub mod service;
 pub mod telemetry;
 pub use service::{

@@ -867,6 +867,17 @@ impl OperatorStore for MemoryStore {
         Ok(take(inner.subscriptions.range((from, Unbounded)).map(|(_, s)| s.clone()), limit))
     }
 
+    async fn open_disputes(&self, limit: u32) -> Result<Vec<SubscriptionState>, StoreError> {
+        let inner = self.lock()?;
+        let mut found: Vec<(Option<DateTime<Utc>>, &SubscriptionState)> = inner
+            .subscriptions
+            .values()
+            .filter_map(|s| s.open_disputes().first().map(|d| (d.evidence_due_by, s)))
+            .collect();
+        found.sort_by_key(|(due, s)| (due.is_none(), *due, s.subscription_id.clone()));
+        Ok(take(found.into_iter().map(|(_, s)| s.clone()), limit))
+    }
+
     async fn retry_dead_job(&self, job_id: i64, now: DateTime<Utc>) -> Result<Option<Job>, StoreError> {
         let mut inner = self.lock()?;
         let Some(job) = inner.jobs.get_mut(&job_id).filter(|j| j.state == JobState::Dead) else { return Ok(None) };

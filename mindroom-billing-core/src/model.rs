@@ -156,6 +156,18 @@ pub struct SubscriptionState {
     /// snapshot does not depend on delivery order.
     #[serde(default)]
     pub last_priced: Option<PricedAt>,
+    /// Invoices whose payment waits for the customer to authenticate it (`invoice.payment_action_required`),
+    /// while their failure is unresolved.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub awaiting_customer: Vec<String>,
+    /// Disputes (chargebacks) of this subscription's charges, each as last reported.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disputes: Vec<DisputeRecord>,
+    /// Set under the `suspend` dispute policy while a dispute is open or lost: when the earliest such
+    /// dispute was opened. The entitlements are suspended meanwhile, and the grace period runs from
+    /// it (the instance is kept for the grace period).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dispute_hold: Option<DateTime<Utc>>,
     /// Compare-and-swap version: the version this value was loaded at (0 = not stored yet).
     pub version: u64,
 }
@@ -180,8 +192,18 @@ impl SubscriptionState {
             grace: None,
             grace_expiry_handled: false,
             last_priced: None,
+            awaiting_customer: Vec::new(),
+            disputes: Vec::new(),
+            dispute_hold: None,
             version: 0,
         }
+    }
+
+    /// The disputes still open (not won, lost or closed), earliest evidence deadline first.
+    pub fn open_disputes(&self) -> Vec<&DisputeRecord> {
+        let mut open: Vec<&DisputeRecord> = self.disputes.iter().filter(|d| !d.is_closed()).collect();
+        open.sort_by_key(|d| (d.evidence_due_by.is_none(), d.evidence_due_by, d.opened_at));
+        open
     }
 
     /// The subscription's status, if a snapshot was applied.
@@ -217,7 +239,8 @@ impl SubscriptionState {
     /// What the subscription entitles its account to at `now`: the effective tier and limits (free
     /// unless it grants its own) and why. The entitlements answer and the public `subscriptions` row
     /// (`max_*`, `entitlement_status`) both come from here. Grants exactly when [`Self::desired`] is
-    /// a running instance.
+    /// a running instance, except under a dispute hold ([`Self::dispute_hold`]): then nothing is
+    /// granted while the instance is kept until the grace period ends.
     pub fn entitlement(&self, now: DateTime<Utc>) -> Entitlement {
         let status = match &self.snapshot {
             None => EntitlementStatus::Suspended,
@@ -230,6 +253,7 @@ impl SubscriptionState {
                 | SubscriptionStatus::Unpaid
                 | SubscriptionStatus::Paused => match self.grace {
                     Some(grace) if now >= grace.ends_at => EntitlementStatus::Suspended,
+                    _ if self.dispute_hold.is_some() => EntitlementStatus::Suspended,
                     Some(_) => EntitlementStatus::Grace,
                     None => EntitlementStatus::Active,
                 },
@@ -240,6 +264,41 @@ impl SubscriptionState {
             _ => Tier::Free,
         };
         Entitlement { tier, limits: tier.limits(), status }
+    }
+}
+
+/// A dispute (chargeback) of one of a subscription's charges, as last reported by Stripe.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DisputeRecord {
+    /// `dp_…`
+    pub id: String,
+    /// The disputed charge.
+    pub charge: String,
+    /// Amount, minor unit.
+    pub amount: i64,
+    /// Currency.
+    pub currency: String,
+    /// Stripe's reason.
+    pub reason: String,
+    /// Stripe's status (see [`crate::event::DisputeInfo::status`]).
+    pub status: String,
+    /// The evidence deadline.
+    pub evidence_due_by: Option<DateTime<Utc>>,
+    /// When the dispute was opened.
+    pub opened_at: DateTime<Utc>,
+    /// `created` of the event that reported `status` (reports are ordered by it).
+    pub reported_at: DateTime<Utc>,
+}
+
+impl DisputeRecord {
+    /// Whether it is decided (won, lost, or an inquiry closed).
+    pub fn is_closed(&self) -> bool {
+        crate::event::dispute_status_is_closed(&self.status)
+    }
+
+    /// Whether it holds the entitlements under the `suspend` policy: open, or lost.
+    pub fn holds(&self) -> bool {
+        !self.is_closed() || self.status == "lost"
     }
 }
 
@@ -680,6 +739,18 @@ pub enum EmailKind {
         /// Where to pay.
         hosted_invoice_url: Option<String>,
     },
+    /// A renewal needs the customer to confirm the payment (3-D Secure); the grace deadline is read
+    /// when sending.
+    PaymentActionRequired {
+        /// Invoice.
+        invoice_id: String,
+        /// Amount due, minor unit.
+        amount_due: i64,
+        /// Currency.
+        currency: String,
+        /// Where the customer confirms the payment.
+        hosted_invoice_url: Option<String>,
+    },
     /// The grace period ran out; the instance is removed.
     GraceExpired,
     /// The trial ends soon.
@@ -697,6 +768,7 @@ impl EmailKind {
         match self {
             Self::Welcome => "welcome",
             Self::PaymentFailed { .. } => "payment_failed",
+            Self::PaymentActionRequired { .. } => "payment_action_required",
             Self::GraceExpired => "grace_expired",
             Self::TrialEnding { .. } => "trial_ending",
             Self::Cancellation => "cancellation",

@@ -230,6 +230,11 @@ pub trait OperatorStore: Send + Sync + 'static {
     /// caller reads them all by passing the last id of each page until a page is short.
     async fn list_subscriptions(&self, after: Option<&str>, limit: u32) -> Result<Vec<SubscriptionState>, StoreError>;
 
+    /// Subscriptions with at least one open dispute (see [`SubscriptionState::open_disputes`]),
+    /// earliest evidence deadline of their open disputes first (those without a deadline last), at
+    /// most `limit`.
+    async fn open_disputes(&self, limit: u32) -> Result<Vec<SubscriptionState>, StoreError>;
+
     /// Re-queues a dead job: `pending`, due at `now`, its last error kept, and returns it as re-queued.
     /// Fenced: only a job that is `dead` changes; returns `None` (and writes nothing) for any other
     /// job or an unknown id. Its

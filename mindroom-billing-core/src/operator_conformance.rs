@@ -33,6 +33,7 @@ where
     jobs_of_a_subscription(fresh().await).await;
     grace_by_deadline(fresh().await).await;
     every_subscription_by_id_a_page_at_a_time(fresh().await).await;
+    open_disputes_by_evidence_deadline(fresh().await).await;
     retry_is_fenced_on_dead(fresh().await).await;
     audit_rows_by_customer(fresh().await).await;
     drift_is_replaced_per_checked_subscription(fresh().await).await;
@@ -193,6 +194,41 @@ pub async fn every_subscription_by_id_a_page_at_a_time<S: Store + OperatorStore>
     let rest = store.list_subscriptions(Some("sub_a"), 100).await.unwrap();
     assert_eq!(rest.iter().map(|s| s.subscription_id.as_str()).collect::<Vec<_>>(), ["sub_a_1", "sub_b", "sub_c"]);
     assert!(store.list_subscriptions(Some("sub_c"), 100).await.unwrap().is_empty());
+}
+
+/// Subscriptions with an open dispute, earliest evidence deadline first (none last); closed disputes
+/// (won, lost, inquiry closed) are not listed; the aggregate is answered as stored.
+pub async fn open_disputes_by_evidence_deadline<S: Store + OperatorStore>(store: Arc<S>) {
+    let dispute = |id: &str, status: &str, due_days: Option<i64>| crate::model::DisputeRecord {
+        id: id.into(),
+        charge: format!("ch_{id}"),
+        amount: 4900,
+        currency: "usd".into(),
+        reason: "fraudulent".into(),
+        status: status.into(),
+        evidence_due_by: due_days.map(|d| t0() + Duration::days(d)),
+        opened_at: t0(),
+        reported_at: t0(),
+    };
+    let cases = [
+        ("sub_dp_late", vec![dispute("dp_1", "needs_response", Some(9))]),
+        // One closed dispute with an earlier deadline does not count; the open one does.
+        ("sub_dp_soon", vec![dispute("dp_2", "won", Some(1)), dispute("dp_3", "under_review", Some(3))]),
+        ("sub_dp_none", vec![dispute("dp_4", "warning_needs_response", None)]),
+        ("sub_dp_closed", vec![dispute("dp_5", "lost", Some(2)), dispute("dp_6", "warning_closed", Some(2))]),
+    ];
+    for (id, disputes) in cases {
+        let mut s = SubscriptionState::new(id, "cus_dp");
+        s.disputes = disputes;
+        store.commit(&commit(Some(s), None)).await.unwrap();
+    }
+    store.commit(&commit(Some(SubscriptionState::new("sub_dp_never", "cus_dp")), None)).await.unwrap();
+    let found = store.open_disputes(10).await.unwrap();
+    let ids: Vec<&str> = found.iter().map(|s| s.subscription_id.as_str()).collect();
+    assert_eq!(ids, ["sub_dp_soon", "sub_dp_late", "sub_dp_none"]);
+    assert_eq!(found[0].version, 1, "the aggregate as stored");
+    assert_eq!(found[0].disputes.len(), 2, "with all its disputes");
+    assert_eq!(store.open_disputes(1).await.unwrap().len(), 1);
 }
 
 /// Only a dead job is re-queued, due now, its attempts kept; it can then be claimed again.

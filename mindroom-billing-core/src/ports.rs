@@ -413,6 +413,17 @@ pub enum Message {
         /// Where to update the payment method.
         update_payment_url: Option<String>,
     },
+    /// A renewal waits for the customer to confirm the payment (3-D Secure).
+    PaymentActionRequired {
+        /// Amount due, minor unit.
+        amount_due: i64,
+        /// Currency.
+        currency: String,
+        /// When the instance will be removed if the payment is not confirmed.
+        grace_deadline: Option<DateTime<Utc>>,
+        /// Where the customer confirms the payment (the invoice's `hosted_invoice_url`).
+        confirm_url: Option<String>,
+    },
     /// The grace period ended; the instance was removed.
     GraceExpired,
     /// The trial ends soon.

@@ -124,6 +124,10 @@ pub trait StripeApi: Send + Sync + fmt::Debug {
     /// `GET /v1/customers/{id}`; `None` when Stripe knows no such customer (404). A deleted
     /// customer is `Some` (`{"deleted":true,…}`).
     async fn get_customer(&self, id: &str) -> Result<Option<RawObject>, StripeApiError>;
+
+    /// `GET /v1/charges/{id}`; `None` when Stripe knows no such charge (404). A dispute names its
+    /// charge only: the charge names the customer.
+    async fn get_charge(&self, id: &str) -> Result<Option<RawObject>, StripeApiError>;
 }
 
 /// An in-memory [`StripeApi`] for tests (feature `test-util`): events, subscriptions and customers
@@ -143,6 +147,7 @@ struct FakeState {
     /// In the order added; later added = newer.
     subscriptions: Vec<RawObject>,
     customers: Vec<RawObject>,
+    charges: Vec<RawObject>,
     errors: std::collections::VecDeque<StripeApiError>,
     calls: usize,
 }
@@ -177,6 +182,13 @@ impl FakeStripeApi {
         let mut state = self.state();
         state.customers.retain(|c| c.id != object.id);
         state.customers.push(object);
+    }
+
+    /// Adds or replaces (by id) a charge.
+    pub fn put_charge(&self, object: RawObject) {
+        let mut state = self.state();
+        state.charges.retain(|c| c.id != object.id);
+        state.charges.push(object);
     }
 
     /// The next call (of any kind) fails with `error`; queued errors are served in order.
@@ -253,6 +265,10 @@ impl StripeApi for FakeStripeApi {
 
     async fn get_customer(&self, id: &str) -> Result<Option<RawObject>, StripeApiError> {
         Ok(self.begin()?.customers.iter().find(|c| c.id == id).cloned())
+    }
+
+    async fn get_charge(&self, id: &str) -> Result<Option<RawObject>, StripeApiError> {
+        Ok(self.begin()?.charges.iter().find(|c| c.id == id).cloned())
     }
 }
 

@@ -45,9 +45,14 @@ fn register_at_zero() {
     for name in ["billing_webhook_processing_seconds", "billing_webhook_delivery_lag_seconds"] {
         drop(histogram!(name));
     }
-    for name in
-        ["billing_jobs_pending", "billing_jobs_running", "billing_jobs_dead", "billing_stripe_cursor_lag_seconds"]
-    {
+    for name in [
+        "billing_jobs_pending",
+        "billing_jobs_running",
+        "billing_jobs_dead",
+        "billing_stripe_cursor_lag_seconds",
+        "billing_disputes_open",
+        "billing_disputes_evidence_due_timestamp_seconds",
+    ] {
         gauge!(name).set(0.0);
     }
     for kind in JOB_KINDS {
@@ -116,6 +121,12 @@ fn describe() {
     describe_gauge!("billing_jobs_pending", Unit::Count, "Jobs waiting to run (all replicas, sampled by the sweeper)");
     describe_gauge!("billing_jobs_running", Unit::Count, "Jobs currently leased by a worker (all replicas)");
     describe_gauge!("billing_jobs_dead", Unit::Count, "Jobs that exhausted their attempts and need an operator");
+    describe_gauge!("billing_disputes_open", Unit::Count, "Disputes (chargebacks) not yet won, lost or closed");
+    describe_gauge!(
+        "billing_disputes_evidence_due_timestamp_seconds",
+        Unit::Seconds,
+        "Earliest evidence deadline among open disputes, unix seconds (0: none)"
+    );
     describe_histogram!(
         "billing_provisioner_request_seconds",
         Unit::Seconds,

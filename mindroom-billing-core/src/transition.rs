@@ -2,12 +2,43 @@
 
 use chrono::{DateTime, Duration, Utc};
 
-use crate::event::{Event, EventObject, EventType, InvoiceFact, SubscriptionSnapshot, SubscriptionStatus};
+use crate::event::{DisputeInfo, Event, EventObject, EventType, InvoiceFact, SubscriptionSnapshot, SubscriptionStatus};
 use crate::model::{
-    AccountPatch, AppliedSnapshot, EmailKind, Failure, Grace, JobKind, MAX_FAILURE_FACTS, NewJob, Outcome, PaidInvoice,
-    PricedAt, SubscriptionState,
+    AccountPatch, AppliedSnapshot, DisputeRecord, EmailKind, Failure, Grace, JobKind, MAX_FAILURE_FACTS, NewJob,
+    Outcome, PaidInvoice, PricedAt, SubscriptionState,
 };
 use crate::tier::{PriceCatalog, Tier};
+
+/// What a dispute (chargeback) does to the subscription it is booked on (`BILLING_DISPUTE_POLICY`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DisputePolicy {
+    /// The team is alerted; the customer keeps everything.
+    #[default]
+    Alert,
+    /// The team is alerted, and the entitlements are suspended while a dispute is open or lost; the
+    /// instance is kept for the grace period (from the dispute's opening), then removed unless the
+    /// dispute was won meanwhile.
+    Suspend,
+}
+
+impl DisputePolicy {
+    /// Parses `alert` / `suspend`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "alert" => Some(Self::Alert),
+            "suspend" => Some(Self::Suspend),
+            _ => None,
+        }
+    }
+
+    /// The configuration name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Alert => "alert",
+            Self::Suspend => "suspend",
+        }
+    }
+}
 
 /// Business rules that come from configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,15 +47,38 @@ pub struct Policy {
     pub prices: PriceCatalog,
     /// Length of the grace period after the first unresolved payment failure (`GRACE_PERIOD_DAYS`).
     pub grace_period: Duration,
+    /// What a dispute does (`BILLING_DISPUTE_POLICY`).
+    pub disputes: DisputePolicy,
+    /// The operator console's origin (`https://billing.example.com`), for links in admin alerts.
+    pub console_url: Option<String>,
 }
 
 impl Default for Policy {
     fn default() -> Self {
-        Self { prices: PriceCatalog::new(), grace_period: Duration::days(7) }
+        Self {
+            prices: PriceCatalog::new(),
+            grace_period: Duration::days(7),
+            disputes: DisputePolicy::Alert,
+            console_url: None,
+        }
     }
 }
 
 impl Policy {
+    /// Sets the dispute policy.
+    #[must_use]
+    pub fn with_dispute_policy(mut self, disputes: DisputePolicy) -> Self {
+        self.disputes = disputes;
+        self
+    }
+
+    /// Sets the console origin used for links in admin alerts.
+    #[must_use]
+    pub fn with_console_url(mut self, url: impl Into<String>) -> Self {
+        self.console_url = Some(url.into().trim_end_matches('/').to_owned());
+        self
+    }
+
     /// Sets the price catalog.
     #[must_use]
     pub fn with_prices(mut self, prices: PriceCatalog) -> Self {
@@ -109,6 +163,7 @@ pub fn decide(policy: &Policy, state: Option<&SubscriptionState>, event: &Event,
             },
             None => Decision::outcome(Outcome::Ignored),
         },
+        EventObject::Dispute(dispute) => apply_dispute(policy, state, event, dispute, now),
         EventObject::Other => Decision::outcome(Outcome::Ignored),
     }
 }
@@ -258,11 +313,137 @@ fn apply_invoice(
             }
             relevant
         }
+        EventType::InvoicePaymentActionRequired => {
+            // The payment waits for the customer: a failure of that invoice (same grace), and one
+            // e-mail per invoice with the link where the customer confirms it.
+            let relevant = add_failure(&mut next, Failure { at: created, invoice_id: Some(invoice.id.clone()) });
+            if relevant {
+                if let Err(pos) = next.awaiting_customer.binary_search(&invoice.id) {
+                    next.awaiting_customer.insert(pos, invoice.id.clone());
+                }
+                let email = EmailKind::PaymentActionRequired {
+                    invoice_id: invoice.id.clone(),
+                    amount_due: invoice.amount_due,
+                    currency: invoice.currency.clone(),
+                    hosted_invoice_url: invoice.hosted_invoice_url.clone(),
+                };
+                let late = policy.late("authentication request", created, now);
+                let key = format!("email:payment_action_required:{}", invoice.id);
+                jobs.push(email_job(&next, email, key, late, now));
+            }
+            relevant
+        }
         _ => return Decision { account, ..Decision::outcome(Outcome::Ignored) },
     };
     recompute_grace(&mut next, policy);
     let outcome = if relevant { Outcome::Applied } else { Outcome::Stale };
     finish(state, next, event, outcome, jobs, account, now)
+}
+
+fn apply_dispute(
+    policy: &Policy,
+    state: Option<&SubscriptionState>,
+    event: &Event,
+    dispute: &DisputeInfo,
+    now: DateTime<Utc>,
+) -> Decision {
+    let Some(subscription_id) = &dispute.subscription else {
+        // The charge's customer is unknown (no Stripe API to look it up, or no subscription of it
+        // is known): the team hears of it, nothing else changes.
+        let alert = dispute_alert(policy, dispute, None, event, now);
+        return Decision { jobs: vec![alert], ..Decision::outcome(Outcome::Applied) };
+    };
+    let customer = dispute.customer.clone().unwrap_or_default();
+    let mut next = state.cloned().unwrap_or_else(|| SubscriptionState::new(subscription_id, &customer));
+    let created = event.created;
+    let previous = next.disputes.iter().find(|d| d.id == dispute.id).cloned();
+    // Reports of one dispute are ordered by `created`; a decided dispute is not reopened by an older
+    // or undecided report.
+    let stale = previous.as_ref().is_some_and(|p| created < p.reported_at || (p.is_closed() && !dispute.is_closed()));
+    if stale {
+        return Decision::outcome(Outcome::Stale);
+    }
+    let record = DisputeRecord {
+        id: dispute.id.clone(),
+        charge: dispute.charge.clone(),
+        amount: dispute.amount,
+        currency: dispute.currency.clone(),
+        reason: dispute.reason.clone(),
+        status: dispute.status.clone(),
+        evidence_due_by: dispute.evidence_due_by,
+        opened_at: dispute.opened_at,
+        reported_at: created,
+    };
+    let mut jobs = Vec::new();
+    if previous.as_ref().is_none_or(|p| p.status != record.status) {
+        jobs.push(dispute_alert(policy, dispute, previous.as_ref(), event, now));
+    }
+    match next.disputes.iter_mut().find(|d| d.id == record.id) {
+        Some(existing) => *existing = record,
+        None => {
+            // Kept by id, so the aggregate does not depend on the order disputes arrived in.
+            let pos = next.disputes.partition_point(|d| d.id < record.id);
+            next.disputes.insert(pos, record);
+        }
+    }
+    next.dispute_hold = match policy.disputes {
+        DisputePolicy::Alert => None,
+        DisputePolicy::Suspend => next.disputes.iter().filter(|d| d.holds()).map(|d| d.opened_at).min(),
+    };
+    recompute_grace(&mut next, policy);
+    finish(state, next, event, Outcome::Applied, jobs, None, now)
+}
+
+/// The admin alert for one reported dispute status: one per dispute and status.
+fn dispute_alert(
+    policy: &Policy,
+    dispute: &DisputeInfo,
+    previous: Option<&DisputeRecord>,
+    event: &Event,
+    now: DateTime<Utc>,
+) -> NewJob {
+    let amount = crate::explain::money(dispute.amount, &dispute.currency);
+    let customer = dispute.customer.as_deref().unwrap_or("unknown customer");
+    let subject = match (dispute.status.as_str(), previous) {
+        ("won", _) => format!("Dispute won: {amount} of {customer}"),
+        ("lost", _) => format!("Dispute lost: {amount} of {customer}"),
+        (status, _) if dispute.is_closed() => format!("Dispute closed ({status}): {amount} of {customer}"),
+        (_, None) => format!("Dispute opened: {amount} of {customer}"),
+        (status, Some(_)) => format!("Dispute {} is now {status}: {amount} of {customer}", dispute.id),
+    };
+    let due = dispute
+        .evidence_due_by
+        .map_or_else(|| "no deadline given".to_owned(), |d| d.format("%Y-%m-%d %H:%M UTC").to_string());
+    let subscription = dispute.subscription.as_deref().unwrap_or("unknown");
+    let mut detail = format!(
+        "Dispute {} of charge {} ({event_type}, event {event_id}): {amount}, reason {reason}, status {status}{was}.          Evidence due by {due}. Customer {customer}, subscription {subscription}.",
+        dispute.id,
+        dispute.charge,
+        event_type = event.event_type,
+        event_id = event.id,
+        reason = if dispute.reason.is_empty() { "not given" } else { &dispute.reason },
+        status = dispute.status,
+        was = previous.map_or_else(String::new, |p| format!(" (was {})", p.status)),
+    );
+    if dispute.subscription.is_some() && policy.disputes == DisputePolicy::Suspend {
+        detail.push_str(if dispute.is_closed() && dispute.status != "lost" {
+            " Policy suspend: the entitlements come back unless another dispute holds them."
+        } else {
+            " Policy suspend: the entitlements are suspended; the instance is kept for the grace period."
+        });
+    }
+    if dispute.customer.is_none() {
+        detail.push_str(" The charge's customer could not be looked up (is STRIPE_SECRET_KEY set?).");
+    }
+    if let (Some(console), Some(customer)) = (&policy.console_url, &dispute.customer) {
+        detail.push_str(&format!(" Console: {console}/customers/{customer}"));
+    }
+    NewJob {
+        key: format!("alert:dispute:{}:{}", dispute.id, dispute.status),
+        group: None,
+        kind: JobKind::AdminAlert { subject, detail },
+        run_after: now,
+    }
 }
 
 /// Common tail: compare the desired instance before and after, queue a reconcile when it moved (or the
@@ -363,11 +544,17 @@ fn is_resolved(state: &SubscriptionState, failure: &Failure) -> bool {
 fn retain_unresolved(state: &mut SubscriptionState) {
     let failures = std::mem::take(&mut state.failures);
     state.failures = failures.into_iter().filter(|f| !is_resolved(state, f)).collect();
+    let failures = &state.failures;
+    state.awaiting_customer.retain(|invoice| failures.iter().any(|f| f.invoice_id.as_ref() == Some(invoice)));
 }
 
-/// The grace period starts at the earliest unresolved failure and is never extended.
+/// The grace period starts at the earliest unresolved failure (or dispute hold) and is never extended.
 fn recompute_grace(state: &mut SubscriptionState, policy: &Policy) {
-    let grace = state.failures.first().map(|f| Grace { started_at: f.at, ends_at: f.at + policy.grace_period });
+    let start = match (state.failures.first().map(|f| f.at), state.dispute_hold) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let grace = start.map(|at| Grace { started_at: at, ends_at: at + policy.grace_period });
     if grace.map(|g| g.started_at) != state.grace.map(|g| g.started_at) {
         state.grace_expiry_handled = false;
     }

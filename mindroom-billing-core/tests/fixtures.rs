@@ -1,4 +1,4 @@
-//! All 16 event fixtures (both API versions) parse, agree on the fields billing reads, and drive the
+//! All 24 event fixtures (both API versions) parse, agree on the fields billing reads, and drive the
 //! full subscription timeline through the pure `decide`.
 
 mod common;
@@ -11,7 +11,7 @@ use mindroom_billing_core::{
     Tier, decide, expire_grace,
 };
 
-const NAMES: [&str; 8] = [
+const NAMES: [&str; 12] = [
     "customer.subscription.created",
     "customer.subscription.updated",
     "customer.subscription.deleted",
@@ -20,6 +20,10 @@ const NAMES: [&str; 8] = [
     "invoice.payment_failed",
     "checkout.session.completed",
     "customer.updated",
+    "invoice.payment_action_required",
+    "charge.dispute.created",
+    "charge.dispute.updated",
+    "charge.dispute.closed",
 ];
 
 fn subscription(e: &Event) -> &SubscriptionSnapshot {
@@ -37,7 +41,7 @@ fn invoice(e: &Event) -> &InvoiceFact {
 }
 
 #[test]
-fn all_sixteen_fixtures_parse_with_the_right_type_and_version() {
+fn all_twenty_four_fixtures_parse_with_the_right_type_and_version() {
     let mut count = 0;
     for version in VERSIONS {
         for name in NAMES {
@@ -50,7 +54,7 @@ fn all_sixteen_fixtures_parse_with_the_right_type_and_version() {
             count += 1;
         }
     }
-    assert_eq!(count, 16);
+    assert_eq!(count, 24);
     // Every file of the events directory is covered.
     for version in VERSIONS {
         let files = std::fs::read_dir(common::stripe_dir().join("events").join(version)).unwrap().count();
@@ -210,4 +214,104 @@ fn full_timeline_through_decide_in_both_api_versions() {
         finals.push(s);
     }
     assert_eq!(finals[0], finals[1], "both API versions end in the same aggregate");
+}
+
+fn dispute(e: &Event) -> &mindroom_billing_core::event::DisputeInfo {
+    match &e.object {
+        EventObject::Dispute(d) => d,
+        other => panic!("{}: not a dispute: {other:?}", e.id),
+    }
+}
+
+#[test]
+fn dispute_fields_agree_across_api_versions() {
+    for (name, status, closed) in [
+        ("charge.dispute.created", "needs_response", false),
+        ("charge.dispute.updated", "under_review", false),
+        ("charge.dispute.closed", "won", true),
+    ] {
+        let [old, new] = VERSIONS.map(|v| fixture(v, name));
+        let (a, b) = (dispute(&old), dispute(&new));
+        for d in [a, b] {
+            assert_eq!(d.id, "dp_1PgdQ2B7WZ01zgkWc4Ka9Dsp", "{name}");
+            assert_eq!(d.charge, "ch_3PgcA1B7WZ01zgkW0fdqL6I", "{name}");
+            assert_eq!(d.payment_intent.as_deref(), Some("pi_3PgcA1B7WZ01zgkW0fdqL6I"), "{name}");
+            assert_eq!((d.amount, d.currency.as_str(), d.reason.as_str()), (2000, "usd", "fraudulent"), "{name}");
+            assert_eq!((d.status.as_str(), d.is_closed()), (status, closed), "{name}");
+            assert_eq!(d.opened_at, at(1_786_728_000), "{name}");
+            assert_eq!(d.evidence_due_by, Some(at(1_787_529_599)), "{name}: the end of the ninth day after");
+            assert_eq!((d.customer.as_deref(), d.subscription.as_deref()), (None, None), "the charge is looked up");
+        }
+        assert_eq!(a, b, "{name}: both shapes read the same dispute");
+        assert_eq!(old.customer_id(), None);
+        assert_eq!(old.subscription_id(), None);
+    }
+}
+
+#[test]
+fn payment_action_required_reads_the_invoice_in_both_shapes() {
+    let [old, new] = VERSIONS.map(|v| fixture(v, "invoice.payment_action_required"));
+    assert_eq!(invoice(&old), invoice(&new));
+    let i = invoice(&new);
+    assert_eq!(
+        (i.id.as_str(), i.subscription.as_deref(), i.customer.as_str()),
+        ("in_1Pgd9kB7WZ01zgkWn4Tz2Yq8", Some(SUB), CUS)
+    );
+    assert_eq!(
+        i.hosted_invoice_url.as_deref(),
+        Some("https://invoice.stripe.com/i/acct_1PgafEB7WZ01zgkW/test_1Pgd9kB7WZ01zgkWn4Tz2Yq8")
+    );
+    assert!(i.amount_due > 0);
+}
+
+/// The renewal waits for the customer: one e-mail with the link (keyed per invoice), the grace of a
+/// failed payment of that invoice (a later failure report of it does not move it), and the payment
+/// ends both.
+#[test]
+fn payment_action_required_opens_the_grace_and_e_mails_the_link_once_per_invoice() {
+    for version in VERSIONS {
+        let p = policy();
+        let created = fixture(version, "customer.subscription.created");
+        let s0 = decide(&p, None, &created, created.created).subscription.unwrap();
+        let action = fixture(version, "invoice.payment_action_required");
+        let d = decide(&p, Some(&s0), &action, action.created);
+        assert_eq!(d.outcome, Outcome::Applied);
+        let s1 = d.subscription.unwrap();
+        assert_eq!(s1.awaiting_customer, ["in_1Pgd9kB7WZ01zgkWn4Tz2Yq8"]);
+        let grace = s1.grace.expect("grace opened");
+        assert_eq!((grace.started_at, grace.ends_at), (action.created, action.created + Duration::days(7)));
+        let emails: Vec<_> = d.jobs.iter().filter(|j| matches!(j.kind, JobKind::Email { .. })).collect();
+        assert_eq!(emails.len(), 1, "{version}");
+        assert_eq!(emails[0].key, "email:payment_action_required:in_1Pgd9kB7WZ01zgkWn4Tz2Yq8");
+        let JobKind::Email { email: EmailKind::PaymentActionRequired { hosted_invoice_url, amount_due, .. }, .. } =
+            &emails[0].kind
+        else {
+            panic!("{:?}", emails[0].kind)
+        };
+        assert!(hosted_invoice_url.as_deref().is_some_and(|u| u.ends_with("test_1Pgd9kB7WZ01zgkWn4Tz2Yq8")));
+        assert_eq!(*amount_due, invoice(&action).amount_due);
+        // Stripe sends the same fact again under a new event id, later: same e-mail key, same grace.
+        let mut again = action.clone();
+        again.id = "evt_again".into();
+        again.created = action.created + Duration::hours(20);
+        let d2 = decide(&p, Some(&s1), &again, again.created);
+        let s2 = d2.subscription.clone().unwrap_or_else(|| s1.clone());
+        assert_eq!(s2.grace, Some(grace), "never extended");
+        assert!(d2.jobs.iter().all(|j| !matches!(j.kind, JobKind::Email { .. }) || j.key == emails[0].key));
+        // The customer confirms: the invoice is paid, the grace ends, no reconcile removes anything.
+        let mut paid = fixture(version, "invoice.paid");
+        let EventObject::Invoice(fact) = &mut paid.object else { unreachable!() };
+        fact.id = "in_1Pgd9kB7WZ01zgkWn4Tz2Yq8".into();
+        paid.created = action.created + Duration::days(1);
+        let s3 = decide(&p, Some(&s2), &paid, paid.created).subscription.unwrap();
+        assert_eq!(s3.grace, None, "{version}");
+        assert!(s3.awaiting_customer.is_empty(), "paid: nothing waits for the customer");
+        // Learnt past the news horizon (a long outage caught up): the grace still counts, the
+        // e-mail is queued as not news (recorded as skipped, never sent).
+        let late = decide(&p, Some(&s0), &action, action.created + Duration::days(8));
+        let late_email = late.jobs.iter().find(|j| matches!(j.kind, JobKind::Email { .. })).unwrap();
+        let JobKind::Email { late: reason, .. } = &late_email.kind else { unreachable!() };
+        assert!(reason.as_deref().is_some_and(|r| r.contains("authentication request")), "{reason:?}");
+        assert!(matches!(s3.desired(paid.created + Duration::days(30)), DesiredInstance::Running { .. }));
+    }
 }

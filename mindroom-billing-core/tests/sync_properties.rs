@@ -328,6 +328,10 @@ impl StripeApi for SlowApi {
         self.clock.advance(self.delay);
         self.inner.get_customer(id).await
     }
+    async fn get_charge(&self, id: &str) -> Result<Option<RawObject>, StripeApiError> {
+        self.clock.advance(self.delay);
+        self.inner.get_charge(id).await
+    }
 }
 
 fn sim_with(clock: &Arc<TestClock>, api: Arc<dyn StripeApi>) -> (Billing, Arc<dyn Store>) {

@@ -89,6 +89,26 @@ fn compose(message: &Message) -> (String, Vec<Block>) {
             });
             (format!("Payment failed for your {PRODUCT} subscription"), blocks)
         }
+        Message::PaymentActionRequired { amount_due, currency, grace_deadline, confirm_url } => {
+            let amount = format_amount(*amount_due, currency);
+            let mut blocks = vec![para(vec![text(format!(
+                "Your bank asks you to confirm the payment of {amount} for your {PRODUCT} subscription. \
+                 The payment goes through once you confirm it."
+            ))])];
+            blocks.push(match confirm_url.as_deref().filter(|u| !u.trim().is_empty()) {
+                Some(url) => para(vec![text("Confirm the payment here: "), link(url, "confirm your payment")]),
+                None => para(vec![text("Please confirm the payment from the invoice in your account settings.")]),
+            });
+            blocks.push(para(vec![text(match grace_deadline {
+                Some(deadline) => format!(
+                    "Your instance keeps running until {}. If the payment is not confirmed by then, the instance will be removed.",
+                    format_datetime(*deadline)
+                ),
+                None => "Your instance keeps running for now, but it will be removed if the payment is not confirmed."
+                    .to_owned(),
+            })]));
+            (format!("Confirm your payment for {PRODUCT}"), blocks)
+        }
         Message::GraceExpired => (
             format!("Your {PRODUCT} instance has been removed"),
             vec![
@@ -353,6 +373,56 @@ mod tests {
             update_payment_url: None,
         });
         assert!(e.text.contains("€1.00") && e.text.contains("account settings"), "{}", e.text);
+    }
+
+    #[test]
+    fn payment_action_required() {
+        let e = render(&Message::PaymentActionRequired {
+            amount_due: 4900,
+            currency: "eur".into(),
+            grace_deadline: Some(at(1_785_604_800)),
+            confirm_url: Some("https://invoice.stripe.com/i/acct_1/test_1?s=ap&x=<y>".into()),
+        });
+        assert_eq!(e.subject, "Confirm your payment for MindRoom");
+        assert!(e.text.contains("confirm the payment of €49.00"), "{}", e.text);
+        assert!(
+            e.text.contains("confirm your payment (https://invoice.stripe.com/i/acct_1/test_1?s=ap&x=<y>)"),
+            "{}",
+            e.text
+        );
+        assert!(e.text.contains("running until August 1, 2026 at 17:20 UTC"), "{}", e.text);
+        assert!(
+            e.html.contains(
+                r#"<a href="https://invoice.stripe.com/i/acct_1/test_1?s=ap&amp;x=&lt;y&gt;">confirm your payment</a>"#
+            ),
+            "{}",
+            e.html
+        );
+        let e = render(&Message::PaymentActionRequired {
+            amount_due: 100,
+            currency: "usd".into(),
+            grace_deadline: None,
+            confirm_url: Some("javascript:alert(1)".into()),
+        });
+        assert!(!e.html.contains("<a "), "{}", e.html);
+        assert!(e.text.contains("$1.00") && e.text.contains("for now"), "{}", e.text);
+    }
+
+    /// docs/emails.md shows the confirm-your-payment e-mail exactly as rendered.
+    #[test]
+    fn the_docs_show_the_rendered_confirm_email() {
+        let e = render(&Message::PaymentActionRequired {
+            amount_due: 4900,
+            currency: "eur".into(),
+            grace_deadline: Some(at(1_785_604_800)),
+            confirm_url: Some(
+                "https://invoice.stripe.com/i/acct_1PgafEB7WZ01zgkW/test_1Pgd9kB7WZ01zgkWn4Tz2Yq8".into(),
+            ),
+        });
+        let docs =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/emails.md")).unwrap_or_default();
+        let sample = format!("Subject: {}\n\n```text\n{}```\n\n```html\n{}```\n", e.subject, e.text, e.html);
+        assert!(docs.contains(&sample), "docs/emails.md should contain:\n{sample}");
     }
 
     #[test]

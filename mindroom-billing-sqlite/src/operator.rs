@@ -94,6 +94,28 @@ impl OperatorStore for SqliteStore {
         .await
     }
 
+    async fn open_disputes(&self, limit: u32) -> Result<Vec<SubscriptionState>, StoreError> {
+        // Only aggregates that ever had a dispute carry `disputes` (rare); which are open and their
+        // order are decided on the values, as the other stores do.
+        let with_disputes = self
+            .read(move |conn| {
+                let mut stmt = conn
+                    .prepare_cached(&format!(
+                        "select {SUBSCRIPTION_COLUMNS} from subscriptions \
+                         where json_extract(state, '$.disputes') is not null"
+                    ))
+                    .map_err(sql)?;
+                collect(&mut stmt, [], rows::subscription)
+            })
+            .await?;
+        let mut open: Vec<(Option<chrono::DateTime<chrono::Utc>>, SubscriptionState)> = with_disputes
+            .into_iter()
+            .filter_map(|s| s.open_disputes().first().map(|d| d.evidence_due_by).map(|due| (due, s)))
+            .collect();
+        open.sort_by(|(a, x), (b, y)| (a.is_none(), a, &x.subscription_id).cmp(&(b.is_none(), b, &y.subscription_id)));
+        Ok(open.into_iter().map(|(_, s)| s).take(usize::try_from(limit).unwrap_or(usize::MAX)).collect())
+    }
+
     async fn list_subscriptions(&self, after: Option<&str>, limit: u32) -> Result<Vec<SubscriptionState>, StoreError> {
         let after = after.map(str::to_owned);
         self.read(move |conn| {

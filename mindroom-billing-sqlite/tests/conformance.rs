@@ -71,6 +71,7 @@ operator_checks!(
     events_of_a_customer_newest_first,
     jobs_of_a_subscription,
     grace_by_deadline,
+    open_disputes_by_evidence_deadline,
     every_subscription_by_id_a_page_at_a_time,
     retry_is_fenced_on_dead,
     audit_rows_by_customer,

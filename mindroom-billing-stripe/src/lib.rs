@@ -266,6 +266,7 @@ enum Endpoint {
     Subscriptions,
     Subscription,
     Customer,
+    Charge,
 }
 
 impl Endpoint {
@@ -275,6 +276,7 @@ impl Endpoint {
             Self::Subscriptions => "subscriptions",
             Self::Subscription => "subscription",
             Self::Customer => "customer",
+            Self::Charge => "charge",
         }
     }
 }
@@ -555,6 +557,10 @@ impl StripeApi for StripeClient {
 
     async fn get_customer(&self, id: &str) -> Result<Option<RawObject>, StripeApiError> {
         self.get_object(Endpoint::Customer, "customers", id).await
+    }
+
+    async fn get_charge(&self, id: &str) -> Result<Option<RawObject>, StripeApiError> {
+        self.get_object(Endpoint::Charge, "charges", id).await
     }
 }
 

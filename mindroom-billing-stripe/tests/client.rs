@@ -183,6 +183,21 @@ async fn unknown_ids_are_none_and_known_customers_are_returned() {
 }
 
 #[tokio::test]
+async fn a_disputed_charge_is_read_for_its_customer() {
+    let stub = StripeStub::start(KEY).await;
+    let charge =
+        serde_json::json!({"id": "ch_3PgcA1B7WZ01zgkW0fdqL6I", "object": "charge", "customer": "cus_QXg1o8vcGmoR32"});
+    stub.add_charge(charge.clone());
+    let c = client(&stub.url);
+    assert_eq!(c.get_charge("ch_missing").await.unwrap(), None);
+    let found = c.get_charge("ch_3PgcA1B7WZ01zgkW0fdqL6I").await.unwrap().unwrap();
+    assert_eq!(found.id, "ch_3PgcA1B7WZ01zgkW0fdqL6I");
+    let customer = mindroom_billing_core::event::parse_charge_customer(&found.raw).unwrap();
+    assert_eq!(customer.as_deref(), Some("cus_QXg1o8vcGmoR32"));
+    assert_eq!(stub.requests()[1].path, "/v1/charges/ch_3PgcA1B7WZ01zgkW0fdqL6I");
+}
+
+#[tokio::test]
 async fn rate_limits_then_server_errors_then_a_slow_answer_still_succeed() {
     let stub = StripeStub::start(KEY).await;
     stub.add_customer(json!({"id": "cus_1", "object": "customer", "email": "a@example.com"}));

@@ -105,6 +105,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "billing_console_operators",
         sql: include_str!("../migrations/20261212000000_billing_console_operators.sql"),
     },
+    Migration {
+        version: "20261213000000",
+        name: "billing_disputes",
+        sql: include_str!("../migrations/20261213000000_billing_disputes.sql"),
+    },
 ];
 
 #[cfg(test)]

@@ -9,7 +9,9 @@ use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::event::{self, Event, EventType, ParseError};
+use std::borrow::Cow;
+
+use crate::event::{self, Event, EventObject, EventType, ParseError};
 use crate::model::{
     Commit, CommitResult, EventSource, Expected, JobKind, NewEvent, NewJob, Outcome, Recorded, RecordedCommit,
     StoredEvent, SubscriptionState,
@@ -394,6 +396,7 @@ impl Billing {
         source: EventSource,
         now: DateTime<Utc>,
     ) -> Result<Disposition, StoreError> {
+        let event = &*self.linked(event).await?;
         let new_event = NewEvent {
             id: &event.id,
             event_type: event.event_type.as_str(),
@@ -562,7 +565,51 @@ impl Billing {
 
     /// Applies a recorded event: load, decide, commit with compare-and-swap, re-deciding on conflict.
     pub async fn apply(&self, event: &Event) -> Result<Disposition, StoreError> {
-        self.apply_from(event, None).await
+        let event = self.linked(event).await?;
+        self.apply_from(&event, None).await
+    }
+
+    /// A dispute names its charge, not its customer or subscription: with the Stripe API, the
+    /// charge is looked up for its customer, and the dispute is booked on the subscription of that
+    /// customer that already holds it, else the live one seen last. Without the API (or when the
+    /// charge names no customer billing knows) it stays unbooked: `decide` then only alerts.
+    /// Other events are returned as they are.
+    async fn linked<'e>(&self, event: &'e Event) -> Result<Cow<'e, Event>, StoreError> {
+        let EventObject::Dispute(dispute) = &event.object else { return Ok(Cow::Borrowed(event)) };
+        if dispute.subscription.is_some() {
+            return Ok(Cow::Borrowed(event));
+        }
+        let mut dispute = dispute.clone();
+        if dispute.customer.is_none() {
+            if let Some(api) = &self.stripe {
+                match api.get_charge(&dispute.charge).await {
+                    Ok(Some(charge)) => match event::parse_charge_customer(&charge.raw) {
+                        Ok(customer) => dispute.customer = customer,
+                        Err(e) => warn!(charge = %dispute.charge, error = %e, "cannot read the disputed charge"),
+                    },
+                    Ok(None) => warn!(charge = %dispute.charge, "Stripe knows no disputed charge of that id"),
+                    Err(e) if e.is_retryable() => {
+                        // Not applied now: the webhook answers 503 and Stripe delivers it again.
+                        return Err(StoreError::Unavailable(
+                            format!("the Stripe API did not answer for the disputed charge {}: {e}", dispute.charge)
+                                .into(),
+                        ));
+                    }
+                    Err(e) => warn!(charge = %dispute.charge, error = %e, "cannot look the disputed charge up"),
+                }
+            }
+        }
+        if let Some(customer) = &dispute.customer {
+            let account = crate::model::account_id_for_customer(customer);
+            let mut subscriptions = self.store.subscriptions_for_account(account).await?;
+            subscriptions.sort_by_key(|s| {
+                let holds = s.disputes.iter().any(|d| d.id == dispute.id);
+                let live = s.status().is_some_and(|st| !st.is_terminal());
+                (holds, live, s.snapshot.as_ref().map(|snap| snap.event_created))
+            });
+            dispute.subscription = subscriptions.pop().map(|s| s.subscription_id);
+        }
+        Ok(Cow::Owned(Event { object: EventObject::Dispute(dispute), ..event.clone() }))
     }
 
     /// [`Billing::apply`] starting from an aggregate loaded with the event's record (`Some`), or
@@ -683,6 +730,24 @@ impl Billing {
         Ok(handled)
     }
 
+    /// Sets `billing_disputes_open` (open disputes) and `billing_disputes_evidence_due_timestamp_seconds`
+    /// (the earliest evidence deadline among them, 0 when none), read through the operator port.
+    async fn measure_disputes(&self) {
+        let Some(ops) = &self.drift_log else { return };
+        match ops.open_disputes(1000).await {
+            Ok(subscriptions) => {
+                let open: Vec<_> = subscriptions.iter().flat_map(SubscriptionState::open_disputes).collect();
+                let due = open.iter().filter_map(|d| d.evidence_due_by).min().map_or(0, |d| d.timestamp());
+                #[allow(clippy::cast_precision_loss)]
+                {
+                    metrics::gauge!("billing_disputes_open").set(open.len() as f64);
+                    metrics::gauge!("billing_disputes_evidence_due_timestamp_seconds").set(due as f64);
+                }
+            }
+            Err(e) => warn!(error = %error_chain(&e), "cannot count open disputes"),
+        }
+    }
+
     /// Runs the job workers, the grace sweeper and unapplied pick-up, retention pruning and (with a
     /// Stripe API) catch-up and reconciliation until `shutdown`
     /// turns true; a job that is running then is finished first.
@@ -723,6 +788,7 @@ impl Billing {
                 if let Err(e) = this.pick_up_unapplied().await {
                     warn!(error = %error_chain(&e), "unapplied pick-up: store error");
                 }
+                this.measure_disputes().await;
                 if let Ok(counts) = this.store.job_counts().await {
                     #[allow(clippy::cast_precision_loss)]
                     {

@@ -18,7 +18,7 @@ use crate::stripe_api::{ApiEvent, EventsQuery, RawObject, StripeApi, StripeApiEr
 use crate::transition;
 
 /// The event types catch-up lists (`types[]`): every type billing acts on.
-pub const CATCH_UP_TYPES: [&str; 12] = [
+pub const CATCH_UP_TYPES: [&str; 16] = [
     "customer.subscription.created",
     "customer.subscription.updated",
     "customer.subscription.deleted",
@@ -28,6 +28,10 @@ pub const CATCH_UP_TYPES: [&str; 12] = [
     "invoice.paid",
     "invoice.payment_succeeded",
     "invoice.payment_failed",
+    "invoice.payment_action_required",
+    "charge.dispute.created",
+    "charge.dispute.updated",
+    "charge.dispute.closed",
     "customer.created",
     "customer.updated",
     "checkout.session.completed",
@@ -630,6 +634,8 @@ fn lanes(events: &[ApiEvent]) -> Vec<Vec<Listed<'_>>> {
                 (Some(sub), _) => sub.to_owned(),
                 (None, EventObject::Customer(c)) => c.id.clone(),
                 (None, EventObject::CheckoutSession(c)) => c.customer.clone().unwrap_or_else(|| api.id.clone()),
+                // The reports of one dispute in order (it is booked on its subscription when applied).
+                (None, EventObject::Dispute(d)) => d.id.clone(),
                 (None, _) => api.id.clone(),
             },
             Err(_) => api.id.clone(),

@@ -524,6 +524,14 @@ impl Billing {
                 grace_deadline: state.as_ref().and_then(|s| s.grace).map(|g| g.ends_at),
                 update_payment_url: hosted_invoice_url.clone(),
             },
+            EmailKind::PaymentActionRequired { amount_due, currency, hosted_invoice_url, .. } => {
+                Message::PaymentActionRequired {
+                    amount_due: *amount_due,
+                    currency: currency.clone(),
+                    grace_deadline: state.as_ref().and_then(|s| s.grace).map(|g| g.ends_at),
+                    confirm_url: hosted_invoice_url.clone(),
+                }
+            }
             EmailKind::GraceExpired => Message::GraceExpired,
             EmailKind::TrialEnding { trial_end } => Message::TrialEnding { trial_end: *trial_end },
             EmailKind::Cancellation => Message::Cancellation,
@@ -559,7 +567,7 @@ fn still_true(
             Some(i) if i.status == InstanceStatus::Running => Ok(()),
             other => Err(format!("the instance is not running ({})", other.map_or("none", |i| i.status.as_str()))),
         },
-        EmailKind::PaymentFailed { invoice_id, .. } => {
+        EmailKind::PaymentFailed { invoice_id, .. } | EmailKind::PaymentActionRequired { invoice_id, .. } => {
             let Some(state) = state else { return Err("the subscription is unknown".into()) };
             match status {
                 Some(SubscriptionStatus::Incomplete | SubscriptionStatus::IncompleteExpired) => {
@@ -570,6 +578,8 @@ fn still_true(
             }
             if state.failures.iter().any(|f| f.invoice_id.as_deref() == Some(invoice_id.as_str())) {
                 Ok(())
+            } else if state.paid_invoices.iter().any(|p| &p.invoice_id == invoice_id) {
+                Err(format!("invoice {invoice_id} was paid meanwhile"))
             } else {
                 Err(format!("the failure of invoice {invoice_id} is resolved"))
             }

@@ -88,6 +88,11 @@ pub(crate) async fn list_subscriptions<R: Rpc + ?Sized>(
     decode(F, rpc.call(F, json!({ "after": after, "limit": limit.to_string() })).await?)
 }
 
+pub(crate) async fn open_disputes<R: Rpc + ?Sized>(rpc: &R, limit: u32) -> Result<Vec<SubscriptionState>, StoreError> {
+    const F: &str = "billing_open_disputes";
+    decode(F, rpc.call(F, json!({ "limit": limit.to_string() })).await?)
+}
+
 pub(crate) async fn retry_dead_job<R: Rpc + ?Sized>(
     rpc: &R,
     job_id: i64,
@@ -247,6 +252,12 @@ macro_rules! impl_operator_store_via_rpc {
                 limit: u32,
             ) -> Result<Vec<mindroom_billing_core::SubscriptionState>, mindroom_billing_core::StoreError> {
                 crate::wire::operator::list_subscriptions(self, after, limit).await
+            }
+            async fn open_disputes(
+                &self,
+                limit: u32,
+            ) -> Result<Vec<mindroom_billing_core::SubscriptionState>, mindroom_billing_core::StoreError> {
+                crate::wire::operator::open_disputes(self, limit).await
             }
             async fn retry_dead_job(
                 &self,
