@@ -613,8 +613,9 @@ pub(crate) fn grace(ctx: &Ctx, subs: &[SubscriptionState], now: DateTime<Utc>, p
     )
 }
 
-/// Open disputes of every subscription, earliest evidence deadline first (none last).
-pub(crate) fn disputes(ctx: &Ctx, subs: &[SubscriptionState], now: DateTime<Utc>) -> Markup {
+/// Open disputes of a page of subscriptions (the store orders them by their earliest evidence
+/// deadline), earliest evidence deadline first (none last).
+pub(crate) fn disputes(ctx: &Ctx, subs: &[SubscriptionState], now: DateTime<Utc>, pg: &Pager) -> Markup {
     let mut open: Vec<(&SubscriptionState, &mindroom_billing_core::DisputeRecord)> =
         subs.iter().flat_map(|s| s.open_disputes().into_iter().map(move |d| (s, d))).collect();
     open.sort_by_key(|(s, d)| {
@@ -643,6 +644,7 @@ pub(crate) fn disputes(ctx: &Ctx, subs: &[SubscriptionState], now: DateTime<Utc>
                     }
                 }
             }
+            (pager(pg))
         },
     )
 }

@@ -364,8 +364,9 @@ where
             Ok(page(StatusCode::OK, &pages::grace(&ctx, &rows, now, &pager)))
         }
         ["disputes"] => {
-            let subs = ops.open_disputes(LIST_LIMIT).await.map_err(fail)?;
-            Ok(page(StatusCode::OK, &pages::disputes(&ctx, &subs, now)))
+            let n = page_number(&req);
+            let (subs, pager) = paged(ops.open_disputes(rows_for(n)).await.map_err(fail)?, n, "/disputes");
+            Ok(page(StatusCode::OK, &pages::disputes(&ctx, &subs, now, &pager)))
         }
         ["drift"] => {
             let n = page_number(&req);
