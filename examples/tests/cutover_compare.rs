@@ -22,16 +22,7 @@ const STARTER: &str = "price_compare_starter";
 const PRO: &str = "price_compare_pro";
 
 fn life(name: &str, start: i64) -> Life {
-    Life {
-        sub: format!("sub_{name}"),
-        customer: format!("cus_{name}"),
-        start,
-        first_price: STARTER.into(),
-        upgrade_to: None,
-        payment_failed: false,
-        paid_after_failure: false,
-        cancelled: false,
-    }
+    Life::new(format!("sub_{name}"), format!("cus_{name}"), start, STARTER)
 }
 
 /// One Node subscription row with its instance (if any).

@@ -21,16 +21,7 @@ const ENTERPRISE: &str = "price_edge_enterprise";
 const DAY: i64 = 86_400;
 
 fn life(sub: &str) -> Life {
-    Life {
-        sub: sub.into(),
-        customer: format!("cus_{sub}"),
-        start: now_secs() - 20 * DAY,
-        first_price: STARTER.into(),
-        upgrade_to: None,
-        payment_failed: false,
-        paid_after_failure: false,
-        cancelled: false,
-    }
+    Life::new(sub, format!("cus_{sub}"), now_secs() - 20 * DAY, STARTER)
 }
 
 async fn one_replica(stub: &StubProvisioner) -> Cluster {

@@ -52,16 +52,7 @@ impl Mailbox {
 }
 
 fn life(sub: &str) -> Life {
-    Life {
-        sub: sub.into(),
-        customer: format!("cus_{sub}"),
-        start: now_secs() - 20 * DAY,
-        first_price: STARTER.into(),
-        upgrade_to: None,
-        payment_failed: false,
-        paid_after_failure: false,
-        cancelled: false,
-    }
+    Life::new(sub, format!("cus_{sub}"), now_secs() - 20 * DAY, STARTER)
 }
 
 /// One replica on `backend`, e-mail through the Resend stub, one job at a time (jobs run in the order

@@ -106,14 +106,9 @@ fn count(stub: &StubProvisioner, op: &str) -> usize {
 
 fn life(sub: &str, cancelled: bool) -> Life {
     Life {
-        sub: sub.into(),
-        customer: format!("cus_{sub}"),
-        start: now_secs() - 3_600,
-        first_price: STARTER.into(),
         upgrade_to: Some(PRO.into()),
-        payment_failed: false,
-        paid_after_failure: false,
         cancelled,
+        ..Life::new(sub, format!("cus_{sub}"), now_secs() - 3_600, STARTER)
     }
 }
 

@@ -66,6 +66,22 @@ pub struct Life {
     pub cancelled: bool,
 }
 
+impl Life {
+    /// A subscription of `customer` on `first_price` from `start`: no upgrade, failure or cancellation.
+    pub fn new(sub: impl Into<String>, customer: impl Into<String>, start: i64, first_price: &str) -> Self {
+        Self {
+            sub: sub.into(),
+            customer: customer.into(),
+            start,
+            first_price: first_price.into(),
+            upgrade_to: None,
+            payment_failed: false,
+            paid_after_failure: false,
+            cancelled: false,
+        }
+    }
+}
+
 pub fn subscription_event(id: &str, kind: &str, created: i64, life: &Life, status: &str, price: &str) -> SentEvent {
     let canceled_at = if status == "canceled" { created.to_string() } else { "null".into() };
     let body = format!(
